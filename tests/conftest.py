@@ -1,0 +1,91 @@
+"""Shared fixtures: a tiny real-text dataset in the challenge format, built once per test session."""
+import inspect
+import os
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+import sentencepiece as spm
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+TINY_VOCAB = 512
+
+
+def stdlib_documents(limit_chars: int) -> list[str]:
+    """Docstrings of standard-library modules, classes and methods: real English on every Python install."""
+    import importlib
+    names = ("collections", "json", "textwrap", "argparse", "pathlib", "functools", "itertools", "random", "string",
+             "datetime", "decimal", "fractions", "statistics", "email.message", "http.client", "logging",
+             "subprocess", "tarfile", "zipfile", "unittest.case", "asyncio.events", "typing", "inspect", "enum")
+    docs, seen = [], set()
+    for name in names:
+        module = importlib.import_module(name)
+        for _, obj in sorted(vars(module).items()):
+            members = [obj] + [m for _, m in sorted(vars(obj).items())] if isinstance(obj, type) else [obj]
+            for member in members:
+                doc = inspect.getdoc(member) if callable(member) or isinstance(member, type) else None
+                if doc and len(doc) > 150 and doc not in seen:
+                    seen.add(doc)
+                    docs.append(doc)
+                    limit_chars -= len(doc)
+                    if limit_chars <= 0:
+                        return docs
+    return docs
+
+
+def write_shard(path: Path, tokens: np.ndarray) -> None:
+    header = np.zeros(256, "<i4")
+    header[:3] = (20240520, 1, tokens.size)
+    path.write_bytes(header.tobytes() + tokens.astype("<u2").tobytes())
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory):
+    """Real text, a BPE tokenizer trained on the spot (byte fallback), ~20% of documents as val."""
+    root = tmp_path_factory.mktemp("tiny_dataset")
+    docs = stdlib_documents(400_000)
+    (root / "corpus.txt").write_text("\n".join(d.replace("\n", " ") for d in docs))
+    spm.SentencePieceTrainer.train(
+        input=str(root / "corpus.txt"), model_prefix=str(root / "tokenizer"), vocab_size=TINY_VOCAB,
+        model_type="bpe", byte_fallback=True, character_coverage=1.0, num_threads=2,
+        bos_id=1, eos_id=2, unk_id=3, pad_id=0, minloglevel=2)
+    sp = spm.SentencePieceProcessor(model_file=str(root / "tokenizer.model"))
+    n_val = max(4, len(docs) // 5)
+    encode = lambda ds: np.concatenate([[1] + sp.encode(d) for d in ds]).astype(np.uint16)  # noqa: E731
+    write_shard(root / "fineweb_val_000000.bin", encode(docs[:n_val]))
+    write_shard(root / "fineweb_train_000000.bin", encode(docs[n_val:]))
+    return types.SimpleNamespace(path=root, tokenizer=root / "tokenizer.model", vocab_size=TINY_VOCAB, docs=docs,
+                                 n_val=n_val)
+
+
+def tiny_env(dataset, run_id: str, **overrides) -> dict:
+    """Environment for a CPU run of train_gpt.py with a model small enough for tests."""
+    env = dict(os.environ, DATA_PATH=str(dataset.path), TOKENIZER_PATH=str(dataset.tokenizer),
+               VOCAB_SIZE=str(dataset.vocab_size), NUM_LAYERS="4", MODEL_DIM="64", NUM_HEADS="4", NUM_KV_HEADS="2",
+               MLP_MULT="2", TRAIN_SEQ_LEN="64", TRAIN_BATCH_TOKENS="2048", ITERATIONS="40", WARMUP_STEPS="0",
+               WARMDOWN_ITERS="10", VAL_BATCH_SIZE="8192", TRAIN_LOG_EVERY="10", MAX_WALLCLOCK_SECONDS="0",
+               EVAL_STRIDE="32", MATRIX_LR="0.04", TIED_EMBED_LR="0.05", SCALAR_LR="0.04", EMA_DECAY="0.9",
+               QAT_START_FRAC="0.5", RUN_ID=run_id, OMP_NUM_THREADS="1")
+    env.update({k: str(v) for k, v in overrides.items()})
+    return env
+
+
+def run_train(cwd: Path, env: dict, nproc: int = 1, timeout: int = 300) -> subprocess.CompletedProcess:
+    if nproc > 1:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    else:
+        cmd = [sys.executable]
+    return subprocess.run(cmd + [str(REPO / "train_gpt.py")], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def parse_line(text: str, event: str) -> dict:
+    """The key:value pairs of the last line that starts with `event`."""
+    lines = [line for line in text.splitlines() if line.startswith(event + " ") or line.startswith(event + ":")]
+    assert lines, f"no {event} line in output:\n{text[-3000:]}"
+    return dict(tok.split(":", 1) for tok in lines[-1].split() if ":" in tok)

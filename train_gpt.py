@@ -1,0 +1,979 @@
+"""Parameter Golf: train a small GPT in 10 minutes on 8xH100, export it under 16 MB, score it in bits per byte.
+
+Run: `torchrun --standalone --nproc_per_node=8 train_gpt.py` (or `python train_gpt.py`); every setting is an
+environment variable read once by `Hyperparameters`. The last log line, `final_submission`, is the score of
+the artifact reloaded from disk.
+"""
+from __future__ import annotations
+
+import dataclasses
+import glob
+import hashlib
+import io
+import json
+import lzma
+import math
+import os
+import platform
+import sys
+import time
+import uuid
+import zlib
+
+import numpy as np
+import sentencepiece as spm
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+# ----------------------------------------------------------------------------------------------------------
+# Config
+# ----------------------------------------------------------------------------------------------------------
+
+
+class UserError(Exception):
+    """A mistake the user can fix: reported as one line, never as a traceback."""
+
+
+@dataclasses.dataclass
+class Hyperparameters:
+    # Each field is read from the environment variable of the same name in upper case.
+    data_path: str = "./data/datasets/fineweb10B_sp1024"
+    tokenizer_path: str = "./data/tokenizers/fineweb_1024_bpe.model"
+    run_id: str = ""
+    seed: int = 1337
+    # Model.
+    vocab_size: int = 1024
+    num_layers: int = 11
+    model_dim: int = 512
+    num_heads: int = 8
+    num_kv_heads: int = 4
+    mlp_mult: float = 3.0
+    tie_embeddings: bool = True
+    rope_base: float = 10000.0
+    logit_softcap: float = 30.0
+    qk_gain_init: float = 1.5
+    # Schedule.
+    iterations: int = 20000
+    max_wallclock_seconds: float = 600.0
+    train_batch_tokens: int = 786432
+    train_seq_len: int = 2048
+    grad_accum_steps: int = 0
+    warmup_steps: int = 20
+    lr_warmup_steps: int = 0
+    warmdown_iters: int = 3500
+    # Optimizers.
+    matrix_lr: float = 0.025
+    scalar_lr: float = 0.025
+    tied_embed_lr: float = 0.035
+    embed_lr: float = 0.6
+    head_lr: float = 0.008
+    muon_momentum: float = 0.99
+    muon_momentum_warmup_start: float = 0.92
+    muon_momentum_warmup_steps: int = 1500
+    muon_backend_steps: int = 5
+    muon_wd: float = 0.04
+    adam_wd: float = 0.04
+    beta1: float = 0.9
+    beta2: float = 0.95
+    adam_eps: float = 1e-8
+    grad_clip_norm: float = 0.3
+    ema_decay: float = 0.997
+    # Quantisation and export.
+    qat_start_frac: float = 0.85
+    qat_bits_attn: int = 6
+    qat_bits_mlp: int = 6
+    embed_bits: int = 8
+    compressor: str = "zstd"
+    artifact_dir: str = "artifacts"
+    allow_oversize: bool = False
+    # Evaluation.
+    val_batch_size: int = 524288
+    val_loss_every: int = 0
+    train_log_every: int = 100
+    eval_seq_len: int = 0
+    eval_stride: int = 64
+    compile: bool = True
+
+    @classmethod
+    def from_env(cls) -> "Hyperparameters":
+        values = {}
+        for f in dataclasses.fields(cls):
+            name, raw = f.name.upper(), os.environ.get(f.name.upper(), "")
+            if raw == "":
+                continue
+            kind = type(f.default)
+            try:
+                if kind is bool:
+                    if raw.lower() not in ("0", "1", "true", "false"):
+                        raise ValueError
+                    values[f.name] = raw.lower() in ("1", "true")
+                else:
+                    values[f.name] = kind(raw)
+            except ValueError:
+                raise UserError(f"{name}={raw!r} is not a valid {kind.__name__}") from None
+        hp = cls(**values)
+        hp.run_id = hp.run_id or uuid.uuid4().hex[:12]
+        hp.eval_seq_len = hp.eval_seq_len or hp.train_seq_len
+        return hp
+
+    def validate(self, world_size: int) -> None:
+        def need(ok: bool, message: str) -> None:
+            if not ok:
+                raise UserError(message)
+
+        for name in ("vocab_size", "num_layers", "model_dim", "num_heads", "num_kv_heads", "train_seq_len",
+                     "train_batch_tokens", "val_batch_size", "train_log_every"):
+            need(getattr(self, name) > 0, f"{name.upper()} must be positive, got {getattr(self, name)}")
+        need(self.vocab_size <= 65536, f"VOCAB_SIZE={self.vocab_size} does not fit the uint16 shards")
+        need(self.model_dim % self.num_heads == 0,
+             f"NUM_HEADS={self.num_heads} must divide MODEL_DIM={self.model_dim}")
+        need((self.model_dim // self.num_heads) % 2 == 0, "MODEL_DIM/NUM_HEADS must be even for RoPE")
+        need(self.num_heads % self.num_kv_heads == 0,
+             f"NUM_KV_HEADS={self.num_kv_heads} must divide NUM_HEADS={self.num_heads}")
+        need(self.grad_accum_steps >= 0, "GRAD_ACCUM_STEPS must be >= 0 (0 = automatic)")
+        micro = world_size * self.accum_steps(world_size) * self.train_seq_len
+        need(self.train_batch_tokens % micro == 0,
+             f"TRAIN_BATCH_TOKENS={self.train_batch_tokens} must be divisible by world_size({world_size}) x "
+             f"GRAD_ACCUM_STEPS({self.accum_steps(world_size)}) x TRAIN_SEQ_LEN({self.train_seq_len}) = {micro}")
+        for name in ("qat_bits_attn", "qat_bits_mlp"):
+            need(getattr(self, name) in (4, 5, 6, 7, 8), f"{name.upper()} must be 4..8, got {getattr(self, name)}")
+        need(self.embed_bits in (6, 7, 8, 16), f"EMBED_BITS must be 6, 7, 8 or 16 (fp16), got {self.embed_bits}")
+        need(self.compressor in COMPRESSORS, f"COMPRESSOR must be one of {sorted(COMPRESSORS)}, got {self.compressor!r}")
+        need(0.0 <= self.qat_start_frac <= 1.0, f"QAT_START_FRAC must be in [0, 1], got {self.qat_start_frac}")
+        need(0.0 <= self.ema_decay < 1.0, f"EMA_DECAY must be in [0, 1), got {self.ema_decay}")
+        need(0 <= self.eval_stride <= self.eval_seq_len,
+             f"EVAL_STRIDE={self.eval_stride} must be in 0..EVAL_SEQ_LEN={self.eval_seq_len} (0 disables sliding)")
+        need(self.iterations > 0, f"ITERATIONS must be positive, got {self.iterations}")
+        need(self.max_wallclock_seconds >= 0, "MAX_WALLCLOCK_SECONDS must be >= 0 (0 = no cap)")
+
+    def accum_steps(self, world_size: int) -> int:
+        # Default: 8 micro-batches across the job, so one GPU sees the same global batch as eight.
+        return self.grad_accum_steps or max(1, 8 // world_size)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Data
+# ----------------------------------------------------------------------------------------------------------
+
+SHARD_MAGIC, SHARD_VERSION, HEADER_INTS = 20240520, 1, 256
+BOS_ID = 1
+
+
+def shard_token_count(path: str) -> int:
+    """Token count from a shard's header, after checking magic, version and file size."""
+    header = np.fromfile(path, dtype="<i4", count=HEADER_INTS)
+    if header.size != HEADER_INTS or header[0] != SHARD_MAGIC or header[1] != SHARD_VERSION:
+        raise UserError(f"{path}: not a challenge shard (need magic {SHARD_MAGIC}, version {SHARD_VERSION})")
+    count, expected = int(header[2]), HEADER_INTS * 4 + 2 * int(header[2])
+    if os.path.getsize(path) != expected:
+        raise UserError(f"{path}: {os.path.getsize(path)} bytes but the header's {count} tokens need {expected}")
+    return count
+
+
+def read_shard(path: str, vocab_size: int) -> np.ndarray:
+    """Tokens of one challenge shard, after checking the header, the size and the token range."""
+    count = shard_token_count(path)
+    tokens = np.fromfile(path, dtype="<u2", count=count, offset=HEADER_INTS * 4)
+    if tokens.size and int(tokens.max()) >= vocab_size:
+        raise UserError(f"{path}: token id {int(tokens.max())} >= VOCAB_SIZE={vocab_size}; wrong tokenizer or VOCAB_SIZE")
+    return tokens
+
+
+def shard_files(data_path: str, split: str) -> list[str]:
+    files = sorted(glob.glob(os.path.join(data_path, f"fineweb_{split}_*.bin")))
+    if not files:
+        raise UserError(f"no {split} shards match {data_path}/fineweb_{split}_*.bin: set DATA_PATH "
+                        f"(build a dataset with `python data/prepare.py --out DIR`)")
+    return files
+
+
+class TokenStream:
+    """Training shards in order, forever; every rank reads the same stream and keeps its own slice."""
+
+    def __init__(self, files: list[str], vocab_size: int):
+        if sum(shard_token_count(f) for f in files) == 0:
+            raise UserError(f"training shards {files[0]}... hold no tokens")
+        self.files, self.vocab_size = files, vocab_size
+        self.file_index, self.tokens, self.pos = -1, np.zeros(0, np.uint16), 0
+
+    def take(self, n: int) -> np.ndarray:
+        parts = []
+        while n > 0:
+            if self.pos == self.tokens.size:
+                self.file_index = (self.file_index + 1) % len(self.files)
+                self.tokens, self.pos = read_shard(self.files[self.file_index], self.vocab_size), 0
+                continue
+            part = self.tokens[self.pos:self.pos + n]
+            parts.append(part)
+            self.pos += part.size
+            n -= part.size
+        return np.concatenate(parts)
+
+
+class TrainLoader:
+    def __init__(self, files: list[str], vocab_size: int, rank: int, world_size: int, device: torch.device):
+        self.stream = TokenStream(files, vocab_size)
+        self.rank, self.world_size, self.device = rank, world_size, device
+
+    def next_batch(self, local_tokens: int, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        span = local_tokens + 1
+        chunk = self.stream.take(span * self.world_size)[self.rank * span:(self.rank + 1) * span]
+        local = torch.from_numpy(chunk.astype(np.int64))
+        if self.device.type == "cuda":
+            local = local.pin_memory().to(self.device, non_blocking=True)
+        return local[:-1].view(-1, seq_len), local[1:].view(-1, seq_len)
+
+
+def build_byte_tables(sp: spm.SentencePieceProcessor, vocab_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per token id: UTF-8 bytes of its text without the leading '▁', whether it has that '▁', and whether it
+    is a boundary (control/unknown/unused, or padding past the tokenizer): boundaries carry no bytes and
+    swallow the next token's '▁'."""
+    base = np.zeros(vocab_size, np.int16)
+    leading_space = np.zeros(vocab_size, np.bool_)
+    boundary = np.ones(vocab_size, np.bool_)
+    for i in range(min(sp.vocab_size(), vocab_size)):
+        if sp.is_control(i) or sp.is_unknown(i) or sp.is_unused(i):
+            continue
+        boundary[i] = False
+        if sp.is_byte(i):
+            base[i] = 1
+            continue
+        piece = sp.id_to_piece(i)
+        if piece.startswith("\u2581"):
+            leading_space[i], piece = True, piece[1:]
+        base[i] = len(piece.encode("utf-8"))
+    return base, leading_space, boundary
+
+
+def count_target_bytes(prev: torch.Tensor, target: torch.Tensor, tables: tuple) -> torch.Tensor:
+    base, leading_space, boundary = tables
+    return base[target] + (leading_space[target] & ~boundary[prev]).to(base.dtype)
+
+
+def load_tokenizer(hp: Hyperparameters) -> spm.SentencePieceProcessor:
+    if not os.path.isfile(hp.tokenizer_path):
+        raise UserError(f"TOKENIZER_PATH={hp.tokenizer_path} does not exist")
+    sp = spm.SentencePieceProcessor(model_file=hp.tokenizer_path)
+    if sp.vocab_size() != hp.vocab_size:
+        raise UserError(f"VOCAB_SIZE={hp.vocab_size} but {hp.tokenizer_path} has {sp.vocab_size()} pieces")
+    return sp
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Model
+# ----------------------------------------------------------------------------------------------------------
+
+
+def fp16_scale(clip: torch.Tensor, qmax: int) -> torch.Tensor:
+    """Grid step for a row, as stored (fp16). The floor is fp16's smallest subnormal, so an all-zero row gets a
+    tiny step instead of 0/0."""
+    return (clip / qmax).clamp_min(2.0 ** -24).half().float()
+
+
+def fake_quantize(w: torch.Tensor, bits: int) -> torch.Tensor:
+    """Per-row symmetric round-to-grid with the export's fp16 scales; gradients pass straight through."""
+    qmax = 2 ** (bits - 1) - 1
+    scale = fp16_scale(w.detach().abs().amax(dim=1, keepdim=True), qmax)
+    grid = (w.detach() / scale).round().clamp(-qmax, qmax) * scale
+    return w + (grid - w).detach()
+
+
+class CastedLinear(nn.Linear):
+    """fp32 master weights (autocast does the bf16 matmul) with optional fake quantisation.
+
+    The on/off switch is a buffer, not a Python flag, so a compiled graph reads it at run time instead of
+    baking in the value it saw when it was traced."""
+
+    def __init__(self, in_features: int, out_features: int, qat_bits: int = 0, zero_init: bool = False):
+        super().__init__(in_features, out_features, bias=False)
+        self.qat_bits = qat_bits
+        self.register_buffer("qat_on", torch.zeros(()), persistent=False)
+        if zero_init:
+            nn.init.zeros_(self.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight
+        if self.qat_bits:
+            w = torch.lerp(w, fake_quantize(w, self.qat_bits), self.qat_on)
+        return F.linear(x, w)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.size(-1) // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin), dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, hp: Hyperparameters):
+        super().__init__()
+        dim, self.heads, self.kv_heads = hp.model_dim, hp.num_heads, hp.num_kv_heads
+        self.head_dim = dim // hp.num_heads
+        bits = hp.qat_bits_attn
+        self.c_q = CastedLinear(dim, dim, bits)
+        self.c_k = CastedLinear(dim, self.kv_heads * self.head_dim, bits)
+        self.c_v = CastedLinear(dim, self.kv_heads * self.head_dim, bits)
+        self.proj = CastedLinear(dim, dim, bits, zero_init=True)
+        self.q_gain = nn.Parameter(torch.full((self.heads,), hp.qk_gain_init))
+        inv_freq = hp.rope_base ** (-torch.arange(0, self.head_dim, 2, dtype=torch.float32) / self.head_dim)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        q = self.c_q(x).view(b, t, self.heads, self.head_dim).transpose(1, 2)
+        k = self.c_k(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
+        v = self.c_v(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
+        freqs = torch.outer(torch.arange(t, device=x.device, dtype=torch.float32), self.inv_freq)
+        cos, sin = freqs.cos().to(q.dtype), freqs.sin().to(q.dtype)
+        q = apply_rotary(F.rms_norm(q, (self.head_dim,)), cos, sin) * self.q_gain.to(q.dtype)[:, None, None]
+        k = apply_rotary(F.rms_norm(k, (self.head_dim,)), cos, sin)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.kv_heads != self.heads)
+        return self.proj(y.transpose(1, 2).reshape(b, t, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, hp: Hyperparameters):
+        super().__init__()
+        hidden = int(hp.mlp_mult * hp.model_dim)
+        self.fc = CastedLinear(hp.model_dim, hidden, hp.qat_bits_mlp)
+        self.proj = CastedLinear(hidden, hp.model_dim, hp.qat_bits_mlp, zero_init=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # LeakyReLU(0.5)^2 keeps a gradient for negative inputs, unlike ReLU^2.
+        return self.proj(F.leaky_relu(self.fc(x), 0.5).square())
+
+
+class Block(nn.Module):
+    def __init__(self, hp: Hyperparameters):
+        super().__init__()
+        dim = hp.model_dim
+        self.attn, self.mlp = Attention(hp), MLP(hp)
+        self.attn_scale = nn.Parameter(torch.ones(dim))
+        self.mlp_scale = nn.Parameter(torch.ones(dim))
+        # Row 0 weighs the running residual, row 1 the embedding x0: each block picks how much raw token
+        # identity to pull back in.
+        self.resid_mix = nn.Parameter(torch.stack((torch.ones(dim), torch.zeros(dim))))
+
+    def forward(self, x: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
+        mix = self.resid_mix.to(x.dtype)
+        x = mix[0] * x + mix[1] * x0
+        x = x + self.attn_scale.to(x.dtype) * self.attn(F.rms_norm(x, (x.size(-1),)))
+        return x + self.mlp_scale.to(x.dtype) * self.mlp(F.rms_norm(x, (x.size(-1),)))
+
+
+class GPT(nn.Module):
+    """U-Net transformer: the first half of the blocks (encoder) keep their outputs, and the mirrored block
+    of the second half (decoder) adds them back through learned per-dimension skip weights."""
+
+    def __init__(self, hp: Hyperparameters):
+        super().__init__()
+        self.softcap = hp.logit_softcap
+        self.tok_emb = nn.Embedding(hp.vocab_size, hp.model_dim)
+        nn.init.normal_(self.tok_emb.weight, std=0.005 if hp.tie_embeddings else 1.0)
+        self.blocks = nn.ModuleList(Block(hp) for _ in range(hp.num_layers))
+        self.num_encoder = hp.num_layers // 2
+        self.num_skips = min(self.num_encoder, hp.num_layers - self.num_encoder)
+        self.skip_weights = nn.Parameter(torch.ones(self.num_skips, hp.model_dim))
+        self.lm_head = None if hp.tie_embeddings else CastedLinear(hp.model_dim, hp.vocab_size, zero_init=True)
+
+    def set_qat(self, enabled: bool) -> None:
+        for module in self.modules():
+            if isinstance(module, CastedLinear):
+                module.qat_on.fill_(float(enabled))
+
+    def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
+        x = self.tok_emb(input_ids)
+        x = x0 = F.rms_norm(x, (x.size(-1),))
+        skips = []
+        for i, block in enumerate(self.blocks):
+            if i >= self.num_encoder and skips:
+                x = x + self.skip_weights[i - self.num_encoder].to(x.dtype) * skips.pop()
+            x = block(x, x0)
+            if i < self.num_encoder:
+                skips.append(x)
+        x = F.rms_norm(x, (x.size(-1),))
+        logits = self.lm_head(x) if self.lm_head is not None else F.linear(x, self.tok_emb.weight)
+        return self.softcap * torch.tanh(logits.float() / self.softcap)
+
+    def forward(self, input_ids: torch.Tensor, target_ids: torch.Tensor, per_token: bool = False) -> torch.Tensor:
+        logits = self.logits(input_ids)
+        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), target_ids.reshape(-1),
+                               reduction="none" if per_token else "mean")
+        return loss.view_as(target_ids) if per_token else loss
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Optimizer
+# ----------------------------------------------------------------------------------------------------------
+
+
+def newton_schulz(g: torch.Tensor, steps: int) -> torch.Tensor:
+    """Approximately orthogonalise a (batch of) matrices: singular values are pushed towards 1."""
+    a, b, c = 3.4445, -4.7750, 2.0315
+    x = g.to(torch.bfloat16 if g.is_cuda else torch.float32)
+    tall = x.size(-2) > x.size(-1)
+    if tall:
+        x = x.mT
+    x = x / (x.norm(dim=(-2, -1), keepdim=True) + 1e-7)
+    for _ in range(steps):
+        gram = x @ x.mT
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    return x.mT if tall else x
+
+
+class Muon(torch.optim.Optimizer):
+    """Nesterov momentum, then Newton-Schulz orthogonalisation. Matrices of one shape are orthogonalised as
+    a batch; each rank takes every world_size-th matrix and one all-reduce shares the updates."""
+
+    def __init__(self, params, lr: float, momentum: float, backend_steps: int, weight_decay: float,
+                 rank: int = 0, world_size: int = 1):
+        super().__init__(list(params), dict(lr=lr, momentum=momentum, weight_decay=weight_decay))
+        self.backend_steps, self.rank, self.world_size = backend_steps, rank, world_size
+        params = self.param_groups[0]["params"]
+        by_shape: dict[tuple, list] = {}
+        for p in params:
+            by_shape.setdefault(tuple(p.shape), []).append(p)
+        self.owned = [ps[rank::world_size] for ps in by_shape.values()]
+        self.owned = [ps for ps in self.owned if ps]
+
+    @torch.no_grad()
+    def step(self):
+        group = self.param_groups[0]
+        params, lr, momentum = group["params"], group["lr"], group["momentum"]
+        work_dtype = torch.bfloat16 if params[0].is_cuda else torch.float32
+        updates = {p: torch.zeros_like(p, dtype=work_dtype) for p in params} if self.world_size > 1 else {}
+        for ps in self.owned:
+            grads = []
+            for p in ps:
+                buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
+                buf.mul_(momentum).add_(p.grad)
+                grads.append(p.grad.add(buf, alpha=momentum))
+            ortho = newton_schulz(torch.stack(grads), self.backend_steps)
+            ortho *= max(1.0, ps[0].size(0) / ps[0].size(1)) ** 0.5
+            for p, u in zip(ps, ortho):
+                updates[p] = u
+        if self.world_size > 1:
+            flat = torch.cat([updates[p].flatten() for p in params])
+            dist.all_reduce(flat)
+            updates = dict(zip(params, flat.split([p.numel() for p in params])))
+        for p in params:
+            p.mul_(1 - lr * group["weight_decay"])
+            p.add_(updates[p].view_as(p).to(p.dtype), alpha=-lr)
+
+
+def build_optimizers(model: GPT, hp: Hyperparameters, rank: int, world_size: int, fused: bool):
+    matrices = [p for name, p in model.blocks.named_parameters() if p.ndim == 2]
+    scalars = [p for name, p in model.blocks.named_parameters() if p.ndim < 2] + [model.skip_weights]
+    muon = Muon(matrices, hp.matrix_lr, hp.muon_momentum, hp.muon_backend_steps, hp.muon_wd, rank, world_size)
+    groups = [dict(params=[model.tok_emb.weight], lr=hp.tied_embed_lr if hp.tie_embeddings else hp.embed_lr,
+                   weight_decay=hp.adam_wd),
+              dict(params=scalars, lr=hp.scalar_lr, weight_decay=0.0)]
+    if model.lm_head is not None:
+        groups.append(dict(params=[model.lm_head.weight], lr=hp.head_lr, weight_decay=hp.adam_wd))
+    adam = torch.optim.AdamW(groups, betas=(hp.beta1, hp.beta2), eps=hp.adam_eps, fused=fused)
+    optimizers = [muon, adam]
+    for opt in optimizers:
+        for group in opt.param_groups:
+            group["base_lr"] = group["lr"]
+    return optimizers
+
+
+def lr_multiplier(step: int, elapsed_ms: float, hp: Hyperparameters) -> float:
+    """Warm-up, flat, then a linear warm-down that reaches zero when either the step budget or the wall clock
+    runs out: the remaining steps are estimated from the measured step time."""
+    warm = min(1.0, (step + 1) / hp.lr_warmup_steps) if hp.lr_warmup_steps > 0 else 1.0
+    remaining = hp.iterations - step
+    if hp.max_wallclock_seconds > 0 and step > 0:
+        remaining = min(remaining, (1000 * hp.max_wallclock_seconds - elapsed_ms) / (elapsed_ms / step))
+    if hp.warmdown_iters <= 0:
+        return warm
+    return warm * min(1.0, max(remaining, 0.0) / hp.warmdown_iters)
+
+
+def training_progress(step: int, elapsed_ms: float, hp: Hyperparameters) -> float:
+    by_time = elapsed_ms / (1000 * hp.max_wallclock_seconds) if hp.max_wallclock_seconds > 0 else 0.0
+    return max(step / hp.iterations, by_time)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Quantisation and export
+# ----------------------------------------------------------------------------------------------------------
+
+CLIP_FRACTIONS = (1.0, 0.97, 0.94, 0.91, 0.88, 0.85, 0.82, 0.79, 0.76, 0.73, 0.7)
+ARTIFACT_MAGIC, PAYLOAD_MAGIC = b"PGA1", b"PGQ1"
+
+
+def quantize_rows(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-row int quantisation; each row's clip is the fraction of its max |w| (from
+    CLIP_FRACTIONS) with the least squared reconstruction error. Returns int8 codes and fp16 scales."""
+    w = w.float()
+    qmax = 2 ** (bits - 1) - 1
+    row_max = w.abs().amax(dim=1, keepdim=True)
+    best_err = best_scale = None
+    for frac in CLIP_FRACTIONS:
+        scale = fp16_scale(row_max * frac, qmax)
+        err = ((w / scale).round().clamp(-qmax, qmax) * scale - w).square().sum(dim=1, keepdim=True)
+        if best_err is None:
+            best_err, best_scale = err, scale
+        else:
+            better = err < best_err
+            best_err, best_scale = torch.where(better, err, best_err), torch.where(better, scale, best_scale)
+    codes = (w / best_scale).round().clamp(-qmax, qmax).to(torch.int8)
+    return codes, best_scale.squeeze(1).half()
+
+
+def dequantize_rows(codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return codes.float() * scale.float()[:, None]
+
+
+def export_bits(name: str, tensor: torch.Tensor, hp: Hyperparameters) -> int:
+    """Bit width a tensor is stored at; 16 means plain fp16 (small and control tensors)."""
+    if name in ("tok_emb.weight", "lm_head.weight"):
+        return hp.embed_bits
+    if tensor.ndim == 2 and name.startswith("blocks."):
+        return hp.qat_bits_attn if ".attn." in name else hp.qat_bits_mlp
+    return 16
+
+
+def pack_state(state: dict[str, torch.Tensor], hp: Hyperparameters) -> bytes:
+    """Own format, no pickle: magic, a JSON table of contents, then int8 codes, then fp16 data. Grouping the
+    codes together keeps their statistics uniform, which the compressor rewards."""
+    codes_blob, half_blob, table = bytearray(), bytearray(), []
+    for name, tensor in state.items():
+        bits = export_bits(name, tensor, hp)
+        entry = dict(name=name, shape=list(tensor.shape), bits=bits)
+        if bits < 16:
+            codes, scale = quantize_rows(tensor.detach().cpu(), bits)
+            entry.update(codes=[len(codes_blob), codes.numel()], scale=[len(half_blob), scale.numel()])
+            codes_blob += codes.numpy().tobytes()
+            half_blob += scale.numpy().tobytes()
+        else:
+            values = tensor.detach().cpu().half().flatten()
+            entry.update(values=[len(half_blob), values.numel()])
+            half_blob += values.numpy().tobytes()
+        table.append(entry)
+    header = json.dumps(dict(tensors=table, codes_bytes=len(codes_blob))).encode()
+    return PAYLOAD_MAGIC + len(header).to_bytes(4, "little") + header + bytes(codes_blob) + bytes(half_blob)
+
+
+def unpack_state(payload: bytes) -> dict[str, torch.Tensor]:
+    if payload[:4] != PAYLOAD_MAGIC:
+        raise UserError("artifact payload has no PGQ1 magic: not written by this script")
+    header_len = int.from_bytes(payload[4:8], "little")
+    header = json.loads(payload[8:8 + header_len])
+    codes_blob = memoryview(payload)[8 + header_len:8 + header_len + header["codes_bytes"]]
+    half_blob = memoryview(payload)[8 + header_len + header["codes_bytes"]:]
+
+    def read(blob, dtype, offset_count):
+        offset, count = offset_count
+        return torch.from_numpy(np.frombuffer(blob, dtype=dtype, count=count, offset=offset).copy())
+
+    state = {}
+    for entry in header["tensors"]:
+        if entry["bits"] < 16:
+            codes = read(codes_blob, np.int8, entry["codes"]).view(entry["shape"])
+            tensor = dequantize_rows(codes, read(half_blob, np.float16, entry["scale"]))
+        else:
+            tensor = read(half_blob, np.float16, entry["values"]).float().view(entry["shape"])
+        state[entry["name"]] = tensor
+    return state
+
+
+def _zstd():
+    try:
+        import zstandard
+    except ImportError:
+        raise UserError("COMPRESSOR=zstd needs the zstandard package: pip install zstandard "
+                        "(or set COMPRESSOR=lzma)") from None
+    return zstandard
+
+
+COMPRESSORS = {
+    "zstd": (0, lambda b: _zstd().ZstdCompressor(level=22).compress(b),
+             lambda b: _zstd().ZstdDecompressor().decompress(b)),
+    "lzma": (1, lambda b: lzma.compress(b, preset=9 | lzma.PRESET_EXTREME), lzma.decompress),
+    "zlib": (2, lambda b: zlib.compress(b, 9), zlib.decompress),
+}
+
+
+def write_artifact(path: str, state: dict[str, torch.Tensor], hp: Hyperparameters) -> int:
+    """Quantise, pack and compress to `path` atomically; returns the size in bytes."""
+    method_id, compress, _ = COMPRESSORS[hp.compressor]
+    blob = ARTIFACT_MAGIC + bytes([method_id]) + compress(pack_state(state, hp))
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(blob)
+    os.replace(tmp, path)
+    return len(blob)
+
+
+def read_artifact(path: str) -> dict[str, torch.Tensor]:
+    with open(path, "rb") as f:
+        blob = f.read()
+    methods = {method_id: decompress for method_id, _, decompress in COMPRESSORS.values()}
+    if blob[:4] != ARTIFACT_MAGIC or len(blob) < 5 or blob[4] not in methods:
+        raise UserError(f"{path} is not a Parameter Golf artifact (bad magic); refusing to load it")
+    return unpack_state(methods[blob[4]](blob[5:]))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Evaluation
+# ----------------------------------------------------------------------------------------------------------
+
+
+def plan_windows(num_targets: int, seq_len: int, stride: int) -> tuple[np.ndarray, np.ndarray]:
+    """Sliding windows over target positions 0..num_targets-1 (target t is token t+1 given tokens 0..t).
+
+    Every window holds min(seq_len, num_targets) inputs; the first scores all of its targets, each later one
+    ends `stride` further on (the last ends exactly at num_targets) and scores only its new targets, so each
+    target is scored exactly once with at least seq_len - stride tokens of context. Returns the window starts
+    and, per window, the offset of its first scored target."""
+    length = min(seq_len, num_targets)
+    ends = np.minimum(np.arange(length, num_targets + stride, stride, dtype=np.int64), num_targets)
+    starts = ends - length
+    first_scored = np.concatenate(([0], ends[:-1])) - starts
+    return starts, first_scored
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, val_tokens: torch.Tensor, tables: tuple, seq_len: int, stride: int,
+             batch_seqs: int, rank: int, world_size: int) -> tuple[float, float]:
+    """Exact val_loss (nats/token) and val_bpb over every target of the validation split."""
+    starts, first_scored = plan_windows(val_tokens.numel() - 1, seq_len, stride)
+    length = min(seq_len, val_tokens.numel() - 1)
+    mine = np.array_split(np.arange(starts.size), world_size)[rank]
+    device = val_tokens.device
+    offsets = torch.arange(length + 1, device=device)
+    sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss, targets, bytes
+    for i in range(0, mine.size, batch_seqs):
+        # Pad the batch with windows that score nothing, so every batch has the shape the model compiled for.
+        idx = mine[i:i + batch_seqs]
+        pad = batch_seqs - idx.size
+        s = torch.from_numpy(np.concatenate((starts[idx], np.zeros(pad, np.int64)))).to(device)
+        f = torch.from_numpy(np.concatenate((first_scored[idx], np.full(pad, length, np.int64)))).to(device)
+        window = val_tokens[s[:, None] + offsets]
+        x, y = window[:, :-1], window[:, 1:]
+        with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
+            losses = model(x, y, per_token=True).double()
+        scored = offsets[None, :-1] >= f[:, None]
+        sums[0] += (losses * scored).sum()
+        sums[1] += scored.sum()
+        sums[2] += (count_target_bytes(x, y, tables) * scored).sum()
+    if world_size > 1:
+        dist.all_reduce(sums)
+    loss, targets, nbytes = sums.tolist()
+    return loss / targets, loss / math.log(2) / nbytes
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Training loop
+# ----------------------------------------------------------------------------------------------------------
+
+
+class Logger:
+    """One event per line of `key:value` pairs, to stdout and logs/<RUN_ID>.txt (rank 0 only)."""
+
+    def __init__(self, run_id: str, enabled: bool):
+        self.enabled, self.path = enabled, os.path.join("logs", f"{run_id}.txt")
+        if enabled:
+            os.makedirs("logs", exist_ok=True)
+            code = open(__file__, "rb").read()
+            with open(self.path, "wb") as f:
+                f.write(f"code_begin bytes:{len(code)} sha256:{hashlib.sha256(code).hexdigest()}\n".encode())
+                f.write(code + b"\ncode_end\n")
+
+    def __call__(self, line: str) -> None:
+        if self.enabled:
+            print(line, flush=True)
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(line + "\n")
+
+
+def setup_distributed() -> tuple[int, int, torch.device]:
+    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    use_cuda = torch.cuda.is_available()
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    if world_size > 1:
+        dist.init_process_group("nccl" if use_cuda else "gloo", device_id=device if use_cuda else None)
+    return rank, world_size, device
+
+
+def load_validation(hp: Hyperparameters, device: torch.device) -> torch.Tensor:
+    tokens = np.concatenate([read_shard(f, hp.vocab_size) for f in shard_files(hp.data_path, "val")])
+    if tokens.size < 2:
+        raise UserError(f"validation split in {hp.data_path} has {tokens.size} tokens; need at least 2")
+    return torch.from_numpy(tokens.astype(np.int64)).to(device)
+
+
+def eval_batch_seqs(hp: Hyperparameters, seq_len: int, world_size: int) -> int:
+    return max(1, hp.val_batch_size // (seq_len * world_size))
+
+
+class Trainer:
+    """Owns the model, optimizers, EMA and data stream for one run."""
+
+    def __init__(self, hp: Hyperparameters, rank: int, world_size: int, device: torch.device, log: Logger):
+        self.hp, self.rank, self.world_size, self.device, self.log = hp, rank, world_size, device, log
+        self.model = GPT(hp).to(device)
+        compiled = torch.compile(self.model, dynamic=False, fullgraph=True) if self.use_compile else self.model
+        ddp_devices = [device.index] if device.type == "cuda" else None
+        self.step_model = DDP(compiled, device_ids=ddp_devices) if world_size > 1 else compiled
+        self.eval_model = compiled
+        self.optimizers = build_optimizers(self.model, hp, rank, world_size, fused=device.type == "cuda")
+        self.accum = hp.accum_steps(world_size)
+        self.local_tokens = hp.train_batch_tokens // (world_size * self.accum)
+        self.train_files = shard_files(hp.data_path, "train")
+        self.loader = TrainLoader(self.train_files, hp.vocab_size, rank, world_size, device)
+        # Host-side scalars (the clock) are agreed over gloo so no rank waits on its GPU to decide.
+        self.clock_group = dist.new_group(backend="gloo") if world_size > 1 and device.type == "cuda" else None
+
+    @property
+    def use_compile(self) -> bool:
+        return self.hp.compile and self.device.type == "cuda"
+
+    def train_step(self, step: int) -> torch.Tensor:
+        hp = self.hp
+        total = torch.zeros((), device=self.device)
+        for micro in range(self.accum):
+            x, y = self.loader.next_batch(self.local_tokens, hp.train_seq_len)
+            if isinstance(self.step_model, DDP):
+                self.step_model.require_backward_grad_sync = micro == self.accum - 1
+            with torch.autocast(self.device.type, torch.bfloat16, enabled=self.device.type == "cuda"):
+                loss = self.step_model(x, y)
+            (loss / self.accum).backward()
+            total += loss.detach()
+        if hp.grad_clip_norm > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), hp.grad_clip_norm)
+        warm = min(1.0, step / hp.muon_momentum_warmup_steps) if hp.muon_momentum_warmup_steps > 0 else 1.0
+        self.optimizers[0].param_groups[0]["momentum"] = (
+            (1 - warm) * hp.muon_momentum_warmup_start + warm * hp.muon_momentum)
+        for opt in self.optimizers:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return total / self.accum
+
+    def set_lr(self, multiplier: float) -> None:
+        for opt in self.optimizers:
+            for group in opt.param_groups:
+                group["lr"] = group["base_lr"] * multiplier
+
+    def warm_up_compile(self) -> None:
+        """Run WARMUP_STEPS real steps on training tokens so compilation happens before the clock starts, then
+        restore the model, optimizers and data stream exactly as they were."""
+        if self.hp.warmup_steps <= 0:
+            return
+        model_state = {k: v.clone() for k, v in self.model.state_dict().items()}
+        snapshots = []
+        for opt in self.optimizers:
+            snapshots.append(io.BytesIO())
+            torch.save(opt.state_dict(), snapshots[-1])
+        for step in range(self.hp.warmup_steps):
+            self.train_step(step)
+        self.model.load_state_dict(model_state)
+        for snapshot, opt in zip(snapshots, self.optimizers):
+            snapshot.seek(0)
+            opt.load_state_dict(torch.load(snapshot, weights_only=True))
+            opt.zero_grad(set_to_none=True)
+        self.loader = TrainLoader(self.train_files, self.hp.vocab_size, self.rank, self.world_size, self.device)
+        self.model.eval()
+        for seq_len in {self.hp.train_seq_len, self.hp.eval_seq_len}:
+            warm_up_scorer(self.eval_model, self.hp, seq_len, self.world_size, self.device)
+        self.model.train()
+        self.sync()
+
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def agreed(self, value: float) -> float:
+        """The max over ranks of a host scalar, so every rank takes the same decision at the same step."""
+        if self.world_size == 1:
+            return value
+        t = torch.tensor([value], dtype=torch.float64)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.clock_group)
+        return t.item()
+
+    def validate(self, step: int, val_tokens: torch.Tensor, tables: tuple) -> str:
+        hp = self.hp
+        self.model.eval()
+        val_loss, val_bpb = evaluate(self.eval_model, val_tokens, tables, hp.train_seq_len, hp.train_seq_len,
+                                     eval_batch_seqs(hp, hp.train_seq_len, self.world_size), self.rank,
+                                     self.world_size)
+        self.model.train()
+        return f"step:{step}/{hp.iterations} val_loss:{val_loss:.8f} val_bpb:{val_bpb:.8f}"
+
+    def train(self, val_tokens: torch.Tensor, tables: tuple) -> tuple[int, float]:
+        """The timed loop. Returns the steps taken and the training milliseconds (validation excluded)."""
+        hp, log = self.hp, self.log
+        ema = [p.detach().clone() for p in self.model.parameters()] if hp.ema_decay > 0 else None
+        cap_ms = 1000 * hp.max_wallclock_seconds
+        step, paused_ms, qat_on = 0, 0.0, False
+        self.sync()
+        t0 = time.perf_counter()
+
+        def train_ms() -> float:
+            return 1000 * (time.perf_counter() - t0) - paused_ms
+
+        while True:
+            elapsed_ms = self.agreed(train_ms())
+            out_of_time = cap_ms > 0 and elapsed_ms >= cap_ms
+            last = step == hp.iterations or out_of_time
+            if hp.val_loss_every > 0 and (step % hp.val_loss_every == 0 or last):
+                self.sync()
+                pause_start = time.perf_counter()
+                line = self.validate(step, val_tokens, tables)
+                log(f"{line} train_time:{elapsed_ms:.0f}ms step_avg:{elapsed_ms / max(step, 1):.2f}ms")
+                paused_ms += 1000 * (time.perf_counter() - pause_start)
+            if last:
+                if out_of_time and step < hp.iterations:
+                    log(f"stopping_early reason:wallclock step:{step}/{hp.iterations} train_time:{elapsed_ms:.0f}ms")
+                break
+            if not qat_on and training_progress(step, elapsed_ms, hp) >= hp.qat_start_frac:
+                self.model.set_qat(True)
+                qat_on = True
+                log(f"qat_enabled step:{step} train_time:{elapsed_ms:.0f}ms")
+            self.set_lr(lr_multiplier(step, elapsed_ms, hp))
+            loss = self.train_step(step)
+            if ema is not None:
+                torch._foreach_lerp_(ema, [p.detach() for p in self.model.parameters()], 1 - hp.ema_decay)
+            step += 1
+            if step % hp.train_log_every == 0 or step == hp.iterations:
+                self.sync()  # The only host sync in the loop, and only on log steps.
+                now_ms, loss_value = train_ms(), loss.item()
+                if not math.isfinite(loss_value):
+                    raise UserError(f"train_loss is {loss_value} at step {step}: lower the learning rates "
+                                    f"(MATRIX_LR, SCALAR_LR, TIED_EMBED_LR) or set GRAD_CLIP_NORM")
+                avg_ms = now_ms / step
+                eta_ms = (hp.iterations - step) * avg_ms
+                if cap_ms > 0:
+                    eta_ms = min(eta_ms, max(cap_ms - now_ms, 0.0))
+                log(f"step:{step}/{hp.iterations} train_loss:{loss_value:.4f} train_time:{now_ms:.0f}ms "
+                    f"step_avg:{avg_ms:.2f}ms tok_s:{hp.train_batch_tokens * step / (now_ms / 1000):.0f} "
+                    f"eta:{eta_ms / 1000:.0f}s")
+        self.sync()
+        if ema is not None:
+            with torch.no_grad():
+                for p, e in zip(self.model.parameters(), ema):
+                    p.copy_(e)
+        return step, train_ms()
+
+
+def export_and_score(hp: Hyperparameters, trainer: Trainer, val_tokens: torch.Tensor, tables: tuple,
+                     log: Logger) -> tuple[dict, float]:
+    """Write the artifact, then score what was written: reload from disk into a fresh model and evaluate."""
+    rank, world_size, device = trainer.rank, trainer.world_size, trainer.device
+    path = os.path.join(hp.artifact_dir, f"{hp.run_id}.pgz")
+    sizes = dict(bytes_model=0, bytes_code=os.path.getsize(__file__))
+    if rank == 0:
+        t = time.perf_counter()
+        sizes["bytes_model"] = write_artifact(path, trainer.model.state_dict(), hp)
+        export_ms = 1000 * (time.perf_counter() - t)
+    sizes["bytes_model"] = int(trainer.agreed(float(sizes["bytes_model"])))
+    sizes["bytes_total"] = sizes["bytes_model"] + sizes["bytes_code"]
+    if rank == 0:
+        log(f"artifact path:{path} bytes_model:{sizes['bytes_model']} bytes_code:{sizes['bytes_code']} "
+            f"bytes_total:{sizes['bytes_total']} limit:{SIZE_LIMIT} compressor:{hp.compressor} "
+            f"export_ms:{export_ms:.0f}")
+    if sizes["bytes_total"] > SIZE_LIMIT and not hp.allow_oversize:
+        raise UserError(f"artifact total {sizes['bytes_total']} bytes is over the {SIZE_LIMIT}-byte limit "
+                        f"(shrink the model or lower the bit widths; ALLOW_OVERSIZE=1 to continue)")
+    if world_size > 1:
+        dist.barrier()
+    trainer.sync()
+    t_eval = time.perf_counter()
+    model = GPT(hp).to(device)
+    model.load_state_dict(read_artifact(path), strict=True)
+    model.eval()
+    scorer = model
+    if trainer.use_compile:
+        scorer = torch.compile(model, dynamic=False, fullgraph=True)
+        warm_up_scorer(scorer, hp, hp.eval_seq_len, world_size, device)
+    seq_len = hp.eval_seq_len
+    batch = eval_batch_seqs(hp, seq_len, world_size)
+    val_loss, val_bpb = evaluate(scorer, val_tokens, tables, seq_len, seq_len, batch, rank, world_size)
+    trainer.sync()
+    log(f"final_roundtrip_exact val_loss:{val_loss:.8f} val_bpb:{val_bpb:.8f} "
+        f"eval_time_ms:{1000 * (time.perf_counter() - t_eval):.0f}")
+    score = dict(val_loss=val_loss, val_bpb=val_bpb)
+    if 0 < hp.eval_stride < seq_len:
+        val_loss, val_bpb = evaluate(scorer, val_tokens, tables, seq_len, hp.eval_stride, batch, rank, world_size)
+        trainer.sync()
+        log(f"final_sliding_exact val_loss:{val_loss:.8f} val_bpb:{val_bpb:.8f} stride:{hp.eval_stride} "
+            f"eval_time_ms:{1000 * (time.perf_counter() - t_eval):.0f}")
+        score = dict(val_loss=val_loss, val_bpb=val_bpb)
+    return {**score, **sizes}, 1000 * (time.perf_counter() - t_eval)
+
+
+def warm_up_scorer(scorer: nn.Module, hp: Hyperparameters, seq_len: int, world_size: int,
+                   device: torch.device) -> None:
+    """Compile the scoring graph on random tokens of the evaluation shape, never on validation tokens."""
+    x = torch.randint(0, hp.vocab_size, (eval_batch_seqs(hp, seq_len, world_size), seq_len), device=device)
+    with torch.no_grad(), torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
+        scorer(x, x, per_token=True)
+
+
+SIZE_LIMIT = 16_000_000
+
+
+def log_setup(hp: Hyperparameters, log: Logger, world_size: int, device: torch.device) -> None:
+    device_name = torch.cuda.get_device_name(device).replace(" ", "_") if device.type == "cuda" else "cpu"
+    log(f"env python:{platform.python_version()} torch:{torch.__version__} platform:{platform.platform()} "
+        f"device:{device.type} device_name:{device_name} world_size:{world_size} "
+        f"backend:{dist.get_backend() if dist.is_initialized() else 'none'}")
+    for f in dataclasses.fields(hp):
+        log(f"hparam {f.name.upper()}:{getattr(hp, f.name)}")
+
+
+def main() -> None:
+    log = None
+    try:
+        hp = Hyperparameters.from_env()
+        hp.validate(int(os.environ.get("WORLD_SIZE", 1)))
+        rank, world_size, device = setup_distributed()
+        log = Logger(hp.run_id, rank == 0)
+        log_setup(hp, log, world_size, device)
+        run(hp, rank, world_size, device, log)
+    except UserError as e:
+        if log is not None and log.enabled:
+            log(f"error: {e}")
+        else:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def run(hp: Hyperparameters, rank: int, world_size: int, device: torch.device, log: Logger) -> None:
+    """The recipe: data, model, compile warm-up, timed training, export, roundtrip score."""
+    torch.manual_seed(hp.seed)
+    np.random.seed(hp.seed)
+    sp = load_tokenizer(hp)
+    tables = tuple(torch.from_numpy(t).to(device) for t in build_byte_tables(sp, hp.vocab_size))
+    val_tokens = load_validation(hp, device)
+    trainer = Trainer(hp, rank, world_size, device, log)
+    n_params = sum(p.numel() for p in trainer.model.parameters())
+    log(f"model params:{n_params} layers:{hp.num_layers} dim:{hp.model_dim} heads:{hp.num_heads} "
+        f"kv_heads:{hp.num_kv_heads} grad_accum:{trainer.accum} local_batch_tokens:{trainer.local_tokens} "
+        f"val_tokens:{val_tokens.numel()} compile:{trainer.use_compile}")
+    trainer.warm_up_compile()
+    steps, train_ms = trainer.train(val_tokens, tables)
+    peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else 0.0
+    log(f"train_done step:{steps} train_time:{train_ms:.0f}ms peak_mem_mib:{peak:.0f}")
+    pre_loss, pre_bpb = evaluate(trainer.eval_model, val_tokens, tables, hp.eval_seq_len, hp.eval_seq_len,
+                                 eval_batch_seqs(hp, hp.eval_seq_len, world_size), rank, world_size)
+    log(f"pre_export_exact val_loss:{pre_loss:.8f} val_bpb:{pre_bpb:.8f}")
+    result, eval_ms = export_and_score(hp, trainer, val_tokens, tables, log)
+    log(f"final_submission val_loss:{result['val_loss']:.8f} val_bpb:{result['val_bpb']:.8f} "
+        f"bytes_total:{result['bytes_total']} bytes_model:{result['bytes_model']} "
+        f"bytes_code:{result['bytes_code']} train_time_ms:{train_ms:.0f} eval_time_ms:{eval_ms:.0f}")
+
+
+if __name__ == "__main__":
+    main()
