@@ -533,7 +533,7 @@ def export_bits(name: str, tensor: torch.Tensor, hp: Hyperparameters) -> int:
     """Bit width a tensor is stored at; 16 means plain fp16 (small and control tensors)."""
     if name in ("tok_emb.weight", "lm_head.weight"):
         return hp.embed_bits
-    if tensor.ndim == 2 and name.startswith("blocks."):
+    if tensor.ndim == 2 and name.startswith("blocks.") and name.endswith(".weight"):
         return hp.qat_bits_attn if ".attn." in name else hp.qat_bits_mlp
     return 16
 

@@ -21,7 +21,7 @@ def stdlib_documents(limit_chars: int) -> list[str]:
     import importlib
     names = ("collections", "json", "textwrap", "argparse", "pathlib", "functools", "itertools", "random", "string",
              "datetime", "decimal", "fractions", "statistics", "email.message", "http.client", "logging",
-             "subprocess", "tarfile", "zipfile", "unittest.case", "asyncio.events", "typing", "inspect", "enum")
+             "subprocess", "tarfile", "zipfile", "unittest.case", "asyncio.events", "inspect", "enum", "shutil")
     docs, seen = [], set()
     for name in names:
         module = importlib.import_module(name)

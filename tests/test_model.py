@@ -1,0 +1,86 @@
+"""The U-Net GPT: causality, skip wiring, GQA shapes, and a QAT switch that compiled graphs cannot freeze."""
+import pytest
+import torch
+
+import train_gpt as tg
+
+
+def small_hp(**kw):
+    base = dict(vocab_size=97, num_layers=5, model_dim=32, num_heads=4, num_kv_heads=2, mlp_mult=2)
+    return tg.Hyperparameters(**{**base, **kw})
+
+
+def randomised(model):
+    torch.manual_seed(0)
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    return model.eval()
+
+
+def test_changing_a_future_token_leaves_earlier_logits_unchanged():
+    model = randomised(tg.GPT(small_hp()))
+    x = torch.randint(0, 97, (2, 24))
+    x2 = x.clone()
+    x2[:, 15] = (x2[:, 15] + 1) % 97
+    with torch.no_grad():
+        a, b = model.logits(x), model.logits(x2)
+    assert torch.allclose(a[:, :15], b[:, :15], atol=1e-6)
+    assert not torch.allclose(a[:, 15:], b[:, 15:])
+
+
+@pytest.mark.parametrize("layers,encoder,skips", [(11, 5, 5), (10, 5, 5), (9, 4, 4), (2, 1, 1), (1, 0, 0)])
+def test_unet_splits_blocks_into_encoder_and_decoder_halves(layers, encoder, skips):
+    model = tg.GPT(small_hp(num_layers=layers))
+    assert model.num_encoder == encoder and model.skip_weights.shape == (skips, 32)
+
+
+def test_each_decoder_block_receives_its_mirrored_encoder_output():
+    model = randomised(tg.GPT(small_hp(num_layers=6)))
+    inputs, outputs = {}, {}
+    for i, block in enumerate(model.blocks):
+        block.register_forward_pre_hook(lambda m, args, i=i: inputs.__setitem__(i, args[0].clone()))
+        block.register_forward_hook(lambda m, args, out, i=i: outputs.__setitem__(i, out.clone()))
+    with torch.no_grad():
+        model.logits(torch.randint(0, 97, (1, 16)))
+    for j in range(3):  # decoder block 3 + j gets encoder block 2 - j
+        expected = outputs[2 + j] + model.skip_weights[j] * outputs[2 - j]
+        assert torch.allclose(inputs[3 + j], expected, atol=1e-6)
+
+
+def test_gqa_projects_keys_and_values_to_fewer_heads():
+    model = tg.GPT(small_hp(num_heads=4, num_kv_heads=2))
+    attn = model.blocks[0].attn
+    assert attn.c_q.weight.shape == (32, 32) and attn.c_k.weight.shape == (16, 32)
+    assert attn.c_v.weight.shape == (16, 32)
+    assert model.logits(torch.randint(0, 97, (3, 8))).shape == (3, 8, 97)
+
+
+def test_output_projections_start_at_zero():
+    model = tg.GPT(small_hp())
+    assert all(b.attn.proj.weight.abs().sum() == 0 and b.mlp.proj.weight.abs().sum() == 0 for b in model.blocks)
+
+
+def test_logits_are_soft_capped():
+    model = randomised(tg.GPT(small_hp(logit_softcap=5.0)))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(20)
+        assert model.logits(torch.randint(0, 97, (1, 8))).abs().max() <= 5.0
+
+
+def test_qat_switch_flips_a_compiled_model_without_recompiling_stale_values():
+    """A published record's late QAT never ran: compile froze a Python flag. Ours is a buffer read at run time."""
+    torch._dynamo.reset()
+    model = randomised(tg.GPT(small_hp()))
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True, dynamic=False)
+    x = torch.randint(0, 97, (2, 16))
+    with torch.no_grad():
+        off = compiled(x, x)
+        model.set_qat(True)
+        on = compiled(x, x)
+        eager_on = model(x, x)
+        model.set_qat(False)
+        off_again = compiled(x, x)
+    assert not torch.allclose(off, on)
+    assert torch.allclose(on, eager_on, atol=1e-6)
+    assert torch.allclose(off, off_again, atol=1e-6)

@@ -1,0 +1,42 @@
+"""No validation token may reach training, the compile warm-up, or any gradient."""
+import numpy as np
+import pytest
+import torch
+
+import train_gpt as tg
+from conftest import tiny_env, write_shard
+
+
+@pytest.fixture()
+def split_vocab_dataset(tiny_dataset, tmp_path):
+    """Train tokens use ids < 256 only, validation tokens ids >= 256 only: any val token seen is detectable."""
+    rng = np.random.default_rng(0)
+    write_shard(tmp_path / "fineweb_train_000000.bin", rng.integers(4, 256, 30_000))
+    write_shard(tmp_path / "fineweb_val_000000.bin", rng.integers(256, 512, 3_000))
+    return tmp_path
+
+
+def test_training_and_warmup_never_see_validation_tokens(tiny_dataset, split_vocab_dataset, monkeypatch):
+    env = tiny_env(tiny_dataset, "leak", DATA_PATH=split_vocab_dataset, WARMUP_STEPS=3, ITERATIONS=6,
+                   VAL_LOSS_EVERY=3, EVAL_STRIDE=16)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.chdir(split_vocab_dataset)
+    seen = {"grad": 0, "no_grad": 0}
+    original = tg.GPT.forward
+
+    def spy(self, input_ids, target_ids, per_token=False):
+        ids = torch.cat([input_ids.flatten(), target_ids.flatten()])
+        key = "grad" if torch.is_grad_enabled() else "no_grad"
+        seen[key] = max(seen[key], int(ids.max()))
+        return original(self, input_ids, target_ids, per_token)
+
+    monkeypatch.setattr(tg.GPT, "forward", spy)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        tg.main()
+    finally:
+        torch.set_num_threads(threads)
+    assert seen["grad"] < 256, "a validation token reached a forward pass that builds gradients"
+    assert seen["no_grad"] >= 256, "the spy must also see evaluation (otherwise this test could not fail)"

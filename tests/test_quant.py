@@ -1,0 +1,124 @@
+"""Quantise -> pack -> compress -> load -> dequantise, the straight-through estimator, and a safe loader."""
+import io
+import pickle
+
+import pytest
+import torch
+
+import train_gpt as tg
+
+
+def trained_like(rows=64, cols=96, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(rows, cols, generator=g) * torch.rand(rows, 1, generator=g)  # rows of different scale
+
+
+@pytest.mark.parametrize("bits", [4, 5, 6, 7, 8])
+def test_quantisation_error_is_at_most_half_a_step_inside_the_clip(bits):
+    w = trained_like()
+    codes, scale = tg.quantize_rows(w, bits)
+    qmax = 2 ** (bits - 1) - 1
+    assert codes.abs().max() <= qmax
+    step = scale.float()[:, None]
+    inside = w.abs() <= qmax * step
+    err = (tg.dequantize_rows(codes, scale) - w).abs()
+    assert torch.all(err[inside] <= step.expand_as(w)[inside] / 2 + 1e-6)
+
+
+@pytest.mark.parametrize("bits", [5, 6, 8])
+def test_clip_search_never_loses_to_plain_max_scaling(bits):
+    w = torch.cat([trained_like(), torch.randn(4, 96) * 8])  # a few heavy-tailed rows
+    qmax = 2 ** (bits - 1) - 1
+    codes, scale = tg.quantize_rows(w, bits)
+    searched = (tg.dequantize_rows(codes, scale) - w).square().sum(dim=1)
+    max_scale = tg.fp16_scale(w.abs().amax(dim=1, keepdim=True), qmax)
+    plain = ((w / max_scale).round().clamp(-qmax, qmax) * max_scale - w).square().sum(dim=1)
+    assert torch.all(searched <= plain + 1e-9)
+
+
+@pytest.mark.parametrize("bits,rel_rmse", [(8, 0.01), (6, 0.04), (5, 0.08), (4, 0.16)])
+def test_relative_reconstruction_error_shrinks_with_bits(bits, rel_rmse):
+    w = torch.randn(256, 256)
+    codes, scale = tg.quantize_rows(w, bits)
+    err = (tg.dequantize_rows(codes, scale) - w).square().mean().sqrt() / w.square().mean().sqrt()
+    assert err < rel_rmse
+
+
+def small_state():
+    hp = tg.Hyperparameters(vocab_size=128, num_layers=3, model_dim=32, num_heads=2, num_kv_heads=1, mlp_mult=2,
+                            qat_bits_attn=6, qat_bits_mlp=5, embed_bits=8)
+    torch.manual_seed(0)
+    model = tg.GPT(hp)
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    return hp, model.state_dict()
+
+
+def test_packing_is_lossless_for_codes_scales_and_fp16_tensors():
+    hp, state = small_state()
+    restored = tg.unpack_state(tg.pack_state(state, hp))
+    assert restored.keys() == state.keys()
+    for name, tensor in state.items():
+        bits = tg.export_bits(name, tensor, hp)
+        expected = tg.dequantize_rows(*tg.quantize_rows(tensor, bits)) if bits < 16 else tensor.half().float()
+        assert torch.equal(restored[name], expected), name
+
+
+def test_bit_widths_follow_the_tensor_class():
+    hp, state = small_state()
+    assert tg.export_bits("blocks.0.attn.c_q.weight", state["blocks.0.attn.c_q.weight"], hp) == 6
+    assert tg.export_bits("blocks.0.mlp.fc.weight", state["blocks.0.mlp.fc.weight"], hp) == 5
+    assert tg.export_bits("tok_emb.weight", state["tok_emb.weight"], hp) == 8
+    assert tg.export_bits("blocks.0.resid_mix", state["blocks.0.resid_mix"], hp) == 16
+
+
+@pytest.mark.parametrize("compressor", ["zstd", "lzma", "zlib"])
+def test_artifact_roundtrip_through_disk(tmp_path, compressor):
+    hp, state = small_state()
+    hp.compressor = compressor
+    path = tmp_path / "model.pgz"
+    size = tg.write_artifact(str(path), state, hp)
+    assert size == path.stat().st_size
+    assert not list(tmp_path.glob("*.tmp*")), "temporary file left behind"
+    loaded = tg.read_artifact(str(path))
+    direct = tg.unpack_state(tg.pack_state(state, hp))
+    assert all(torch.equal(loaded[k], direct[k]) for k in state)
+
+
+def test_loader_refuses_a_torch_pickle(tmp_path):
+    hp, state = small_state()
+    path = tmp_path / "evil.pt"
+    torch.save(state, path)
+    with pytest.raises(tg.UserError, match="not a Parameter Golf artifact"):
+        tg.read_artifact(str(path))
+
+
+def test_loader_refuses_a_pickle_inside_a_valid_container(tmp_path):
+    payload = pickle.dumps({"x": 1})
+    path = tmp_path / "evil.pgz"
+    path.write_bytes(tg.ARTIFACT_MAGIC + bytes([2]) + __import__("zlib").compress(payload))
+    with pytest.raises(tg.UserError, match="PGQ1"):
+        tg.read_artifact(str(path))
+
+
+def test_straight_through_estimator_passes_gradients_unchanged():
+    w = torch.randn(16, 32, requires_grad=True)
+    upstream = torch.randn(16, 32)
+    (tg.fake_quantize(w, 6) * upstream).sum().backward()
+    assert torch.equal(w.grad, upstream)
+
+
+def test_fake_quantisation_matches_the_export_grid_for_max_clipped_rows():
+    w = torch.randn(8, 64)
+    fq = tg.fake_quantize(w, 6)
+    qmax = 31
+    scale = tg.fp16_scale(w.abs().amax(dim=1, keepdim=True), qmax)
+    assert torch.allclose(fq, (w / scale).round().clamp(-qmax, qmax) * scale)
+    assert (fq / scale - (fq / scale).round()).abs().max() < 1e-4  # on the integer grid
+
+
+def test_zero_rows_quantise_without_nan():
+    w = torch.zeros(4, 16)
+    assert torch.isfinite(tg.fake_quantize(w, 6)).all()
+    codes, scale = tg.quantize_rows(w, 6)
+    assert torch.equal(tg.dequantize_rows(codes, scale), w)

@@ -1,0 +1,476 @@
+"""tools/submission.py on logs from real tiny CPU runs of train_gpt.py, and on doctored copies of them.
+
+The three runs (one per seed) are made once per session by the `real_runs` fixture; every failure case is a
+copy of one of those logs edited in the test (a truncated log, an oversize artifact, a log whose code differs,
+mismatched configs, ...). The t-test is checked against scipy when it is installed, and always against the
+closed forms of Student's t for df=1 (0.5 - atan(t)/pi) and df=2 (0.5 - t / (2 sqrt(2 + t^2))).
+"""
+import hashlib
+import importlib.util
+import io
+import json
+import math
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import tiny_env
+
+REPO = Path(__file__).resolve().parents[1]
+TOOL = REPO / "tools" / "submission.py"
+TRAIN = REPO / "train_gpt.py"
+RUN_SEEDS = REPO / "scripts" / "run_seeds.sh"
+SEEDS = (1337, 42, 2025)
+ITERATIONS = 12
+
+_spec = importlib.util.spec_from_file_location("submission_tool", TOOL)
+sub = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(sub)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Fixtures and helpers
+# ----------------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def real_runs(tiny_dataset, tmp_path_factory):
+    """Three real CPU runs of train_gpt.py (seeds 1337, 42, 2025), run side by side, one thread each."""
+    if not TRAIN.exists():
+        pytest.skip("train_gpt.py does not exist yet: no real logs to test the submission tool on")
+    work = tmp_path_factory.mktemp("seed_runs")
+    procs = []
+    for seed in SEEDS:
+        env = tiny_env(tiny_dataset, f"demo_s{seed}", SEED=seed, ITERATIONS=ITERATIONS, TRAIN_LOG_EVERY=4,
+                       VAL_LOSS_EVERY=6, WARMDOWN_ITERS=4)
+        procs.append(subprocess.Popen([sys.executable, str(TRAIN)], cwd=work, env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True))
+    for seed, proc in zip(SEEDS, procs):
+        out, _ = proc.communicate(timeout=600)
+        if proc.returncode != 0:
+            pytest.fail(f"train_gpt.py seed {seed} exited {proc.returncode}:\n{out[-3000:]}")
+    logs = [work / "logs" / f"demo_s{seed}.txt" for seed in SEEDS]
+    return type("RealRuns", (), {"dir": work, "logs": logs})
+
+
+def run_tool(*args):
+    """The tool in this process: (exit code, stdout)."""
+    out = io.StringIO()
+    rc = sub.main([str(a) for a in args], stdout=out)
+    return rc, out.getvalue()
+
+
+def run_cli(*args, env=None, cwd=None):
+    return subprocess.run([sys.executable, str(TOOL)] + [str(a) for a in args], capture_output=True, text=True,
+                          env=env, cwd=cwd)
+
+
+def split_log(data: bytes):
+    """(source bytes, everything after them) of a log; the source is cut by its byte count."""
+    nl = data.index(b"\n")
+    n = int(re.search(rb"bytes:(\d+)", data[:nl]).group(1))
+    return data[nl + 1:nl + 1 + n], data[nl + 1 + n:]
+
+
+def join_log(code: bytes, tail: bytes) -> bytes:
+    header = b"code_begin bytes:%d sha256:%s\n" % (len(code), hashlib.sha256(code).hexdigest().encode())
+    return header + code + tail
+
+
+def doctor(src: Path, dst: Path, edit_tail=None, code=None) -> Path:
+    """Copy a log, editing only the lines after the source block (never the source, which contains the same
+    words), and/or replacing the source (the header is rewritten to match)."""
+    old_code, tail = split_log(src.read_bytes())
+    if edit_tail is not None:
+        tail = edit_tail(tail.decode()).encode()
+    dst.write_bytes(join_log(old_code if code is None else code, tail))
+    return dst
+
+
+def sub_field(text: str, event: str, key: str, value) -> str:
+    """Set key:value on every line of the given event."""
+    def fix(m):
+        return re.sub(rf"(?<=\s){key}:\S+", f"{key}:{value}", m.group(0))
+    new = re.sub(rf"(?m)^{event}\s.*$", fix, text)
+    assert new != text, f"{event} {key} not found"
+    return new
+
+
+def cut_after(text: str, event: str) -> str:
+    """Keep the lines up to and including the first line of `event`."""
+    i = text.index("\n" + event + " ")
+    return text[:text.index("\n", i + 1) + 1]
+
+
+def fail_lines(out: str):
+    return [line for line in out.splitlines() if line.startswith("FAIL ")]
+
+
+def table_row(out: str, run_id: str) -> str:
+    return next(line for line in out.splitlines() if line.startswith(run_id + " "))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The three real runs
+# ----------------------------------------------------------------------------------------------------------
+
+def test_parse_real_logs(real_runs):
+    code = TRAIN.read_bytes()
+    for seed, log in zip(SEEDS, real_runs.logs):
+        run = sub.parse_log(log)
+        assert run.status == "complete", run.problem
+        assert (run.run_id, run.seed) == (f"demo_s{seed}", seed)
+        assert run.steps == ITERATIONS and run.total_steps == ITERATIONS
+        assert run.hparams["MODEL_DIM"] == "64" and run.hparams["SEED"] == str(seed)
+        assert run.env["device_name"] == "cpu" and run.env["world_size"] == "1"
+        assert run.code == code and run.code_sha == hashlib.sha256(code).hexdigest() == run.code_sha_declared
+        assert run.bytes_field("bytes_code") == len(code)
+        assert run.bytes_field("bytes_total") == run.bytes_field("bytes_model") + len(code)
+        assert [p[0] for p in run.train_points] == [4, 8, 12]
+        assert [p[0] for p in run.val_points][-1] == ITERATIONS and len(run.val_points) >= 2
+        assert run.step_avg_ms > 0 and run.train_time_ms > 0 and run.eval_time_ms > 0
+        for section in ("pre_export", "roundtrip", "sliding"):
+            assert math.isfinite(run._get(section, "val_bpb")), section
+        assert math.isfinite(run.val_loss) and run.val_bpb > 0
+        # The source block holds the words "final_submission" too; the score must come from the real line.
+        last = log.read_text(encoding="utf-8").rstrip("\n").rsplit("\n", 1)[-1]
+        assert last.startswith("final_submission ") and f"val_loss:{run.val_loss:.8f}" in last
+
+
+def test_three_seeds_pass_with_stats_and_submission_json(real_runs, tmp_path):
+    runs = [sub.parse_log(p) for p in real_runs.logs]
+    losses = [r.val_loss for r in runs]
+    m, s = sub.mean_std(losses)
+    ref = m + 0.005 + 20 * s / math.sqrt(3)          # t = 20 by construction: p < 0.01 with df = 2
+    out_json = tmp_path / "submission.json"
+    rc, out = run_tool(*real_runs.logs, "--code", TRAIN, "--against", f"val_loss={ref!r}", "--write", out_json,
+                       "--author", "Test Author", "--github-id", "tester", "--name", "Tiny CPU demo")
+    print(out)
+    assert rc == 0, out
+    assert not fail_lines(out)
+    for seed in SEEDS:
+        row = table_row(out, f"demo_s{seed}")
+        assert row.split()[-1] == "PASS" and "FAIL" not in row
+    assert "statistics over 3 complete run(s)" in out
+    assert re.search(r"t = 20\.0000, df = 2", out)
+    assert "p < 0.01: YES" in out
+
+    data = json.loads(out_json.read_text())
+    for key in ("author", "github_id", "name", "blurb", "date", "val_loss", "val_bpb", "bytes_total",
+                "bytes_code", "seed_results", "val_loss_std", "p_value", "hardware", "dataset"):
+        assert key in data, key
+    assert data["author"] == "Test Author" and data["github_id"] == "tester"
+    assert data["val_loss"] == pytest.approx(m, abs=1e-8)
+    assert data["val_loss_std"] == pytest.approx(s, abs=1e-8)
+    assert data["bytes_code"] == len(TRAIN.read_bytes())
+    assert data["bytes_total"] == max(r.bytes_field("bytes_total") for r in runs)
+    assert sorted(data["seeds"]) == sorted(SEEDS) and len(data["seed_results"]) == 3
+    assert data["p_value"] == pytest.approx(sub.t_sf(20.0, 2), rel=1e-5)
+    assert data["compliant"] is True
+    assert data["hardware"] == "1x cpu"
+    assert "not FineWeb" in data["dataset"] and not data["dataset"].startswith("FineWeb")
+
+    # Metadata given once is kept on the next write.
+    rc, _ = run_tool(*real_runs.logs, "--code", TRAIN, "--write", out_json)
+    assert rc == 0 and json.loads(out_json.read_text())["author"] == "Test Author"
+
+
+def test_not_significant_and_require_record(real_runs):
+    m, _ = sub.mean_std([sub.parse_log(p).val_loss for p in real_runs.logs])
+    args = [*real_runs.logs, "--code", TRAIN, "--against", f"val_loss={m + 0.005!r}"]
+    rc, out = run_tool(*args)
+    assert rc == 0 and "p < 0.01: NO" in out and "record: NO" in out     # compliant, just not a record
+    rc, _ = run_tool(*args, "--require-record")
+    assert rc == 1
+
+
+def test_against_val_bpb_and_submission_json(real_runs, tmp_path):
+    runs = [sub.parse_log(p) for p in real_runs.logs]
+    ratio = sum(r.val_loss / r.val_bpb for r in runs) / 3
+    bpb = sub.mean_std([r.val_bpb for r in runs])[0] + 0.1
+    _, by_loss = run_tool(*real_runs.logs, "--code", TRAIN, "--against", f"val_loss={bpb * ratio!r}")
+    _, by_bpb = run_tool(*real_runs.logs, "--code", TRAIN, "--against", f"val_bpb={bpb!r}")
+    _, bare = run_tool(*real_runs.logs, "--code", TRAIN, "--against", repr(bpb))
+    record = tmp_path / "record.json"
+    record.write_text(json.dumps({"name": "old record", "val_loss": bpb * ratio, "val_bpb": 1.0}))
+    _, by_json = run_tool(*real_runs.logs, "--code", TRAIN, "--against", record)
+    p_line = [line for line in by_loss.splitlines() if "one-sided t-test" in line]
+    assert p_line and all(p_line[0] in o for o in (by_bpb, bare, by_json))
+    assert "nats/bpb" in by_bpb and "read as val_bpb" in bare and "old record" in by_json
+
+
+def test_fineweb_label_only_for_a_fineweb_data_path(real_runs, tmp_path):
+    logs = [doctor(p, tmp_path / p.name, lambda t: sub_field(t, "hparam", "DATA_PATH",
+                                                              "./data/datasets/fineweb10B_sp1024"))
+            for p in real_runs.logs]
+    assert sub.dataset_label([sub.parse_log(p) for p in logs]) == "FineWeb (fineweb10B_sp1024)"
+    assert "not FineWeb" in sub.dataset_label([sub.parse_log(p) for p in real_runs.logs])
+    # A folder named like the export but whose data/prepare.py manifest says otherwise is not FineWeb.
+    fake = tmp_path / "fineweb10B_sp1024"
+    fake.mkdir()
+    (fake / "manifest.json").write_text(json.dumps({"source": "demo: docstrings of the Python stdlib"}))
+    logs = [doctor(p, tmp_path / p.name, lambda t: sub_field(t, "hparam", "DATA_PATH", fake))
+            for p in real_runs.logs]
+    label = sub.dataset_label([sub.parse_log(p) for p in logs])
+    assert label == "fineweb10B_sp1024 (not FineWeb: demo: docstrings of the Python stdlib)"
+    (fake / "manifest.json").write_text(json.dumps({"source": "hf://datasets/x/fineweb10B_sp1024"}))
+    assert sub.dataset_label([sub.parse_log(p) for p in logs]).startswith("FineWeb (fineweb10B_sp1024;")
+
+    out_json = tmp_path / "s.json"
+    run_tool(*real_runs.logs, "--code", TRAIN, "--write", out_json, "--dataset", "my proxy", "--hardware", "x")
+    data = json.loads(out_json.read_text())
+    assert (data["dataset"], data["hardware"]) == ("my proxy", "x")
+
+
+def test_plot_is_a_png(real_runs, tmp_path):
+    pytest.importorskip("matplotlib")
+    png = tmp_path / "curves.png"
+    rc, out = run_tool(*real_runs.logs, "--code", TRAIN, "--plot", png)
+    assert rc == 0, out
+    data = png.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+
+
+def test_plot_without_matplotlib_says_how_to_install(real_runs, tmp_path):
+    fake = tmp_path / "fake" / "matplotlib"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("raise ImportError('no matplotlib here')\n")
+    env = dict(os.environ, PYTHONPATH=str(fake.parent))
+    res = run_cli(*real_runs.logs, "--code", TRAIN, "--plot", tmp_path / "x.png", env=env)
+    assert res.returncode == 2
+    assert res.stderr.strip().splitlines() == [res.stderr.strip()] and "pip install matplotlib" in res.stderr
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Failure cases: doctored copies of the real logs
+# ----------------------------------------------------------------------------------------------------------
+
+def with_replaced(real_runs, i, doctored):
+    logs = list(real_runs.logs)
+    logs[i] = doctored
+    return logs
+
+
+def test_truncated_log_is_reported_and_not_counted(real_runs, tmp_path):
+    bad = doctor(real_runs.logs[1], tmp_path / "demo_s42.txt", lambda t: cut_after(t, "train_done"))
+    rc, out = run_tool(*with_replaced(real_runs, 1, bad), "--code", TRAIN, "--against", "val_loss=9")
+    print(out)
+    assert rc == 1
+    assert "FAIL truncated" in table_row(out, "demo_s42")
+    assert any("demo_s42: status: truncated: no final_submission line" in line for line in fail_lines(out))
+    assert "statistics over 2 complete run(s) (seeds: 1337 2025)" in out
+    assert "not counted: demo_s42 (truncated)" in out
+
+    # Cut inside the source block: still reported, by file name since no hparam was reached.
+    data = real_runs.logs[1].read_bytes()
+    (tmp_path / "cut.txt").write_bytes(data[:500])
+    rc, out = run_tool(real_runs.logs[0], tmp_path / "cut.txt", "--code", TRAIN)
+    assert rc == 1 and "cut: status: truncated: log ends inside the source block" in out
+
+
+def test_crashed_log(real_runs, tmp_path):
+    bad = doctor(real_runs.logs[0], tmp_path / "a.txt",
+                 lambda t: cut_after(t, "train_done") + "error: something went wrong\n")
+    rc, out = run_tool(*with_replaced(real_runs, 0, bad), "--code", TRAIN)
+    assert rc == 1 and "FAIL crashed" in table_row(out, "demo_s1337")
+    assert "error: something went wrong" in out and "statistics over 2 complete" in out
+
+
+def test_oversize_artifact(real_runs, tmp_path):
+    n_code = len(TRAIN.read_bytes())
+
+    def grow(t):
+        for event in ("artifact", "final_submission"):
+            t = sub_field(t, event, "bytes_model", 16_000_001 - n_code)
+            t = sub_field(t, event, "bytes_total", 16_000_001)
+        return t
+    bad = doctor(real_runs.logs[2], tmp_path / "big.txt", grow)
+    rc, out = run_tool(*with_replaced(real_runs, 2, bad), "--code", TRAIN)
+    print(out)
+    assert rc == 1
+    assert "FAIL 16000001" in table_row(out, "demo_s2025")
+    assert fail_lines(out) == ["FAIL demo_s2025: bytes<=16e6: bytes_total 16000001 > 16000000"]
+
+    # Totals that do not add up are caught too.
+    bad = doctor(real_runs.logs[2], tmp_path / "sum.txt", lambda t: sub_field(t, "final_submission",
+                                                                              "bytes_total", 1000))
+    rc, out = run_tool(*with_replaced(real_runs, 2, bad), "--code", TRAIN)
+    assert rc == 1 and "bytes_total 1000 != bytes_model" in out
+
+
+def test_code_differs(real_runs, tmp_path):
+    code = TRAIN.read_bytes()
+    bad = doctor(real_runs.logs[0], tmp_path / "edited.txt", code=code + b"# one more line\n")
+    rc, out = run_tool(*with_replaced(real_runs, 0, bad), "--code", TRAIN)
+    print(out)
+    assert rc == 1
+    assert any(line.startswith("FAIL demo_s1337: code==--code: logged source") for line in fail_lines(out))
+    assert "differs from --code" in out
+
+    # A log whose source block does not match its own sha256 is corrupt.
+    data = bytearray(real_runs.logs[0].read_bytes())
+    i = data.index(b"\n") + 10
+    data[i] = ord("#") if data[i] != ord("#") else ord("!")
+    (tmp_path / "corrupt.txt").write_bytes(bytes(data))
+    rc, out = run_tool(*with_replaced(real_runs, 0, tmp_path / "corrupt.txt"), "--code", TRAIN)
+    assert rc == 1 and "does not match its own sha256" in out
+
+    # Submitting a different train_gpt.py than the one that ran fails every run.
+    other = tmp_path / "train_gpt.py"
+    other.write_bytes(code.replace(b"\n", b"\n\n", 1))
+    rc, out = run_tool(*real_runs.logs, "--code", other)
+    assert rc == 1 and sum("code==--code" in line for line in fail_lines(out)) == 3
+
+
+def test_mismatched_configs(real_runs, tmp_path):
+    bad = doctor(real_runs.logs[1], tmp_path / "cfg.txt", lambda t: sub_field(t, "hparam", "MLP_MULT", "3.0"))
+    rc, out = run_tool(*with_replaced(real_runs, 1, bad), "--code", TRAIN)
+    print(out)
+    assert rc == 1
+    assert fail_lines(out) == ["FAIL demo_s42: config: differs: MLP_MULT=3.0 (others 2.0)"]
+    assert "FAIL" not in table_row(out, "demo_s1337")
+
+
+def test_duplicate_seed(real_runs, tmp_path):
+    copy = doctor(real_runs.logs[0], tmp_path / "again.txt", lambda t: sub_field(t, "hparam", "RUN_ID", "again"))
+    rc, out = run_tool(*real_runs.logs, copy, "--code", TRAIN)
+    assert rc == 1
+    assert {line.split(":")[0] for line in fail_lines(out)} == {"FAIL demo_s1337", "FAIL again"}
+    assert "seed 1337 used by 2 logs" in out
+
+
+def test_time_limits(real_runs, tmp_path):
+    slow = doctor(real_runs.logs[0], tmp_path / "slow.txt",
+                  lambda t: sub_field(t, "final_submission", "train_time_ms", 600_001))
+    slow_eval = doctor(real_runs.logs[1], tmp_path / "slow_eval.txt",
+                       lambda t: sub_field(t, "final_submission", "eval_time_ms", 612_345))
+    rc, out = run_tool(slow, slow_eval, real_runs.logs[2], "--code", TRAIN)
+    assert rc == 1
+    assert "FAIL demo_s1337: train<=600s: train time 600.001 s > 600 s" in out
+    assert "FAIL demo_s42: eval<=600s: eval time 612.345 s > 600 s" in out
+
+
+def test_appended_runs_and_odd_source(real_runs, tmp_path):
+    twice = tmp_path / "twice.txt"
+    twice.write_bytes(real_runs.logs[0].read_bytes() + real_runs.logs[0].read_bytes())
+    assert "more than one run" in sub.parse_log(twice).problem
+    # A source without a final newline, holding lines that look like log events, is cut by byte count.
+    odd = b"x = 1\ncode_end\nfinal_submission val_loss:0.1 val_bpb:0.1\nerror: no"
+    run = sub.parse_log(doctor(real_runs.logs[0], tmp_path / "odd.txt", code=odd))
+    ref = sub.parse_log(real_runs.logs[0])
+    assert run.status == "complete" and run.code == odd and run.val_loss == ref.val_loss
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Usage errors: exit 2, one line, no traceback
+# ----------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("args", [
+    ["missing.txt"],
+    ["{log}", "--against", "banana"],
+    ["{log}", "--against", "val_loss=abc"],
+    ["{log}", "--code", "no_such_train_gpt.py"],
+    ["{log}", "{log}"],
+    [],
+])
+def test_usage_errors(args, tmp_path):
+    log = tmp_path / "x.txt"
+    log.write_text("code_begin bytes:0 sha256:e3b0\n\ncode_end\n")
+    (tmp_path / "train_gpt.py").write_text("")
+    res = run_cli(*[a.format(log=log) for a in args], cwd=tmp_path)
+    assert res.returncode == 2, res.stdout + res.stderr
+    assert res.stderr.startswith("error: ") and res.stderr.count("\n") == 1 and "Traceback" not in res.stderr
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Statistics
+# ----------------------------------------------------------------------------------------------------------
+
+GRID_T = [-40.0, -7.5, -2.0, -1.0, -0.3, 0.0, 1e-4, 0.3, 1.0, 1.96, 2.5, 4.0, 9.9, 31.8, 200.0]
+GRID_DF = [1, 2, 3, 4, 5, 7.5, 9, 19, 30, 99, 1000]
+
+
+def test_t_sf_closed_forms():
+    for t in GRID_T:
+        assert sub.t_sf(t, 1) == pytest.approx(0.5 - math.atan(t) / math.pi, abs=1e-12)
+        assert sub.t_sf(t, 2) == pytest.approx(0.5 - t / (2 * math.sqrt(2 + t * t)), abs=1e-12)
+    assert sub.t_sf(math.inf, 3) == 0.0 and sub.t_sf(-math.inf, 3) == 1.0
+
+
+def test_t_sf_matches_scipy():
+    stats = pytest.importorskip("scipy.stats")
+    special = pytest.importorskip("scipy.special")
+    for df in GRID_DF:
+        for t in GRID_T:
+            assert abs(sub.t_sf(t, df) - stats.t.sf(t, df)) < 1e-6, (t, df)
+            assert abs(sub.t_cdf(t, df) - stats.t.cdf(t, df)) < 1e-6, (t, df)
+    for a, b, x in [(0.5, 0.5, 0.3), (2.0, 0.5, 0.99), (15.0, 0.5, 0.2), (500.0, 0.5, 0.999), (1.0, 3.0, 0.5)]:
+        assert abs(sub.betainc_reg(a, b, x) - special.betainc(a, b, x)) < 1e-9
+
+
+@pytest.mark.parametrize("d", [
+    [0.010, 0.012, 0.009],
+    [0.006, 0.004, 0.0051, 0.007],
+    [0.02, -0.01, 0.03, 0.0, 0.011],
+    [0.0049, 0.0052],
+])
+def test_one_sided_ttest_matches_scipy(d):
+    stats = pytest.importorskip("scipy.stats")
+    ours = sub.one_sided_ttest(d, 0.005)
+    ref = stats.ttest_1samp(d, 0.005, alternative="greater")
+    assert abs(ours["t"] - ref.statistic) < 1e-6 and abs(ours["p"] - ref.pvalue) < 1e-6
+
+
+def test_ttest_edge_cases():
+    assert sub.one_sided_ttest([0.1])["p"] is None                   # one run: no test
+    assert sub.one_sided_ttest([0.1, 0.1])["p"] == 0.0               # no spread, above the margin
+    assert sub.one_sided_ttest([0.001, 0.001])["p"] == 1.0           # no spread, below the margin
+
+
+def test_parse_against_forms(tmp_path):
+    assert sub.parse_against("val_loss=2.0")[:2] == ("val_loss", 2.0)
+    assert sub.parse_against("val_bpb=1.2244")[:2] == ("val_bpb", 1.2244)
+    kind, value, desc = sub.parse_against("1.2244")
+    assert (kind, value) == ("val_bpb", 1.2244) and "bare number" in desc
+    p = tmp_path / "submission.json"
+    p.write_text(json.dumps({"val_bpb": 1.22}))
+    assert sub.parse_against(str(p))[:2] == ("val_bpb", 1.22)
+    for bad in ("val_loss=x", "nope", str(tmp_path)):
+        with pytest.raises(sub.UsageError):
+            sub.parse_against(bad)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# scripts/run_seeds.sh, with a stand-in for train_gpt.py
+# ----------------------------------------------------------------------------------------------------------
+
+STUB = """import os, sys
+os.makedirs("logs", exist_ok=True)
+open(os.path.join("logs", os.environ["RUN_ID"] + ".txt"), "w").write("seed " + os.environ["SEED"] + "\\n")
+open("order.txt", "a").write(os.environ["SEED"] + " " + " ".join(sys.argv[1:]) + "\\n")
+sys.exit(1 if os.environ["SEED"] == os.environ.get("FAIL_SEED") else 0)
+"""
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+def test_run_seeds_script(tmp_path):
+    (tmp_path / "stub.py").write_text(STUB)
+    env = dict(os.environ, SEEDS="7 8 9", RUN_ID_PREFIX="t", LAUNCH=f"{sys.executable}", TRAIN="stub.py")
+    res = subprocess.run(["bash", str(RUN_SEEDS)], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert (tmp_path / "order.txt").read_text().split() == ["7", "8", "9"]
+    assert "tools/submission.py logs/t_s7.txt logs/t_s8.txt logs/t_s9.txt --code stub.py" in res.stdout
+
+    # Stops at the first failing seed, and refuses to overwrite a log.
+    shutil.rmtree(tmp_path / "logs")
+    (tmp_path / "order.txt").unlink()
+    res = subprocess.run(["bash", str(RUN_SEEDS)], cwd=tmp_path, env=dict(env, FAIL_SEED="8"),
+                         capture_output=True, text=True)
+    assert res.returncode != 0 and "seed 8 failed" in res.stderr
+    assert (tmp_path / "order.txt").read_text().split() == ["7", "8"]
+    res = subprocess.run(["bash", str(RUN_SEEDS)], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert res.returncode != 0 and "already exists" in res.stderr

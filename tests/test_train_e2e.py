@@ -1,0 +1,126 @@
+"""Whole runs of train_gpt.py on CPU: the real launcher, a real artifact on disk, a parsable score."""
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import train_gpt as tg
+from conftest import parse_line, run_train, tiny_env
+
+ROUNDTRIP_TOLERANCE_BPB = 0.02  # int6 blocks + int8 embedding after QAT, on a 150k-parameter model
+
+
+@pytest.fixture(scope="module")
+def two_rank_run(tiny_dataset, tmp_path_factory):
+    cwd = tmp_path_factory.mktemp("two_rank")
+    result = run_train(cwd, tiny_env(tiny_dataset, "tworank", WARMUP_STEPS=2), nproc=2)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return cwd, result.stdout
+
+
+def test_two_rank_run_ends_with_a_parsable_final_submission_line(two_rank_run):
+    _, out = two_rank_run
+    last = out.strip().splitlines()[-1]
+    assert last.startswith("final_submission ")
+    fields = parse_line(out, "final_submission")
+    assert set(fields) == {"val_loss", "val_bpb", "bytes_total", "bytes_model", "bytes_code", "train_time_ms",
+                           "eval_time_ms"}
+    assert int(fields["bytes_total"]) == int(fields["bytes_model"]) + int(fields["bytes_code"])
+    assert int(fields["bytes_code"]) == (Path(tg.__file__)).stat().st_size
+    assert float(fields["val_bpb"]) == float(parse_line(out, "final_sliding_exact")["val_bpb"])
+
+
+def test_artifact_on_disk_is_what_was_scored(two_rank_run):
+    cwd, out = two_rank_run
+    artifact = parse_line(out, "artifact")
+    assert (cwd / artifact["path"]).stat().st_size == int(artifact["bytes_model"])
+    assert not list((cwd / "artifacts").glob("*.tmp*"))
+
+
+def test_roundtrip_score_is_close_to_the_pre_export_score(two_rank_run):
+    _, out = two_rank_run
+    pre = float(parse_line(out, "pre_export_exact")["val_bpb"])
+    post = float(parse_line(out, "final_roundtrip_exact")["val_bpb"])
+    assert abs(post - pre) < ROUNDTRIP_TOLERANCE_BPB
+
+
+def test_training_loss_goes_down(two_rank_run):
+    _, out = two_rank_run
+    losses = [float(line.split("train_loss:")[1].split()[0]) for line in out.splitlines() if "train_loss:" in line]
+    untrained = math.log(512)  # uniform prediction over the tiny vocabulary
+    assert len(losses) >= 3 and losses[-1] < losses[0] < untrained
+    assert float(parse_line(out, "pre_export_exact")["val_loss"]) < untrained - 1.5
+
+
+def test_log_file_holds_code_hparams_and_every_line(two_rank_run):
+    cwd, out = two_rank_run
+    log = (cwd / "logs" / "tworank.txt").read_bytes()
+    code = Path(tg.__file__).read_bytes()
+    assert log.startswith(f"code_begin bytes:{len(code)} ".encode()) and code in log
+    text = log.decode()
+    for line in out.strip().splitlines():
+        assert line in text
+    assert "hparam EVAL_STRIDE:32" in text and "world_size:2" in text
+
+
+def test_compile_warmup_leaves_training_exactly_as_initialised(tiny_dataset, tmp_path):
+    scores = []
+    for warmup in (0, 3):
+        env = tiny_env(tiny_dataset, f"warm{warmup}", WARMUP_STEPS=warmup, ITERATIONS=12, EVAL_STRIDE=0)
+        result = run_train(tmp_path, env)
+        assert result.returncode == 0, result.stderr[-2000:]
+        scores.append(parse_line(result.stdout, "final_submission")["val_loss"])
+    assert scores[0] == scores[1]
+
+
+def test_wallclock_cap_stops_every_rank_at_the_same_step(tiny_dataset, tmp_path):
+    env = tiny_env(tiny_dataset, "capped", ITERATIONS=100000, MAX_WALLCLOCK_SECONDS=3, EVAL_STRIDE=0,
+                   TRAIN_LOG_EVERY=1000)
+    result = run_train(tmp_path, env, nproc=2)
+    assert result.returncode == 0, result.stderr[-2000:]
+    stop = parse_line(result.stdout, "stopping_early")
+    assert 3000 <= float(stop["train_time"].rstrip("ms")) < 6000
+    assert "final_submission" in result.stdout
+
+
+@pytest.mark.parametrize("override,message", [
+    (dict(DATA_PATH="/nonexistent"), "no val shards match /nonexistent"),
+    (dict(VOCAB_SIZE="1024"), "VOCAB_SIZE=1024 but"),
+    (dict(TRAIN_BATCH_TOKENS="1000"), "TRAIN_BATCH_TOKENS=1000 must be divisible"),
+    (dict(MATRIX_LR="1e9", SCALAR_LR="1e9", TIED_EMBED_LR="1e9", GRAD_CLIP_NORM="0", ITERATIONS="20",
+          TRAIN_LOG_EVERY="1"), "train_loss is"),
+])
+def test_user_errors_are_one_line_without_traceback(tiny_dataset, tmp_path, override, message):
+    result = run_train(tmp_path, tiny_env(tiny_dataset, "bad", **override))
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr + result.stdout
+    error_lines = [line for line in (result.stdout + result.stderr).splitlines() if line.startswith("error: ")]
+    assert len(error_lines) == 1 and message in error_lines[0]
+
+
+@pytest.fixture()
+def script_with_tiny_limit(tmp_path):
+    """The 16,000,000-byte limit is the challenge's constant, not a setting: test it on a copy with a small one."""
+    copy = tmp_path / "train_gpt.py"
+    copy.write_text(Path(tg.__file__).read_text().replace("SIZE_LIMIT = 16_000_000", "SIZE_LIMIT = 1_000"))
+    return copy
+
+
+def run_copy(script, cwd, env):
+    return subprocess.run([sys.executable, str(script)], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_oversize_artifact_exits_non_zero_after_reporting(tiny_dataset, tmp_path, script_with_tiny_limit):
+    result = run_copy(script_with_tiny_limit, tmp_path, tiny_env(tiny_dataset, "big", ITERATIONS=2))
+    assert result.returncode == 2
+    assert "artifact path:" in result.stdout and "over the 1000-byte limit" in result.stdout
+    assert "final_submission" not in result.stdout
+
+
+def test_allow_oversize_continues_to_the_score(tiny_dataset, tmp_path, script_with_tiny_limit):
+    env = tiny_env(tiny_dataset, "big", ITERATIONS=2, ALLOW_OVERSIZE=1, EVAL_STRIDE=0)
+    result = run_copy(script_with_tiny_limit, tmp_path, env)
+    assert result.returncode == 0 and "final_submission" in result.stdout
