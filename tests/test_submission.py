@@ -158,6 +158,7 @@ def test_three_seeds_pass_with_stats_and_submission_json(real_runs, tmp_path):
     assert "statistics over 3 complete run(s)" in out
     assert re.search(r"t = 20\.0000, df = 2", out)
     assert "p < 0.01: YES" in out
+    assert "record: NO (not run on 8x H100)" in out           # significant, but CPU runs are never a record
 
     data = json.loads(out_json.read_text())
     for key in ("author", "github_id", "name", "blurb", "date", "val_loss", "val_bpb", "bytes_total",
@@ -177,6 +178,18 @@ def test_three_seeds_pass_with_stats_and_submission_json(real_runs, tmp_path):
     # Metadata given once is kept on the next write.
     rc, _ = run_tool(*real_runs.logs, "--code", TRAIN, "--write", out_json)
     assert rc == 0 and json.loads(out_json.read_text())["author"] == "Test Author"
+
+
+def test_record_needs_8xh100_logs(real_runs, tmp_path):
+    def h100(t):
+        t = sub_field(t, "env", "device_name", "NVIDIA_H100_80GB_HBM3")
+        return sub_field(t, "env", "world_size", 8)
+    logs = [doctor(p, tmp_path / p.name, h100) for p in real_runs.logs]
+    m, s = sub.mean_std([sub.parse_log(p).val_loss for p in logs])
+    rc, out = run_tool(*logs, "--code", TRAIN, "--against", f"val_loss={m + 0.005 + 20 * s / math.sqrt(3)!r}",
+                       "--require-record")
+    assert rc == 0, out
+    assert "hardware: 8x NVIDIA H100 80GB HBM3" in out and "record: YES" in out
 
 
 def test_not_significant_and_require_record(real_runs):

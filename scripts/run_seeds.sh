@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Train one run per seed, in sequence, then print the submission check command.
+#
+#   SEEDS="1337 42 2025" bash scripts/run_seeds.sh [extra args for the launcher]
+#
+# Each seed runs as SEED=<seed> RUN_ID=${RUN_ID_PREFIX:-run}_s<seed> and writes
+# logs/<RUN_ID>.txt (relative to the current directory). Stops at the first
+# failing run. Other knobs (environment):
+#   LAUNCH      command that runs the script (default: torchrun --standalone --nproc_per_node=${NPROC:-8})
+#   TRAIN       the training script (default: train_gpt.py)
+#   SUBMIT=1    run tools/submission.py on the logs at the end instead of only printing the command
+#   SUBMIT_ARGS extra arguments for tools/submission.py, e.g. "--against val_bpb=1.2244 --write submission.json"
+set -euo pipefail
+
+SEEDS=${SEEDS:-"1337 42 2025"}
+PREFIX=${RUN_ID_PREFIX:-run}
+LAUNCH=${LAUNCH:-"torchrun --standalone --nproc_per_node=${NPROC:-8}"}
+TRAIN=${TRAIN:-train_gpt.py}
+TOOL="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)/tools/submission.py"
+
+logs=()
+for seed in $SEEDS; do
+  run_id="${PREFIX}_s${seed}"
+  log="logs/${run_id}.txt"
+  if [[ -e "$log" ]]; then
+    echo "run_seeds: $log already exists; remove it or set RUN_ID_PREFIX" >&2
+    exit 1
+  fi
+  echo "run_seeds: seed $seed -> RUN_ID=$run_id"
+  # shellcheck disable=SC2086  # LAUNCH is a command line, split on purpose
+  if ! SEED="$seed" RUN_ID="$run_id" $LAUNCH "$@" "$TRAIN"; then
+    echo "run_seeds: seed $seed failed (see $log); stopping" >&2
+    exit 1
+  fi
+  logs+=("$log")
+done
+
+cmd=(python "$TOOL" "${logs[@]}" --code "$TRAIN")
+# shellcheck disable=SC2206  # SUBMIT_ARGS is split into words on purpose
+cmd+=(${SUBMIT_ARGS:-})
+echo "run_seeds: done; check the runs with:"
+echo "  ${cmd[*]}"
+if [[ "${SUBMIT:-0}" == 1 ]]; then
+  exec "${cmd[@]}"
+fi

@@ -1,0 +1,1062 @@
+#!/usr/bin/env python3
+"""Assemble a Parameter Golf submission from the logs that train_gpt.py writes.
+
+    python tools/submission.py LOG... [--code train_gpt.py]
+        [--against VALUE|submission.json] [--write submission.json]
+        [--plot out.png]
+
+Parses every log, prints a PASS/FAIL compliance table and a results table,
+then the statistics across seeds (mean, std and, with --against, a one-sided
+t-test of the improvement in nats against the 0.005-nat margin), optionally
+writes submission.json and a PNG of the training curves.
+
+Exit status: 0 every run is complete and passes every check; 1 some run fails
+a check or is incomplete (or, with --require-record, the set is not a record);
+2 usage error (one line starting with "error:").
+
+Standard library only; --plot needs matplotlib (pip install matplotlib).
+See tools/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import glob
+import hashlib
+import json
+import math
+import os
+import re
+import sys
+from collections import Counter
+
+LIMIT_BYTES = 16_000_000
+LIMIT_TRAIN_S = 600.0
+LIMIT_EVAL_S = 600.0
+MARGIN_NATS = 0.005
+ALPHA = 0.01
+MIN_SEEDS = 3
+
+# Hyperparameters that may differ between the seeds of one submission: the
+# seed, the run's name and the folder the artifact is written to. Everything
+# else, DATA_PATH and TOKENIZER_PATH included, must be equal: those decide
+# what the model was trained and scored on.
+VARYING_HPARAMS = ("SEED", "RUN_ID", "ARTIFACT_DIR")
+# Parts of the `env` line that are part of the configuration.
+ENV_CONFIG_KEYS = ("world_size", "device_name")
+
+CHECKS = ("complete", "bytes", "train", "eval", "code", "config", "seed")
+CHECK_TITLES = {
+    "complete": "status",
+    "bytes": "bytes<=16e6",
+    "train": "train<=600s",
+    "eval": "eval<=600s",
+    "code": "code==--code",
+    "config": "config",
+    "seed": "seed",
+}
+FINAL_KEYS = ("val_loss", "val_bpb", "bytes_total", "bytes_model", "bytes_code",
+              "train_time_ms", "eval_time_ms")
+
+
+class UsageError(Exception):
+    """Bad command line or unreadable input: exit 2 with one line."""
+
+
+# --------------------------------------------------------------------------
+# Student t distribution (no scipy): regularized incomplete beta function by
+# its continued fraction, evaluated with the modified Lentz method.
+# --------------------------------------------------------------------------
+
+def _beta_cf(a: float, b: float, x: float) -> float:
+    tiny = 1e-300
+    c = 1.0
+    d = 1.0 - (a + b) * x / (a + 1.0)
+    d = 1.0 / (d if abs(d) > tiny else tiny)
+    h = d
+    for m in range(1, 2000):
+        # even step: d_{2m} = m (b - m) x / ((a + 2m - 1)(a + 2m))
+        num = m * (b - m) * x / ((a + 2 * m - 1.0) * (a + 2 * m))
+        d = 1.0 + num * d
+        d = 1.0 / (d if abs(d) > tiny else tiny)
+        c = 1.0 + num / c
+        c = c if abs(c) > tiny else tiny
+        h *= d * c
+        # odd step: d_{2m+1} = -(a + m)(a + b + m) x / ((a + 2m)(a + 2m + 1))
+        num = -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1.0))
+        d = 1.0 + num * d
+        d = 1.0 / (d if abs(d) > tiny else tiny)
+        c = 1.0 + num / c
+        c = c if abs(c) > tiny else tiny
+        step = d * c
+        h *= step
+        if abs(step - 1.0) < 1e-15:
+            break
+    return h
+
+
+def betainc_reg(a: float, b: float, x: float) -> float:
+    """I_x(a, b), the regularized incomplete beta function."""
+    if not (a > 0 and b > 0):
+        raise ValueError("betainc_reg needs a > 0 and b > 0")
+    if x <= 0.0:
+        return 0.0
+    if x >= 1.0:
+        return 1.0
+    log_front = (math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b)
+                 + a * math.log(x) + b * math.log1p(-x))
+    front = math.exp(log_front)
+    if x < (a + 1.0) / (a + b + 2.0):
+        return front * _beta_cf(a, b, x) / a
+    return 1.0 - front * _beta_cf(b, a, 1.0 - x) / b
+
+
+def t_sf(t: float, df: float) -> float:
+    """P(T > t) for Student's t with df degrees of freedom."""
+    if math.isnan(t):
+        return float("nan")
+    if t == math.inf:
+        return 0.0
+    if t == -math.inf:
+        return 1.0
+    tail = 0.5 * betainc_reg(df / 2.0, 0.5, df / (df + t * t))
+    return tail if t > 0 else 1.0 - tail
+
+
+def t_cdf(t: float, df: float) -> float:
+    return 1.0 - t_sf(t, df)
+
+
+def mean_std(xs):
+    n = len(xs)
+    if n == 0:
+        return float("nan"), float("nan")
+    m = math.fsum(xs) / n
+    if n < 2:
+        return m, float("nan")
+    return m, math.sqrt(math.fsum((x - m) ** 2 for x in xs) / (n - 1))
+
+
+def one_sided_ttest(d, margin=MARGIN_NATS):
+    """H0: mean(d) <= margin against H1: mean(d) > margin.
+
+    t = (mean(d) - margin) / (std(d, ddof=1) / sqrt(n)), p = P(T_{n-1} > t).
+    Returns a dict with n, mean, std, t, df, p (t and p are None when n < 2).
+    """
+    n = len(d)
+    m, s = mean_std(list(d))
+    out = {"n": n, "mean": m, "std": s, "t": None, "df": n - 1, "p": None}
+    if n < 2:
+        return out
+    if s == 0.0:
+        t = math.inf if m > margin else (-math.inf if m < margin else 0.0)
+        p = 0.0 if m > margin else 1.0
+    else:
+        t = (m - margin) / (s / math.sqrt(n))
+        p = t_sf(t, n - 1)
+    out.update(t=t, p=p)
+    return out
+
+
+# --------------------------------------------------------------------------
+# Log parsing
+# --------------------------------------------------------------------------
+
+_NUM = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?")
+
+
+def _num(value):
+    """'1234ms' -> 1234.0, '3.5' -> 3.5, 'nan' -> nan; None when no number."""
+    if value is None:
+        return None
+    low = value.strip().lower()
+    if low in ("nan", "+nan", "-nan"):
+        return float("nan")
+    if low in ("inf", "+inf", "infinity"):
+        return math.inf
+    if low in ("-inf", "-infinity"):
+        return -math.inf
+    m = _NUM.match(low)
+    return float(m.group(0)) if m else None
+
+
+def _int(value):
+    x = _num(value)
+    return int(x) if x is not None and math.isfinite(x) else None
+
+
+def _kv(tokens):
+    out = {}
+    for tok in tokens:
+        key, sep, val = tok.partition(":")
+        if sep and key:
+            out[key] = val
+    return out
+
+
+class Run:
+    """Everything one log says about one run."""
+
+    def __init__(self, path):
+        self.path = path
+        self.status = "truncated"   # complete | truncated | crashed | malformed
+        self.problem = ""           # why it is not complete
+        self.notes = []
+        self.code = None            # bytes of the source block
+        self.code_bytes_declared = None
+        self.code_sha_declared = None
+        self.env = {}
+        self.hparams = {}
+        self.model = {}
+        self.train_points = []      # (step, train_loss, train_time_ms)
+        self.val_points = []        # (step, val_loss, val_bpb, train_time_ms)
+        self.total_steps = None
+        self.last_step = None
+        self.step_avg_ms = None
+        self.stopping_early = None
+        self.train_done = None
+        self.pre_export = None
+        self.artifact = None
+        self.roundtrip = None
+        self.sliding = None
+        self.final = None
+        self.error = None
+        self.checks = {}            # name -> (True/False/None, detail)
+        self.counted = False
+
+    # -- derived values ---------------------------------------------------
+    @property
+    def run_id(self):
+        rid = self.hparams.get("RUN_ID")
+        return rid if rid else os.path.splitext(os.path.basename(self.path))[0]
+
+    @property
+    def seed(self):
+        return _int(self.hparams.get("SEED"))
+
+    @property
+    def code_sha(self):
+        return hashlib.sha256(self.code).hexdigest() if self.code is not None else None
+
+    @property
+    def steps(self):
+        if self.train_done and "step" in self.train_done:
+            return _int(self.train_done["step"].split("/")[0])
+        return self.last_step
+
+    def _get(self, section, key, conv=_num):
+        sec = getattr(self, section)
+        return conv(sec.get(key)) if sec and key in sec else None
+
+    @property
+    def train_time_ms(self):
+        v = self._get("final", "train_time_ms")
+        if v is None:
+            v = self._get("train_done", "train_time")
+        return v
+
+    @property
+    def eval_time_ms(self):
+        v = self._get("final", "eval_time_ms")
+        if v is None:
+            parts = [self._get(s, "eval_time_ms") for s in ("roundtrip", "sliding")]
+            parts = [p for p in parts if p is not None]
+            v = sum(parts) if parts else None
+        return v
+
+    def bytes_field(self, key):
+        v = self._get("final", key, _int)
+        if v is None:
+            v = self._get("artifact", key, _int)
+        return v
+
+    @property
+    def val_loss(self):
+        return self._get("final", "val_loss")
+
+    @property
+    def val_bpb(self):
+        return self._get("final", "val_bpb")
+
+    @property
+    def complete(self):
+        return self.status == "complete"
+
+    def config(self):
+        cfg = {k: v for k, v in self.hparams.items() if k not in VARYING_HPARAMS}
+        for k in ENV_CONFIG_KEYS:
+            if k in self.env:
+                cfg["env." + k] = self.env[k]
+        return cfg
+
+
+def parse_log(path) -> Run:
+    run = Run(path)
+    with open(path, "rb") as f:
+        data = f.read()
+    nl = data.find(b"\n")
+    header = (data if nl < 0 else data[:nl]).decode("utf-8", "replace")
+    htoks = header.split()
+    if not htoks or htoks[0] != "code_begin":
+        if not data:
+            run.problem = "empty log"
+        else:
+            run.status = "malformed"
+            run.problem = "does not start with 'code_begin' (not a train_gpt.py log?)"
+        return run
+    hdr = _kv(htoks[1:])
+    n = _int(hdr.get("bytes"))
+    run.code_bytes_declared = n
+    run.code_sha_declared = hdr.get("sha256")
+    if nl < 0:
+        run.problem = "log ends inside the code_begin line"
+        return run
+    if n is None or n < 0:
+        run.status = "malformed"
+        run.problem = "code_begin line has no valid bytes:N"
+        return run
+    start = nl + 1
+    if len(data) < start + n:
+        run.problem = "log ends inside the source block (%d of %d bytes)" % (len(data) - start, n)
+        return run
+    run.code = data[start:start + n]
+    rest = data[start + n:]
+    if rest.startswith(b"code_end"):
+        rest = rest[len(b"code_end"):]
+    elif rest.startswith(b"\ncode_end"):
+        rest = rest[len(b"\ncode_end"):]
+    elif rest.strip() == b"":
+        run.problem = "log ends after the source block, before code_end"
+        return run
+    else:
+        run.status = "malformed"
+        run.problem = "source block not followed by code_end (byte count wrong?)"
+        return run
+
+    text = rest.decode("utf-8", "replace")
+    last_event = "code_end"
+    after_final = 0
+    for raw in text.split("\n"):
+        line = raw.strip()
+        if not line:
+            continue
+        if run.final is not None:
+            after_final += 1
+        if line.startswith("error:"):
+            run.error = line[len("error:"):].strip() or "(no message)"
+            last_event = "error"
+            continue
+        toks = line.split()
+        if toks[0] == "code_begin":
+            run.status = "malformed"
+            run.problem = "a second code_begin: more than one run in this log (RUN_ID reused?)"
+            return run
+        if ":" in toks[0]:
+            event, fields = None, _kv(toks)
+        else:
+            event, fields = toks[0], _kv(toks[1:])
+        if event is None and "step" in fields:
+            s, _, tot = fields["step"].partition("/")
+            step = _int(s)
+            if tot:
+                run.total_steps = _int(tot)
+            if step is None:
+                continue
+            run.last_step = step
+            ms = _num(fields.get("train_time"))
+            if "step_avg" in fields:
+                run.step_avg_ms = _num(fields["step_avg"])
+            if "train_loss" in fields:
+                run.train_points.append((step, _num(fields["train_loss"]), ms))
+            if "val_loss" in fields or "val_bpb" in fields:
+                run.val_points.append((step, _num(fields.get("val_loss")),
+                                       _num(fields.get("val_bpb")), ms))
+            last_event = "step:%s" % fields["step"]
+            continue
+        if event is None:
+            continue
+        last_event = event
+        if event == "env":
+            run.env.update(fields)
+        elif event == "hparam":
+            run.hparams.update(fields)
+        elif event == "model":
+            run.model.update(fields)
+        elif event == "stopping_early":
+            run.stopping_early = fields
+        elif event == "train_done":
+            run.train_done = fields
+        elif event == "pre_export_exact":
+            run.pre_export = fields
+        elif event == "artifact":
+            run.artifact = fields
+        elif event == "final_roundtrip_exact":
+            run.roundtrip = fields
+        elif event == "final_sliding_exact":
+            run.sliding = fields
+        elif event == "final_submission":
+            run.final = fields
+            after_final = 0
+
+    if run.error is not None:
+        run.status = "crashed"
+        run.problem = "error: " + run.error
+    elif run.final is None:
+        where = last_event if last_event.startswith("step:") else "'%s'" % last_event
+        if run.last_step is not None and not last_event.startswith("step:"):
+            where += " (last step %d)" % run.last_step
+        run.problem = "no final_submission line; log ends after %s" % where
+    else:
+        missing = [k for k in FINAL_KEYS if k not in run.final]
+        if missing:
+            run.status = "malformed"
+            run.problem = "final_submission lacks " + ", ".join(missing)
+        else:
+            run.status = "complete"
+            if after_final:
+                run.notes.append("%d line(s) after final_submission" % after_final)
+            if not all(math.isfinite(x) for x in (run.val_loss, run.val_bpb)):
+                run.status = "crashed"
+                run.problem = "score is not finite (val_loss %s)" % run.final["val_loss"]
+    if run.status == "crashed" and run.final is not None and run.error is not None:
+        run.notes.append("has final_submission but also an error line")
+    return run
+
+
+# --------------------------------------------------------------------------
+# Compliance
+# --------------------------------------------------------------------------
+
+def check_runs(runs, code: bytes):
+    configs = [r.config() for r in runs if r.hparams]
+    counts = Counter(tuple(sorted(c.items())) for c in configs)
+    ref = None
+    if counts:
+        best = max(counts.values())
+        for c in configs:   # earliest of the most common configs
+            if counts[tuple(sorted(c.items()))] == best:
+                ref = c
+                break
+    seeds = Counter(r.seed for r in runs if r.seed is not None)
+    code_sha = hashlib.sha256(code).hexdigest()
+
+    for r in runs:
+        ch = r.checks
+        ch["complete"] = (r.complete, r.status if r.complete else "%s: %s" % (r.status, r.problem))
+
+        bt, bm, bc = (r.bytes_field(k) for k in ("bytes_total", "bytes_model", "bytes_code"))
+        if bt is None:
+            ch["bytes"] = (None, "no bytes_total in log")
+        else:
+            why = []
+            if bt > LIMIT_BYTES:
+                why.append("bytes_total %d > %d" % (bt, LIMIT_BYTES))
+            if bm is not None and bc is not None and bm + bc != bt:
+                why.append("bytes_total %d != bytes_model %d + bytes_code %d" % (bt, bm, bc))
+            if bc is not None and bc != len(code):
+                why.append("bytes_code %d != size of --code %d" % (bc, len(code)))
+            if bm is not None and bm + len(code) > LIMIT_BYTES and bt <= LIMIT_BYTES:
+                why.append("bytes_model %d + code %d > %d" % (bm, len(code), LIMIT_BYTES))
+            ch["bytes"] = (not why, "; ".join(why) or "%d bytes" % bt)
+
+        for key, ms, limit in (("train", r.train_time_ms, LIMIT_TRAIN_S),
+                               ("eval", r.eval_time_ms, LIMIT_EVAL_S)):
+            if ms is None:
+                ch[key] = (None, "no %s time in log" % key)
+            else:
+                ok = ms / 1000.0 <= limit
+                ch[key] = (ok, "%.1f s" % (ms / 1000.0) if ok else
+                           "%s time %.3f s > %.0f s" % (key, ms / 1000.0, limit))
+
+        if r.code is None:
+            ch["code"] = (None, "no source block in log")
+        elif r.code_sha_declared and r.code_sha_declared.lower() != r.code_sha:
+            ch["code"] = (False, "source block does not match its own sha256 (log corrupt)")
+        elif r.code != code:
+            ch["code"] = (False, "logged source (%d bytes, sha256 %s) differs from --code (%d bytes, sha256 %s)%s"
+                          % (len(r.code), r.code_sha[:12], len(code), code_sha[:12],
+                             _first_diff(r.code, code)))
+        else:
+            ch["code"] = (True, "sha256 " + code_sha[:12])
+
+        if not r.hparams:
+            ch["config"] = (None, "no hparam lines")
+        else:
+            diff = _config_diff(r.config(), ref)
+            shown = ", ".join(diff[:6]) + (", and %d more" % (len(diff) - 6) if len(diff) > 6 else "")
+            ch["config"] = (not diff, ("differs: " + shown) if diff else "same")
+
+        if r.seed is None:
+            ch["seed"] = (None, "no SEED hparam")
+        elif seeds[r.seed] > 1:
+            ch["seed"] = (False, "seed %d used by %d logs" % (r.seed, seeds[r.seed]))
+        else:
+            ch["seed"] = (True, str(r.seed))
+
+
+def _first_diff(a: bytes, b: bytes):
+    i = next((k for k in range(min(len(a), len(b))) if a[k] != b[k]), min(len(a), len(b)))
+    line = a[:i].count(b"\n") + 1
+    return "; first difference at line %d" % line
+
+
+def _config_diff(cfg, ref):
+    if ref is None:
+        return []
+    out = []
+    for k in sorted(set(cfg) | set(ref)):
+        a, b = cfg.get(k), ref.get(k)
+        if a != b:
+            out.append("%s=%s (others %s)" % (k, a if a is not None else "<unset>",
+                                                b if b is not None else "<unset>"))
+    return out
+
+
+def run_passes(r):
+    return all(r.checks.get(c, (None,))[0] is True for c in CHECKS)
+
+
+# --------------------------------------------------------------------------
+# Reference record (--against)
+# --------------------------------------------------------------------------
+
+def parse_against(spec):
+    """-> (kind, value, description); kind is 'val_loss' or 'val_bpb'."""
+    s = spec.strip()
+    m = re.fullmatch(r"(val_loss|val_bpb)\s*=\s*(\S+)", s)
+    if m:
+        v = _float_arg(m.group(2), spec)
+        return m.group(1), v, "%s=%s" % (m.group(1), m.group(2))
+    try:
+        v = float(s)
+    except ValueError:
+        v = None
+    if v is not None and math.isfinite(v) and not os.path.exists(s):
+        return "val_bpb", v, "%s (a bare number is read as val_bpb)" % s
+    if os.path.isfile(s):
+        try:
+            with open(s, encoding="utf-8") as f:
+                obj = json.load(f)
+        except (OSError, ValueError) as e:
+            raise UsageError("--against %s: cannot read JSON (%s)" % (s, e))
+        if not isinstance(obj, dict):
+            raise UsageError("--against %s: not a JSON object" % s)
+        name = obj.get("name") or os.path.basename(s)
+        for kind in ("val_loss", "val_bpb"):
+            if isinstance(obj.get(kind), (int, float)) and not isinstance(obj.get(kind), bool):
+                return kind, float(obj[kind]), "%s (%s, %s=%s)" % (s, name, kind, obj[kind])
+        raise UsageError("--against %s: no numeric val_loss or val_bpb field" % s)
+    raise UsageError("--against %r: expected val_loss=X, val_bpb=X, a number or a submission.json"
+                     % spec)
+
+
+def _float_arg(text, spec):
+    try:
+        v = float(text)
+    except ValueError:
+        raise UsageError("--against %r: %r is not a number" % (spec, text))
+    if not math.isfinite(v):
+        raise UsageError("--against %r: not a finite number" % spec)
+    return v
+
+
+# --------------------------------------------------------------------------
+# Labels: dataset and hardware
+# --------------------------------------------------------------------------
+
+_FINEWEB = re.compile(r"fineweb", re.IGNORECASE)
+
+
+def _manifest_source(data_path):
+    """The `source` recorded by data/prepare.py in DATA_PATH/manifest.json, when that folder is here."""
+    try:
+        with open(os.path.join(data_path, "manifest.json"), encoding="utf-8") as f:
+            src = json.load(f).get("source")
+    except (OSError, ValueError, AttributeError):
+        return None
+    if isinstance(src, list):
+        src = ", ".join(str(x) for x in src)
+    return str(src) if src else None
+
+
+def dataset_label(runs):
+    """What the runs were trained and scored on, from DATA_PATH.
+
+    With DATA_PATH/manifest.json readable, its source decides: only the published
+    export (an hf:// source naming fineweb) is called FineWeb. Without it, only a
+    folder whose name contains "fineweb" (fineweb10B_sp1024, ...) is.
+    """
+    paths = sorted({r.hparams.get("DATA_PATH", "") for r in runs if r.hparams})
+    if not paths or paths == [""]:
+        return "unknown (no DATA_PATH in the logs)"
+    labels = []
+    for p in paths:
+        base = os.path.basename(os.path.normpath(p)) or p
+        source = _manifest_source(p)
+        if source is not None:
+            if source.startswith("hf://") and _FINEWEB.search(source):
+                labels.append("FineWeb (%s; %s)" % (base, source))
+            else:
+                labels.append("%s (not FineWeb: %s)" % (base, source))
+        elif _FINEWEB.search(base):
+            labels.append("FineWeb (%s)" % base)
+        else:
+            labels.append("%s (not FineWeb; DATA_PATH=%s)" % (base, p))
+    return "; ".join(labels)
+
+
+def hardware_label(runs):
+    out = []
+    for r in runs:
+        if not r.env:
+            continue
+        name = r.env.get("device_name") or r.env.get("device") or "unknown device"
+        name = name.replace("_", " ")
+        label = "%sx %s" % (r.env.get("world_size", "?"), name)
+        if label not in out:
+            out.append(label)
+    return "; ".join(out) if out else "unknown"
+
+
+# --------------------------------------------------------------------------
+# Report
+# --------------------------------------------------------------------------
+
+def _fmt(x, spec, none="-"):
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return none
+    try:
+        return format(x, spec)
+    except (TypeError, ValueError):
+        return str(x)
+
+
+def _table(headers, rows):
+    widths = [max(len(str(c)) for c in col) for col in zip(headers, *rows)]
+    lines = ["  ".join(str(c).ljust(w) for c, w in zip(headers, widths)).rstrip()]
+    lines.append("  ".join("-" * w for w in widths))
+    for row in rows:
+        lines.append("  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip())
+    return "\n".join(lines)
+
+
+def _cell(check, value):
+    ok = check[0]
+    word = "PASS" if ok is True else ("FAIL" if ok is False else "----")
+    return "%s %s" % (word, value) if value not in (None, "") else word
+
+
+def compliance_table(runs):
+    headers = ["run_id", "seed", "status", "bytes_total", "train_s", "eval_s",
+               "code", "config", "result"]
+    rows = []
+    for r in runs:
+        c = r.checks
+        t_ms, e_ms = r.train_time_ms, r.eval_time_ms
+        rows.append([
+            r.run_id,
+            _cell(c["seed"], r.seed),
+            _cell(c["complete"], r.status),
+            _cell(c["bytes"], r.bytes_field("bytes_total")),
+            _cell(c["train"], None if t_ms is None else "%.1f" % (t_ms / 1000)),
+            _cell(c["eval"], None if e_ms is None else "%.1f" % (e_ms / 1000)),
+            _cell(c["code"], r.code_sha[:8] if r.code_sha else None),
+            _cell(c["config"], ""),
+            "PASS" if run_passes(r) else "FAIL",
+        ])
+    return _table(headers, rows)
+
+
+def results_table(runs):
+    headers = ["run_id", "seed", "steps", "step_avg_ms", "pre_export_bpb", "roundtrip_bpb",
+               "sliding_bpb", "val_loss", "val_bpb", "bytes_model", "bytes_code"]
+    rows = []
+    for r in runs:
+        steps = r.steps
+        if steps is not None and r.total_steps is not None:
+            steps = "%d/%d" % (steps, r.total_steps)
+        rows.append([
+            r.run_id, _fmt(r.seed, "d"), _fmt(steps, ""), _fmt(r.step_avg_ms, ".2f"),
+            _fmt(r._get("pre_export", "val_bpb"), ".8f"),
+            _fmt(r._get("roundtrip", "val_bpb"), ".8f"),
+            _fmt(r._get("sliding", "val_bpb"), ".8f"),
+            _fmt(r.val_loss, ".8f"), _fmt(r.val_bpb, ".8f"),
+            _fmt(r.bytes_field("bytes_model"), "d"), _fmt(r.bytes_field("bytes_code"), "d"),
+        ])
+    return _table(headers, rows)
+
+
+def compute_stats(runs, against):
+    counted = [r for r in runs if r.complete]
+    for r in counted:
+        r.counted = True
+    losses = [r.val_loss for r in counted]
+    bpbs = [r.val_bpb for r in counted]
+    st = {"n": len(counted), "seeds": [r.seed for r in counted],
+          "excluded": [(r.run_id, r.status) for r in runs if not r.complete]}
+    st["val_loss_mean"], st["val_loss_std"] = mean_std(losses)
+    st["val_bpb_mean"], st["val_bpb_std"] = mean_std(bpbs)
+    ratios = [l / b for l, b in zip(losses, bpbs) if b]
+    st["nats_per_bpb"] = mean_std(ratios)[0] if ratios else None
+    st["test"] = None
+    if against is not None:
+        kind, value, desc = against
+        ref = {"source": desc, "given": kind, "value": value}
+        if kind == "val_loss":
+            ref_loss = value
+        elif st["nats_per_bpb"] is None:
+            ref_loss = None
+            ref["problem"] = "no complete run to convert val_bpb to nats"
+        else:
+            ref_loss = value * st["nats_per_bpb"]
+            ref["conversion"] = ("val_loss = val_bpb x %.8f nats/bpb (mean val_loss/val_bpb of the "
+                                 "counted runs; exact only when the reference used the same "
+                                 "tokenizer and val set)" % st["nats_per_bpb"])
+        ref["val_loss"] = ref_loss
+        if ref_loss is not None:
+            d = [ref_loss - l for l in losses]
+            ref.update(one_sided_ttest(d, MARGIN_NATS))
+            ref["significant"] = ref["p"] is not None and ref["p"] < ALPHA
+        st["test"] = ref
+    return st
+
+
+def stats_block(st, margin=MARGIN_NATS):
+    out = []
+    seeds = " ".join(str(s) for s in st["seeds"])
+    out.append("statistics over %d complete run(s) (seeds: %s)" % (st["n"], seeds or "none"))
+    for rid, status in st["excluded"]:
+        out.append("  not counted: %s (%s)" % (rid, status))
+    out.append("  val_loss  mean %s  std %s" % (_fmt(st["val_loss_mean"], ".8f"),
+                                                  _fmt(st["val_loss_std"], ".8f")))
+    out.append("  val_bpb   mean %s  std %s" % (_fmt(st["val_bpb_mean"], ".8f"),
+                                                  _fmt(st["val_bpb_std"], ".8f")))
+    if st["n"] < MIN_SEEDS:
+        out.append("  note: a record needs at least %d seeds" % MIN_SEEDS)
+    t = st["test"]
+    if t is None:
+        out.append("  no --against given: no significance test")
+        return "\n".join(out)
+    out.append("against %s" % t["source"])
+    if t.get("conversion"):
+        out.append("  %s" % t["conversion"])
+    if t.get("val_loss") is None:
+        out.append("  cannot test: %s" % t.get("problem", "no reference val_loss"))
+        return "\n".join(out)
+    out.append("  reference val_loss %.8f nats" % t["val_loss"])
+    out.append("  improvement d_i = ref - val_loss_i: mean %s  std %s nats (n=%d)"
+               % (_fmt(t["mean"], ".8f"), _fmt(t["std"], ".8f"), t["n"]))
+    if t["p"] is None:
+        out.append("  one-sided t-test needs at least 2 runs")
+        out.append("  p < %g: NO (not tested)" % ALPHA)
+        return "\n".join(out)
+    out.append("  one-sided t-test, H0: mean(d) <= %g nats: t = %s, df = %d, p = %.6g"
+               % (margin, _fmt(t["t"], ".4f"), t["df"], t["p"]))
+    out.append("  p < %g: %s" % (ALPHA, "YES (beats the reference by more than %g nats)" % margin
+                                  if t["significant"] else "NO"))
+    return "\n".join(out)
+
+
+# --------------------------------------------------------------------------
+# submission.json
+# --------------------------------------------------------------------------
+
+def build_submission(runs, st, args, code, existing):
+    counted = [r for r in runs if r.counted]
+    meta = {}
+    for key, flag in (("author", args.author), ("github_id", args.github_id),
+                      ("name", args.name), ("blurb", args.blurb), ("date", args.date)):
+        meta[key] = flag if flag is not None else existing.get(key, "")
+    if not meta["date"]:
+        meta["date"] = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    sub = dict(meta)
+    sub["val_loss"] = _round(st["val_loss_mean"])
+    sub["val_bpb"] = _round(st["val_bpb_mean"])
+    totals = [r.bytes_field("bytes_total") for r in counted if r.bytes_field("bytes_total")]
+    sub["bytes_total"] = max(totals) if totals else None
+    sub["bytes_code"] = len(code)
+    sub["val_loss_std"] = _round(st["val_loss_std"])
+    sub["val_bpb_std"] = _round(st["val_bpb_std"])
+    t = st["test"]
+    sub["p_value"] = None if not t or t.get("p") is None else float("%.6g" % t["p"])
+    if t and t.get("val_loss") is not None:
+        sub["significance"] = {
+            "test": "one-sided one-sample t-test on d_i = ref_val_loss - val_loss_i, "
+                    "H0: mean(d) <= %g nats" % MARGIN_NATS,
+            "against": t["source"],
+            "against_val_loss": _round(t["val_loss"]),
+            "conversion": t.get("conversion"),
+            "margin_nats": MARGIN_NATS,
+            "mean_improvement_nats": _round(t["mean"]),
+            "t": None if t["t"] is None or not math.isfinite(t["t"]) else round(t["t"], 6),
+            "df": t["df"],
+            "p_value": sub["p_value"],
+            "alpha": ALPHA,
+            "significant": bool(t.get("significant")),
+        }
+    sub["num_seeds"] = len(counted)
+    sub["seeds"] = [r.seed for r in counted]
+    sub["seed_results"] = [{
+        "run_id": r.run_id,
+        "seed": r.seed,
+        "log": os.path.basename(r.path),
+        "val_loss": r.val_loss,
+        "val_bpb": r.val_bpb,
+        "pre_export_val_loss": r._get("pre_export", "val_loss"),
+        "pre_export_val_bpb": r._get("pre_export", "val_bpb"),
+        "roundtrip_val_loss": r._get("roundtrip", "val_loss"),
+        "roundtrip_val_bpb": r._get("roundtrip", "val_bpb"),
+        "sliding_val_loss": r._get("sliding", "val_loss"),
+        "sliding_val_bpb": r._get("sliding", "val_bpb"),
+        "steps": r.steps,
+        "step_avg_ms": r.step_avg_ms,
+        "train_time_seconds": None if r.train_time_ms is None else r.train_time_ms / 1000.0,
+        "eval_time_seconds": None if r.eval_time_ms is None else r.eval_time_ms / 1000.0,
+        "bytes_model": r.bytes_field("bytes_model"),
+        "bytes_total": r.bytes_field("bytes_total"),
+        "stopped_early": bool(r.stopping_early),
+        "compliant": run_passes(r),
+    } for r in counted]
+    sub["hardware"] = args.hardware or hardware_label(runs)
+    sub["dataset"] = args.dataset or dataset_label(runs)
+    sub["code_sha256"] = hashlib.sha256(code).hexdigest()
+    sub["compliant"] = all(run_passes(r) for r in runs)
+    ref_cfg = next((r.config() for r in counted), {})
+    sub["config"] = {k: v for k, v in ref_cfg.items() if not k.startswith("env.")}
+    sub["generated_by"] = "tools/submission.py"
+    return sub
+
+
+def _round(x, nd=8):
+    return None if x is None or not math.isfinite(x) else round(x, nd)
+
+
+# --------------------------------------------------------------------------
+# Plot
+# --------------------------------------------------------------------------
+
+def _import_pyplot():
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    return plt
+
+
+def plot_runs(runs, out_path, plt):
+    fig, axes = plt.subplots(2, 2, figsize=(12, 8))
+    for r in runs:
+        label = "%s%s" % (r.run_id, "" if r.complete else " (%s)" % r.status)
+        tp = [(s, l, ms) for s, l, ms in r.train_points if l is not None and math.isfinite(l)]
+        vp = [(s, b, ms) for s, _, b, ms in r.val_points if b is not None and math.isfinite(b)]
+        line = None
+        if tp:
+            line, = axes[0][0].plot([p[0] for p in tp], [p[1] for p in tp], label=label)
+            w = [p for p in tp if p[2] is not None]
+            axes[0][1].plot([p[2] / 1000 for p in w], [p[1] for p in w],
+                            color=line.get_color(), label=label)
+        color = line.get_color() if line is not None else None
+        if vp:
+            l2, = axes[1][0].plot([p[0] for p in vp], [p[1] for p in vp], marker="o",
+                                  ms=3, color=color, label=label)
+            color = l2.get_color()
+            w = [p for p in vp if p[2] is not None]
+            axes[1][1].plot([p[2] / 1000 for p in w], [p[1] for p in w], marker="o", ms=3,
+                            color=color, label=label)
+        if r.complete and r.steps is not None:
+            axes[1][0].plot([r.steps], [r.val_bpb], marker="*", ms=12, color=color,
+                            linestyle="none")
+            if r.train_time_ms is not None:
+                axes[1][1].plot([r.train_time_ms / 1000], [r.val_bpb], marker="*", ms=12,
+                                color=color, linestyle="none")
+    titles = (("train loss vs step", "step", "train_loss"),
+              ("train loss vs wall-clock", "train time (s)", "train_loss"),
+              ("val_bpb vs step (star: final score)", "step", "val_bpb"),
+              ("val_bpb vs wall-clock (star: final score)", "train time (s)", "val_bpb"))
+    for ax, (title, xl, yl) in zip([a for row in axes for a in row], titles):
+        ax.set_title(title)
+        ax.set_xlabel(xl)
+        ax.set_ylabel(yl)
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out_path, dpi=100, format="png")
+    plt.close(fig)
+
+
+# --------------------------------------------------------------------------
+# Main
+# --------------------------------------------------------------------------
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        raise UsageError(message)
+
+
+def build_argparser():
+    p = _Parser(prog="tools/submission.py",
+                description="Check Parameter Golf runs and assemble submission.json from their logs.")
+    p.add_argument("logs", nargs="+", metavar="LOG", help="logs/<RUN_ID>.txt written by train_gpt.py")
+    p.add_argument("--code", default="train_gpt.py",
+                   help="the train_gpt.py being submitted (default: ./train_gpt.py)")
+    p.add_argument("--against", metavar="VALUE|JSON",
+                   help="reference record: val_loss=X, val_bpb=X, a bare number (read as "
+                        "val_bpb) or a submission.json")
+    p.add_argument("--write", metavar="PATH", help="write submission.json here")
+    p.add_argument("--plot", metavar="PNG", help="plot training curves into this PNG (matplotlib)")
+    p.add_argument("--force", action="store_true",
+                   help="write submission.json even when a run fails a check")
+    p.add_argument("--require-record", action="store_true",
+                   help="also exit 1 unless the runs are a record: all PASS, >= 3 seeds, "
+                        "p < 0.01 against --against, on 8x H100")
+    p.add_argument("--dataset", help="dataset label for submission.json (default: from DATA_PATH)")
+    p.add_argument("--hardware", help="hardware label (default: world_size x device_name from the logs)")
+    for flag in ("author", "github-id", "name", "blurb", "date"):
+        p.add_argument("--" + flag, help="submission.json %s (default: kept from an existing "
+                                         "--write file, else empty)" % flag.replace("-", "_"))
+    return p
+
+
+def _expand_logs(items):
+    out = []
+    for item in items:
+        if any(ch in item for ch in "*?[") and not os.path.exists(item):
+            hits = sorted(glob.glob(item))
+            if not hits:
+                raise UsageError("no log matches %s" % item)
+            out.extend(hits)
+        else:
+            out.append(item)
+    seen = set()
+    for path in out:
+        if not os.path.isfile(path):
+            raise UsageError("log not found: %s" % path)
+        real = os.path.realpath(path)
+        if real in seen:
+            raise UsageError("log given twice: %s" % path)
+        seen.add(real)
+    return out
+
+
+def main(argv=None, stdout=None):
+    stdout = stdout or sys.stdout
+    args = build_argparser().parse_args(argv)
+    logs = _expand_logs(args.logs)
+    try:
+        with open(args.code, "rb") as f:
+            code = f.read()
+    except OSError as e:
+        raise UsageError("cannot read --code %s: %s" % (args.code, e.strerror or e))
+    against = parse_against(args.against) if args.against else None
+    plt = None
+    if args.plot:
+        plt = _import_pyplot()
+        if plt is None:
+            raise UsageError("--plot needs matplotlib, which is not installed: pip install matplotlib")
+    existing = {}
+    if args.write and os.path.isfile(args.write):
+        try:
+            with open(args.write, encoding="utf-8") as f:
+                existing = json.load(f)
+        except (OSError, ValueError):
+            existing = {}
+        if not isinstance(existing, dict):
+            existing = {}
+
+    runs = []
+    for path in logs:
+        try:
+            runs.append(parse_log(path))
+        except OSError as e:
+            raise UsageError("cannot read %s: %s" % (path, e.strerror or e))
+    check_runs(runs, code)
+    st = compute_stats(runs, against)
+    all_pass = all(run_passes(r) for r in runs)
+
+    def say(s=""):
+        print(s, file=stdout)
+
+    say("compliance (%d log(s); --code %s: %d bytes, sha256 %s)"
+        % (len(runs), args.code, len(code), hashlib.sha256(code).hexdigest()[:12]))
+    say(compliance_table(runs))
+    # An incomplete run fails on its status; its missing sizes and times are
+    # a consequence, not separate findings.
+    failures = [(r, name, r.checks[name][1]) for r in runs for name in CHECKS
+                if r.checks[name][0] is False
+                or (r.checks[name][0] is None and (r.complete or name == "complete"))]
+    for r, name, detail in failures:
+        say("FAIL %s: %s: %s" % (r.run_id, CHECK_TITLES[name], detail))
+    for r in runs:
+        for note in r.notes:
+            say("note %s: %s" % (r.run_id, note))
+    hw = hardware_label(runs)
+    on_8xh100 = bool(re.fullmatch(r"8x .*H100.*", hw))
+    if not on_8xh100:
+        say("note: hardware is %s, not 8x H100; the 600 s limits only count on 8x H100" % hw)
+    say()
+    say(results_table(runs))
+    say()
+    say(stats_block(st))
+    say("dataset: %s" % (args.dataset or dataset_label(runs)))
+    say("hardware: %s" % (args.hardware or hw))
+
+    not_record = []
+    if not all_pass:
+        not_record.append("a run fails")
+    if st["n"] < MIN_SEEDS:
+        not_record.append("fewer than %d seeds" % MIN_SEEDS)
+    if st["test"] is None:
+        not_record.append("no --against")
+    elif not st["test"].get("significant"):
+        not_record.append("p >= %g or untested" % ALPHA)
+    if not on_8xh100:
+        not_record.append("not run on 8x H100")
+    record_ok = not not_record
+    say("verdict: %s; %s" % (
+        "all %d run(s) PASS" % len(runs) if all_pass else
+        "%d of %d run(s) FAIL" % (sum(not run_passes(r) for r in runs), len(runs)),
+        "record: YES (8x H100, >= %d seeds, p < %g)" % (MIN_SEEDS, ALPHA) if record_ok else
+        "record: NO (%s)" % ", ".join(not_record)))
+
+    if args.plot:
+        plot_runs(runs, args.plot, plt)
+        say("plot written: %s" % args.plot)
+    if args.write:
+        if not all_pass and not args.force:
+            say("submission.json NOT written to %s: some run fails a check (--force writes it "
+                "anyway, marked compliant: false)" % args.write)
+        elif st["n"] == 0:
+            say("submission.json NOT written: no complete run")
+        else:
+            sub = build_submission(runs, st, args, code, existing)
+            with open(args.write, "w", encoding="utf-8") as f:
+                json.dump(sub, f, indent=2)
+                f.write("\n")
+            say("submission.json written: %s" % args.write)
+            empty = [k for k in ("author", "github_id", "name", "blurb") if not sub.get(k)]
+            if empty:
+                say("note: fill in %s (flags --%s)" % (", ".join(empty),
+                                                       ", --".join(e.replace("_", "-") for e in empty)))
+    if not all_pass:
+        return 1
+    if args.require_record and not record_ok:
+        return 1
+    return 0
+
+
+def cli(argv=None):
+    try:
+        return main(argv)
+    except UsageError as e:
+        print("error: %s" % str(e).splitlines()[0], file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(cli())
