@@ -61,12 +61,17 @@ def test_ranks_split_the_windows_without_overlap():
     assert sorted(np.concatenate(shares).tolist()) == list(range(starts.size))
 
 
-def test_stride_equal_to_seq_len_matches_plain_non_overlapping_eval():
-    torch.manual_seed(0)
+def random_model(seed):
+    torch.manual_seed(seed)
     hp = tg.Hyperparameters(vocab_size=64, num_layers=2, model_dim=32, num_heads=2, num_kv_heads=1, mlp_mult=2)
     model = tg.GPT(hp).eval()
     for p in model.parameters():
         torch.nn.init.normal_(p, std=0.2)
+    return model
+
+
+def test_stride_equal_to_seq_len_matches_plain_non_overlapping_eval():
+    model = random_model(seed=0)
     seq_len, chunks = 32, 6
     tokens = torch.randint(0, 64, (seq_len * chunks + 1,))
     loss, _ = tg.evaluate(model, tokens, byte_tables(64), seq_len, seq_len, 4, 0, 1)
@@ -77,11 +82,7 @@ def test_stride_equal_to_seq_len_matches_plain_non_overlapping_eval():
 
 
 def test_sliding_eval_matches_scoring_each_target_with_its_planned_context():
-    torch.manual_seed(1)
-    hp = tg.Hyperparameters(vocab_size=64, num_layers=2, model_dim=32, num_heads=2, num_kv_heads=1, mlp_mult=2)
-    model = tg.GPT(hp).eval()
-    for p in model.parameters():
-        torch.nn.init.normal_(p, std=0.2)
+    model = random_model(seed=1)
     tokens = torch.randint(0, 64, (150,))
     seq_len, stride = 32, 8
     loss, _ = tg.evaluate(model, tokens, byte_tables(64), seq_len, stride, 3, 0, 1)
