@@ -438,6 +438,16 @@ def test_download_fetches_val_tokenizer_and_only_the_first_n_train_shards(tmp_pa
          "tokenizer.model", "tokenizer.vocab", "manifest.json"])
 
 
+def test_download_into_the_upstream_layout_also_puts_the_tokenizer_where_train_gpt_looks(tmp_path, tok_model):
+    out = tmp_path / "data" / "datasets" / "fineweb10B_sp1024"
+    with StandIn(published(tok_model)) as hub:
+        prepare.download_variant("sp1024", out, train_shards=1, endpoint=hub.url)
+    tokenizers = tmp_path / "data" / "tokenizers"
+    assert (tokenizers / "fineweb_1024_bpe.model").read_bytes() == tok_model.read_bytes()
+    assert (tokenizers / "fineweb_1024_bpe.vocab").read_bytes() == tok_model.with_suffix(".vocab").read_bytes()
+    assert (out / "tokenizer.model").read_bytes() == tok_model.read_bytes()
+
+
 def test_download_recovers_from_a_connection_dropped_mid_file(tmp_path, tok_model):
     files = published(tok_model)
     victim = f"{DATASET}/fineweb_train_000001.bin"
