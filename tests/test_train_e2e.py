@@ -125,3 +125,15 @@ def test_allow_oversize_continues_to_the_score(tiny_dataset, tmp_path, script_wi
     env = tiny_env(tiny_dataset, "big", ITERATIONS=2, ALLOW_OVERSIZE=1, EVAL_STRIDE=0)
     result = run_copy(script_with_tiny_limit, tmp_path, env)
     assert result.returncode == 0 and "final_submission" in result.stdout
+
+
+def test_train_gpt_trains_on_the_data_tools_demo_dataset(tiny_dataset, tmp_path):
+    demo = tmp_path / "demo"
+    built = subprocess.run([sys.executable, str(Path(tg.__file__).parent / "data/prepare.py"), "--out", str(demo)],
+                           capture_output=True, text=True, timeout=300)
+    assert built.returncode == 0, built.stderr[-2000:]
+    env = tiny_env(tiny_dataset, "ondemo", DATA_PATH=demo, TOKENIZER_PATH=demo / "tokenizer.model", VOCAB_SIZE=1024,
+                   ITERATIONS=6, EVAL_STRIDE=0, VAL_BATCH_SIZE=65536)
+    result = run_train(tmp_path, env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert float(parse_line(result.stdout, "final_submission")["val_bpb"]) > 0
