@@ -436,8 +436,7 @@ class Muon(torch.optim.Optimizer):
         by_shape: dict[tuple, list] = {}
         for p in params:
             by_shape.setdefault(tuple(p.shape), []).append(p)
-        self.owned = [ps[rank::world_size] for ps in by_shape.values()]
-        self.owned = [ps for ps in self.owned if ps]
+        self.owned = [ps[rank::world_size] for ps in by_shape.values() if ps[rank::world_size]]
 
     @torch.no_grad()
     def step(self):
@@ -681,7 +680,8 @@ class Logger:
         self.enabled, self.path = enabled, os.path.join("logs", f"{run_id}.txt")
         if enabled:
             os.makedirs("logs", exist_ok=True)
-            code = open(__file__, "rb").read()
+            with open(__file__, "rb") as f:
+                code = f.read()
             with open(self.path, "wb") as f:
                 f.write(f"code_begin bytes:{len(code)} sha256:{hashlib.sha256(code).hexdigest()}\n".encode())
                 f.write(code + b"\ncode_end\n")

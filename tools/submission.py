@@ -291,6 +291,12 @@ class Run:
         return cfg
 
 
+
+# One-shot log events and the Run attribute that keeps their key:value fields.
+EVENT_FIELDS = {"stopping_early": "stopping_early", "train_done": "train_done", "pre_export_exact": "pre_export",
+                "artifact": "artifact", "final_roundtrip_exact": "roundtrip", "final_sliding_exact": "sliding",
+                "final_submission": "final"}
+
 def parse_log(path) -> Run:
     run = Run(path)
     with open(path, "rb") as f:
@@ -383,21 +389,10 @@ def parse_log(path) -> Run:
             run.hparams.update(fields)
         elif event == "model":
             run.model.update(fields)
-        elif event == "stopping_early":
-            run.stopping_early = fields
-        elif event == "train_done":
-            run.train_done = fields
-        elif event == "pre_export_exact":
-            run.pre_export = fields
-        elif event == "artifact":
-            run.artifact = fields
-        elif event == "final_roundtrip_exact":
-            run.roundtrip = fields
-        elif event == "final_sliding_exact":
-            run.sliding = fields
-        elif event == "final_submission":
-            run.final = fields
-            after_final = 0
+        elif event in EVENT_FIELDS:
+            setattr(run, EVENT_FIELDS[event], fields)
+            if event == "final_submission":
+                after_final = 0
 
     if run.error is not None:
         run.status = "crashed"
