@@ -947,6 +947,7 @@ def main() -> None:
             print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
     if dist.is_initialized():
+        dist.barrier()  # rank 0 finishes last (it writes the artifact and logs); peers must not hang up first
         dist.destroy_process_group()
 
 
