@@ -64,6 +64,7 @@ class Hyperparameters:
     warmup_steps: int = 20
     lr_warmup_steps: int = 0
     warmdown_iters: int = 3500
+    min_lr_frac: float = 0.0
     # Optimizers.
     matrix_lr: float = 0.025
     scalar_lr: float = 0.025
@@ -74,6 +75,8 @@ class Hyperparameters:
     muon_momentum_warmup_start: float = 0.92
     muon_momentum_warmup_steps: int = 1500
     muon_backend_steps: int = 5
+    muon_ns: str = "classic"
+    muon_row_norm: bool = False
     muon_wd: float = 0.04
     adam_wd: float = 0.04
     beta1: float = 0.9
@@ -148,6 +151,8 @@ class Hyperparameters:
              f"EVAL_STRIDE={self.eval_stride} must be in 0..EVAL_SEQ_LEN={self.eval_seq_len} (0 disables sliding)")
         need(self.iterations > 0, f"ITERATIONS must be positive, got {self.iterations}")
         need(self.max_wallclock_seconds >= 0, "MAX_WALLCLOCK_SECONDS must be >= 0 (0 = no cap)")
+        need(self.muon_ns in NS_COEFFICIENTS, f"MUON_NS must be one of {sorted(NS_COEFFICIENTS)}, got {self.muon_ns!r}")
+        need(0.0 <= self.min_lr_frac <= 1.0, f"MIN_LR_FRAC must be in [0, 1], got {self.min_lr_frac}")
 
     def accum_steps(self, world_size: int) -> int:
         # Default: 8 micro-batches across the job, so one GPU sees the same global batch as eight.
@@ -410,15 +415,33 @@ class GPT(nn.Module):
 # ----------------------------------------------------------------------------------------------------------
 
 
-def newton_schulz(g: torch.Tensor, steps: int) -> torch.Tensor:
+# Quintic iteration x <- a x + b (x x^T) x + c (x x^T)^2 x. "classic" repeats one tuned triple; "polar" uses the
+# per-iteration minimax triples of Polar Express (Amsel et al. 2025, arXiv:2505.16932, degree 5), each but the
+# last divided by 1.01, 1.01^3, 1.01^5 as the paper recommends for bf16 safety; later iterations repeat the last.
+NS_COEFFICIENTS = {
+    "classic": [(3.4445, -4.7750, 2.0315)],
+    "polar": [(a / 1.01, b / 1.01 ** 3, c / 1.01 ** 5) for a, b, c in (
+        (8.28721201814563, -23.595886519098837, 17.300387312530933),
+        (4.107059111542203, -2.9478499167379106, 0.5448431082926601),
+        (3.9486908534822946, -2.908902115962949, 0.5518191394370137),
+        (3.3184196573706015, -2.488488024314874, 0.51004894012372),
+        (2.300652019954817, -1.6689039845747493, 0.4188073119525673),
+        (1.891301407787398, -1.2679958271945868, 0.37680408948524835),
+        (1.8750014808534479, -1.2500016453999487, 0.3750001645474248))] + [(1.875, -1.25, 0.375)],
+}
+
+
+def newton_schulz(g: torch.Tensor, steps: int, variant: str = "classic") -> torch.Tensor:
     """Approximately orthogonalise a (batch of) matrices: singular values are pushed towards 1."""
-    a, b, c = 3.4445, -4.7750, 2.0315
+    coefficients = NS_COEFFICIENTS[variant]
     x = g.to(torch.bfloat16 if g.is_cuda else torch.float32)
     tall = x.size(-2) > x.size(-1)
     if tall:
         x = x.mT
-    x = x / (x.norm(dim=(-2, -1), keepdim=True) + 1e-7)
-    for _ in range(steps):
+    # The polar triples assume the spectrum starts inside [0, 1] with a margin; 1.01 gives it.
+    x = x / (x.norm(dim=(-2, -1), keepdim=True) * (1.01 if variant == "polar" else 1.0) + 1e-7)
+    for i in range(steps):
+        a, b, c = coefficients[min(i, len(coefficients) - 1)]
         gram = x @ x.mT
         x = a * x + (b * gram + c * gram @ gram) @ x
     return x.mT if tall else x
@@ -429,9 +452,10 @@ class Muon(torch.optim.Optimizer):
     a batch; each rank takes every world_size-th matrix and one all-reduce shares the updates."""
 
     def __init__(self, params, lr: float, momentum: float, backend_steps: int, weight_decay: float,
-                 rank: int = 0, world_size: int = 1):
+                 rank: int = 0, world_size: int = 1, ns_variant: str = "classic", row_norm: bool = False):
         super().__init__(list(params), dict(lr=lr, momentum=momentum, weight_decay=weight_decay))
         self.backend_steps, self.rank, self.world_size = backend_steps, rank, world_size
+        self.ns_variant, self.row_norm = ns_variant, row_norm
         params = self.param_groups[0]["params"]
         by_shape: dict[tuple, list] = {}
         for p in params:
@@ -450,7 +474,11 @@ class Muon(torch.optim.Optimizer):
                 buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
                 buf.mul_(momentum).add_(p.grad)
                 grads.append(p.grad.add(buf, alpha=momentum))
-            ortho = newton_schulz(torch.stack(grads), self.backend_steps)
+            stacked = torch.stack(grads)
+            if self.row_norm:
+                # MuonEq-R: equalise row norms first, so a few loud rows cannot dominate the orthogonalisation.
+                stacked = stacked / stacked.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+            ortho = newton_schulz(stacked, self.backend_steps, self.ns_variant)
             ortho *= max(1.0, ps[0].size(0) / ps[0].size(1)) ** 0.5
             for p, u in zip(ps, ortho):
                 updates[p] = u
@@ -466,7 +494,8 @@ class Muon(torch.optim.Optimizer):
 def build_optimizers(model: GPT, hp: Hyperparameters, rank: int, world_size: int, fused: bool):
     matrices = [p for name, p in model.blocks.named_parameters() if p.ndim == 2]
     scalars = [p for name, p in model.blocks.named_parameters() if p.ndim < 2] + [model.skip_weights]
-    muon = Muon(matrices, hp.matrix_lr, hp.muon_momentum, hp.muon_backend_steps, hp.muon_wd, rank, world_size)
+    muon = Muon(matrices, hp.matrix_lr, hp.muon_momentum, hp.muon_backend_steps, hp.muon_wd, rank, world_size,
+                hp.muon_ns, hp.muon_row_norm)
     groups = [dict(params=[model.tok_emb.weight], lr=hp.tied_embed_lr if hp.tie_embeddings else hp.embed_lr,
                    weight_decay=hp.adam_wd),
               dict(params=scalars, lr=hp.scalar_lr, weight_decay=0.0)]
@@ -481,15 +510,16 @@ def build_optimizers(model: GPT, hp: Hyperparameters, rank: int, world_size: int
 
 
 def lr_multiplier(step: int, elapsed_ms: float, hp: Hyperparameters) -> float:
-    """Warm-up, flat, then a linear warm-down that reaches zero when either the step budget or the wall clock
-    runs out: the remaining steps are estimated from the measured step time."""
+    """Warm-up, flat, then a linear warm-down that reaches MIN_LR_FRAC when either the step budget or the wall
+    clock runs out: the remaining steps are estimated from the measured step time."""
     warm = min(1.0, (step + 1) / hp.lr_warmup_steps) if hp.lr_warmup_steps > 0 else 1.0
     remaining = hp.iterations - step
     if hp.max_wallclock_seconds > 0 and step > 0:
         remaining = min(remaining, (1000 * hp.max_wallclock_seconds - elapsed_ms) / (elapsed_ms / step))
     if hp.warmdown_iters <= 0:
         return warm
-    return warm * min(1.0, max(remaining, 0.0) / hp.warmdown_iters)
+    decay = min(1.0, max(remaining, 0.0) / hp.warmdown_iters)
+    return warm * (hp.min_lr_frac + (1 - hp.min_lr_frac) * decay)
 
 
 def training_progress(step: int, elapsed_ms: float, hp: Hyperparameters) -> float:

@@ -61,3 +61,10 @@ def test_lr_warms_down_by_steps_without_a_wall_clock(monkeypatch):
     assert tg.lr_multiplier(850, 1e9, hp) == 1.0
     assert tg.lr_multiplier(950, 1e9, hp) == pytest.approx(0.5)
     assert tg.training_progress(500, 1e9, hp) == 0.5
+
+
+def test_warm_down_ends_at_the_lr_floor(monkeypatch):
+    hp = from_env(monkeypatch, WARMDOWN_ITERS="100", ITERATIONS="1000", MAX_WALLCLOCK_SECONDS="0", MIN_LR_FRAC="0.1")
+    assert tg.lr_multiplier(850, 1e9, hp) == 1.0
+    assert tg.lr_multiplier(950, 1e9, hp) == pytest.approx(0.55)
+    assert tg.lr_multiplier(1000, 1e9, hp) == pytest.approx(0.1)
