@@ -99,6 +99,13 @@ class Hyperparameters:
     eval_seq_len: int = 0
     eval_stride: int = 64
     compile: bool = True
+    # Score-first test-time training on the validation stream (0 = off).
+    ttt: bool = False
+    ttt_chunk_tokens: int = 32768
+    ttt_epochs: int = 3
+    ttt_lr: float = 0.002
+    ttt_momentum: float = 0.9
+    ttt_max_seconds: float = 450.0
 
     @classmethod
     def from_env(cls) -> "Hyperparameters":
@@ -149,6 +156,8 @@ class Hyperparameters:
         need(0.0 <= self.ema_decay < 1.0, f"EMA_DECAY must be in [0, 1), got {self.ema_decay}")
         need(0 <= self.eval_stride <= self.eval_seq_len,
              f"EVAL_STRIDE={self.eval_stride} must be in 0..EVAL_SEQ_LEN={self.eval_seq_len} (0 disables sliding)")
+        need(self.ttt_chunk_tokens > 0 and self.ttt_epochs > 0,
+             f"TTT_CHUNK_TOKENS and TTT_EPOCHS must be positive, got {self.ttt_chunk_tokens}, {self.ttt_epochs}")
         need(self.iterations > 0, f"ITERATIONS must be positive, got {self.iterations}")
         need(self.max_wallclock_seconds >= 0, "MAX_WALLCLOCK_SECONDS must be >= 0 (0 = no cap)")
         need(self.muon_ns in NS_COEFFICIENTS, f"MUON_NS must be one of {sorted(NS_COEFFICIENTS)}, got {self.muon_ns!r}")
@@ -669,33 +678,106 @@ def plan_windows(num_targets: int, seq_len: int, stride: int) -> tuple[np.ndarra
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, val_tokens: torch.Tensor, tables: tuple, seq_len: int, stride: int,
-             batch_seqs: int, rank: int, world_size: int) -> tuple[float, float]:
-    """Exact val_loss (nats/token) and val_bpb over every target of the validation split."""
-    starts, first_scored = plan_windows(val_tokens.numel() - 1, seq_len, stride)
-    length = min(seq_len, val_tokens.numel() - 1)
-    mine = np.array_split(np.arange(starts.size), world_size)[rank]
+def score_windows(model: nn.Module, val_tokens: torch.Tensor, tables: tuple, starts: np.ndarray,
+                  first_scored: np.ndarray, length: int, batch_seqs: int, sums: torch.Tensor,
+                  per_target: torch.Tensor | None = None) -> None:
+    """Add (loss, targets, bytes) of the given windows to `sums`. With `per_target`, each scored target's loss
+    is also written at its position, so tests can see exactly what was scored with which weights."""
     device = val_tokens.device
     offsets = torch.arange(length + 1, device=device)
-    sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss, targets, bytes
-    for i in range(0, mine.size, batch_seqs):
+    for i in range(0, starts.size, batch_seqs):
         # Pad the batch with windows that score nothing, so every batch has the shape the model compiled for.
-        idx = mine[i:i + batch_seqs]
-        pad = batch_seqs - idx.size
-        s = torch.from_numpy(np.concatenate((starts[idx], np.zeros(pad, np.int64)))).to(device)
-        f = torch.from_numpy(np.concatenate((first_scored[idx], np.full(pad, length, np.int64)))).to(device)
+        pad = batch_seqs - starts[i:i + batch_seqs].size
+        s = torch.from_numpy(np.concatenate((starts[i:i + batch_seqs], np.zeros(pad, np.int64)))).to(device)
+        f = torch.from_numpy(np.concatenate((first_scored[i:i + batch_seqs], np.full(pad, length, np.int64))))
         window = val_tokens[s[:, None] + offsets]
         x, y = window[:, :-1], window[:, 1:]
         with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
             losses = model(x, y, per_token=True).double()
-        scored = offsets[None, :-1] >= f[:, None]
+        scored = offsets[None, :-1] >= f.to(device)[:, None]
         sums[0] += (losses * scored).sum()
         sums[1] += scored.sum()
         sums[2] += (count_target_bytes(x, y, tables) * scored).sum()
+        if per_target is not None:
+            per_target[(s[:, None] + offsets[None, :-1])[scored]] = losses[scored].to(per_target.dtype)
+
+
+def loss_and_bpb(sums: torch.Tensor, world_size: int) -> tuple[float, float]:
     if world_size > 1:
         dist.all_reduce(sums)
     loss, targets, nbytes = sums.tolist()
     return loss / targets, loss / math.log(2) / nbytes
+
+
+def evaluate(model: nn.Module, val_tokens: torch.Tensor, tables: tuple, seq_len: int, stride: int,
+             batch_seqs: int, rank: int, world_size: int) -> tuple[float, float]:
+    """Exact val_loss (nats/token) and val_bpb over every target of the validation split."""
+    starts, first_scored = plan_windows(val_tokens.numel() - 1, seq_len, stride)
+    mine = np.array_split(np.arange(starts.size), world_size)[rank]
+    sums = torch.zeros(3, dtype=torch.float64, device=val_tokens.device)  # loss, targets, bytes
+    score_windows(model, val_tokens, tables, starts[mine], first_scored[mine], min(seq_len, val_tokens.numel() - 1),
+                  batch_seqs, sums)
+    return loss_and_bpb(sums, world_size)
+
+
+def ttt_adapt(model: nn.Module, opt: torch.optim.Optimizer, tokens: torch.Tensor, seq_len: int, epochs: int,
+              rank: int, world_size: int) -> None:
+    """SGD on already-scored tokens: rows of seq_len split across ranks, gradients averaged over all rows."""
+    length = min(seq_len, tokens.numel() - 1)
+    rows = (tokens.numel() - 1) // length
+    x, y = tokens[:rows * length].view(rows, length), tokens[1:rows * length + 1].view(rows, length)
+    x, y = x[rank::world_size], y[rank::world_size]
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:
+        if p.grad is None:  # every rank must bring a gradient for every parameter to the all-reduce
+            p.grad = torch.zeros_like(p)
+    for _ in range(epochs):
+        opt.zero_grad(set_to_none=False)
+        if x.size(0):
+            with torch.autocast(x.device.type, torch.bfloat16, enabled=x.is_cuda):
+                loss = model(x, y, per_token=True).sum() / (rows * length)
+            loss.backward()
+        if world_size > 1:
+            flat = torch.cat([p.grad.flatten() for p in params])
+            dist.all_reduce(flat)
+            for p, g in zip(params, flat.split([p.numel() for p in params])):
+                p.grad.copy_(g.view_as(p))
+        torch.nn.utils.clip_grad_norm_(params, 1.0)  # one bad chunk must not wreck the weights for the rest
+        opt.step()
+
+
+def evaluate_ttt(model: nn.Module, scorer: nn.Module, val_tokens: torch.Tensor, tables: tuple,
+                 hp: Hyperparameters, rank: int, world_size: int, keep_adapting=lambda: True,
+                 per_target: torch.Tensor | None = None) -> tuple[float, float, int]:
+    """Score-first test-time training in one left-to-right pass over the validation targets, cut into chunks of
+    TTT_CHUNK_TOKENS. For each chunk: first score every window whose first scored target lies in it (with the
+    weights adapted so far), then train on the chunk's tokens. Any target of chunk c is scored by a window that
+    starts scoring in chunk c or earlier, so the model only ever learns from tokens it has already scored, and
+    each target is scored exactly once. `scorer` is `model` or its compiled twin. Returns loss, bpb and the
+    number of chunks trained on."""
+    n = val_tokens.numel() - 1
+    stride = hp.eval_stride or hp.eval_seq_len
+    starts, first_scored = plan_windows(n, hp.eval_seq_len, stride)
+    window_chunk = (starts + first_scored) // hp.ttt_chunk_tokens
+    n_chunks = -(-n // hp.ttt_chunk_tokens)
+    opt = torch.optim.SGD(model.parameters(), lr=hp.ttt_lr, momentum=hp.ttt_momentum)
+    sums = torch.zeros(3, dtype=torch.float64, device=val_tokens.device)
+    batch, adapted = eval_batch_seqs(hp, hp.eval_seq_len, world_size), 0
+    for c in range(n_chunks):
+        mine = np.array_split(np.flatnonzero(window_chunk == c), world_size)[rank]
+        model.eval()
+        score_windows(scorer, val_tokens, tables, starts[mine], first_scored[mine], min(hp.eval_seq_len, n), batch,
+                      sums, per_target)
+        if c == n_chunks - 1 or not keep_adapting():
+            continue
+        for group in opt.param_groups:  # cosine decay over the pass: early chunks teach the most
+            group["lr"] = hp.ttt_lr * 0.5 * (1 + math.cos(math.pi * c / max(n_chunks - 1, 1)))
+        model.train()
+        ttt_adapt(model, opt, val_tokens[c * hp.ttt_chunk_tokens:(c + 1) * hp.ttt_chunk_tokens + 1],
+                  hp.eval_seq_len, hp.ttt_epochs, rank, world_size)
+        adapted += 1
+    model.eval()
+    return *loss_and_bpb(sums, world_size), adapted
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -932,7 +1014,18 @@ def export_and_score(hp: Hyperparameters, trainer: Trainer, val_tokens: torch.Te
     log(f"final_roundtrip_exact val_loss:{val_loss:.8f} val_bpb:{val_bpb:.8f} "
         f"eval_time_ms:{1000 * (time.perf_counter() - t_eval):.0f}")
     score = dict(val_loss=val_loss, val_bpb=val_bpb)
-    if 0 < hp.eval_stride < seq_len:
+    if hp.ttt:
+        def keep_adapting() -> bool:
+            return trainer.agreed(time.perf_counter() - t_eval) < hp.ttt_max_seconds
+
+        val_loss, val_bpb, adapted = evaluate_ttt(model, scorer, val_tokens, tables, hp, rank, world_size,
+                                                  keep_adapting)
+        trainer.sync()
+        log(f"final_ttt_exact val_loss:{val_loss:.8f} val_bpb:{val_bpb:.8f} stride:{hp.eval_stride or seq_len} "
+            f"chunk_tokens:{hp.ttt_chunk_tokens} chunks_adapted:{adapted} "
+            f"eval_time_ms:{1000 * (time.perf_counter() - t_eval):.0f}")
+        score = dict(val_loss=val_loss, val_bpb=val_bpb)
+    elif 0 < hp.eval_stride < seq_len:
         val_loss, val_bpb = evaluate(scorer, val_tokens, tables, seq_len, hp.eval_stride, batch, rank, world_size)
         trainer.sync()
         log(f"final_sliding_exact val_loss:{val_loss:.8f} val_bpb:{val_bpb:.8f} stride:{hp.eval_stride} "
@@ -950,6 +1043,18 @@ def warm_up_scorer(scorer: nn.Module, hp: Hyperparameters, seq_len: int, world_s
 
 
 SIZE_LIMIT = 16_000_000
+TIME_LIMIT_S = 600
+
+
+def compliance_line(bytes_total: int, train_ms: float, eval_ms: float, hp: Hyperparameters,
+                    val_tokens: torch.Tensor) -> str:
+    """The challenge's limits next to what this run used, and a fingerprint of exactly which tokens were scored."""
+    digest = hashlib.sha256(val_tokens.cpu().numpy().astype("<u2").tobytes()).hexdigest()[:16]
+    ok = lambda used, limit: int(used <= limit)  # noqa: E731
+    return (f"compliance bytes_total:{bytes_total} bytes_limit:{SIZE_LIMIT} bytes_ok:{ok(bytes_total, SIZE_LIMIT)} "
+            f"train_s:{train_ms / 1000:.1f} train_ok:{ok(train_ms / 1000, TIME_LIMIT_S)} "
+            f"eval_s:{eval_ms / 1000:.1f} eval_ok:{ok(eval_ms / 1000, TIME_LIMIT_S)} "
+            f"ttt:{'score_first' if hp.ttt else 'off'} val_tokens:{val_tokens.numel()} val_sha256:{digest}")
 
 
 def log_setup(hp: Hyperparameters, log: Logger, world_size: int, device: torch.device) -> None:
@@ -1001,6 +1106,7 @@ def run(hp: Hyperparameters, rank: int, world_size: int, device: torch.device, l
                                  eval_batch_seqs(hp, hp.eval_seq_len, world_size), rank, world_size)
     log(f"pre_export_exact val_loss:{pre_loss:.8f} val_bpb:{pre_bpb:.8f}")
     result, eval_ms = export_and_score(hp, trainer, val_tokens, tables, log)
+    log(compliance_line(result["bytes_total"], train_ms, eval_ms, hp, val_tokens))
     log(f"final_submission val_loss:{result['val_loss']:.8f} val_bpb:{result['val_bpb']:.8f} "
         f"bytes_total:{result['bytes_total']} bytes_model:{result['bytes_model']} "
         f"bytes_code:{result['bytes_code']} train_time_ms:{train_ms:.0f} eval_time_ms:{eval_ms:.0f}")

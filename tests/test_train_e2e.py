@@ -1,9 +1,11 @@
 """Whole runs of train_gpt.py on CPU: the real launcher, a real artifact on disk, a parsable score."""
+import hashlib
 import math
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import train_gpt as tg
@@ -15,7 +17,8 @@ ROUNDTRIP_TOLERANCE_BPB = 0.02  # int6 blocks + int8 embedding after QAT, on a 1
 @pytest.fixture(scope="module")
 def two_rank_run(tiny_dataset, tmp_path_factory):
     cwd = tmp_path_factory.mktemp("two_rank")
-    result = run_train(cwd, tiny_env(tiny_dataset, "tworank", WARMUP_STEPS=2), nproc=2)
+    # Score-first TTT is on so its distributed path (split rows, averaged gradients) runs here too.
+    result = run_train(cwd, tiny_env(tiny_dataset, "tworank", WARMUP_STEPS=2, TTT=1, TTT_CHUNK_TOKENS=4096), nproc=2)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return cwd, result.stdout
 
@@ -29,7 +32,24 @@ def test_two_rank_run_ends_with_a_parsable_final_submission_line(two_rank_run):
                            "eval_time_ms"}
     assert int(fields["bytes_total"]) == int(fields["bytes_model"]) + int(fields["bytes_code"])
     assert int(fields["bytes_code"]) == (Path(tg.__file__)).stat().st_size
-    assert float(fields["val_bpb"]) == float(parse_line(out, "final_sliding_exact")["val_bpb"])
+    assert float(fields["val_bpb"]) == float(parse_line(out, "final_ttt_exact")["val_bpb"])
+
+
+def test_ttt_adapts_on_every_chunk_but_the_last_and_stays_close_to_the_roundtrip_score(two_rank_run):
+    _, out = two_rank_run
+    ttt = parse_line(out, "final_ttt_exact")
+    n_targets = int(parse_line(out, "model")["val_tokens"]) - 1
+    assert int(ttt["chunks_adapted"]) == math.ceil(n_targets / 4096) - 1
+    assert abs(float(ttt["val_bpb"]) - float(parse_line(out, "final_roundtrip_exact")["val_bpb"])) < 0.1
+
+
+def test_compliance_line_reports_limits_and_the_scored_tokens(two_rank_run, tiny_dataset):
+    _, out = two_rank_run
+    line = parse_line(out, "compliance")
+    val = np.fromfile(tiny_dataset.path / "fineweb_val_000000.bin", dtype="<u2", offset=1024)
+    assert line["val_sha256"] == hashlib.sha256(val.tobytes()).hexdigest()[:16]
+    assert line["bytes_ok"] == line["train_ok"] == line["eval_ok"] == "1" and line["ttt"] == "score_first"
+    assert int(line["bytes_total"]) == int(parse_line(out, "final_submission")["bytes_total"])
 
 
 def test_artifact_on_disk_is_what_was_scored(two_rank_run):
