@@ -55,6 +55,15 @@ class Hyperparameters:
     rope_base: float = 10000.0
     logit_softcap: float = 30.0
     qk_gain_init: float = 1.5
+    rope_dims: int = 0
+    ln_scale: bool = False
+    xsa_last_n: int = 0
+    parallel_start: int = -1
+    recur_layers: str = ""
+    recur_start_frac: float = 0.5
+    smear: bool = False
+    bigram_buckets: int = 0
+    bigram_dim: int = 128
     # Schedule.
     iterations: int = 20000
     max_wallclock_seconds: float = 600.0
@@ -143,6 +152,16 @@ class Hyperparameters:
         need((self.model_dim // self.num_heads) % 2 == 0, "MODEL_DIM/NUM_HEADS must be even for RoPE")
         need(self.num_heads % self.num_kv_heads == 0,
              f"NUM_KV_HEADS={self.num_kv_heads} must divide NUM_HEADS={self.num_heads}")
+        head_dim = self.model_dim // self.num_heads
+        need(0 <= self.rope_dims <= head_dim and self.rope_dims % 2 == 0,
+             f"ROPE_DIMS must be even and in 0..{head_dim} (0 = whole head), got {self.rope_dims}")
+        need(0 <= self.xsa_last_n <= self.num_layers, f"XSA_LAST_N must be in 0..NUM_LAYERS, got {self.xsa_last_n}")
+        need(-1 <= self.parallel_start < self.num_layers,
+             f"PARALLEL_START must be -1 (off) or a block index below NUM_LAYERS, got {self.parallel_start}")
+        self.recur_span()
+        need(0.0 <= self.recur_start_frac <= 1.0, f"RECUR_START_FRAC must be in [0, 1], got {self.recur_start_frac}")
+        need(self.bigram_buckets >= 0, f"BIGRAM_BUCKETS must be >= 0 (0 = off), got {self.bigram_buckets}")
+        need(self.bigram_dim > 0, f"BIGRAM_DIM must be positive, got {self.bigram_dim}")
         need(self.grad_accum_steps >= 0, "GRAD_ACCUM_STEPS must be >= 0 (0 = automatic)")
         micro = world_size * self.accum_steps(world_size) * self.train_seq_len
         need(self.train_batch_tokens % micro == 0,
@@ -162,6 +181,18 @@ class Hyperparameters:
         need(self.max_wallclock_seconds >= 0, "MAX_WALLCLOCK_SECONDS must be >= 0 (0 = no cap)")
         need(self.muon_ns in NS_COEFFICIENTS, f"MUON_NS must be one of {sorted(NS_COEFFICIENTS)}, got {self.muon_ns!r}")
         need(0.0 <= self.min_lr_frac <= 1.0, f"MIN_LR_FRAC must be in [0, 1], got {self.min_lr_frac}")
+
+    def recur_span(self) -> range:
+        """RECUR_LAYERS as the range of blocks that run twice; empty when off."""
+        text = self.recur_layers.replace(" ", "")
+        try:
+            idx = [int(i) for i in text.split(",")] if text else []
+        except ValueError:
+            idx = [-1]
+        if idx and (idx != list(range(idx[0], idx[0] + len(idx))) or idx[0] < 0 or idx[-1] >= self.num_layers):
+            raise UserError(f"RECUR_LAYERS={self.recur_layers!r} must be consecutive block indices below "
+                            f"NUM_LAYERS={self.num_layers}, e.g. '3,4,5'")
+        return range(idx[0], idx[-1] + 1) if idx else range(0)
 
     def accum_steps(self, world_size: int) -> int:
         # Default: 8 micro-batches across the job, so one GPU sees the same global batch as eight.
@@ -316,35 +347,47 @@ class CastedLinear(nn.Linear):
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    half = x.size(-1) // 2
-    x1, x2 = x[..., :half], x[..., half:]
-    return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin), dim=-1)
+    """Rotates the first 2 * cos.size(-1) dims of each head; the rest (partial RoPE) carry no position."""
+    half = cos.size(-1)
+    x1, x2 = x[..., :half], x[..., half:2 * half]
+    return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin, x[..., 2 * half:]), dim=-1)
 
 
 class Attention(nn.Module):
-    def __init__(self, hp: Hyperparameters):
+    def __init__(self, hp: Hyperparameters, layer: int):
         super().__init__()
         dim, self.heads, self.kv_heads = hp.model_dim, hp.num_heads, hp.num_kv_heads
         self.head_dim = dim // hp.num_heads
+        self.xsa = layer >= hp.num_layers - hp.xsa_last_n
         bits = hp.qat_bits_attn
         self.c_q = CastedLinear(dim, dim, bits)
         self.c_k = CastedLinear(dim, self.kv_heads * self.head_dim, bits)
         self.c_v = CastedLinear(dim, self.kv_heads * self.head_dim, bits)
         self.proj = CastedLinear(dim, dim, bits, zero_init=True)
         self.q_gain = nn.Parameter(torch.full((self.heads,), hp.qk_gain_init))
-        inv_freq = hp.rope_base ** (-torch.arange(0, self.head_dim, 2, dtype=torch.float32) / self.head_dim)
+        rope = hp.rope_dims or self.head_dim
+        inv_freq = hp.rope_base ** (-torch.arange(0, rope, 2, dtype=torch.float32) / rope)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def rotary(self, t: int, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = torch.outer(torch.arange(t, device=device, dtype=torch.float32), self.inv_freq)
+        return freqs.cos().to(dtype), freqs.sin().to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, t, _ = x.shape
         q = self.c_q(x).view(b, t, self.heads, self.head_dim).transpose(1, 2)
         k = self.c_k(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
         v = self.c_v(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
-        freqs = torch.outer(torch.arange(t, device=x.device, dtype=torch.float32), self.inv_freq)
-        cos, sin = freqs.cos().to(q.dtype), freqs.sin().to(q.dtype)
+        cos, sin = self.rotary(t, x.device, q.dtype)
         q = apply_rotary(F.rms_norm(q, (self.head_dim,)), cos, sin) * self.q_gain.to(q.dtype)[:, None, None]
         k = apply_rotary(F.rms_norm(k, (self.head_dim,)), cos, sin)
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.kv_heads != self.heads)
+        if self.xsa:
+            # XSA: drop the part of each head's output that only repeats its own token's value, so attention
+            # spends itself on context. Query heads are grouped by the kv head that serves them.
+            y = y.unflatten(1, (self.kv_heads, -1))
+            v_hat = F.normalize(v, dim=-1).unsqueeze(2)
+            y = (y - (y * v_hat).sum(-1, keepdim=True) * v_hat).flatten(1, 2)
         return self.proj(y.transpose(1, 2).reshape(b, t, -1))
 
 
@@ -361,21 +404,29 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, hp: Hyperparameters):
+    def __init__(self, hp: Hyperparameters, layer: int):
         super().__init__()
         dim = hp.model_dim
-        self.attn, self.mlp = Attention(hp), MLP(hp)
+        self.attn, self.mlp = Attention(hp, layer), MLP(hp)
+        # LN_SCALE damps the normed input of deep blocks, so their updates to the residual start smaller.
+        self.norm_scale = (layer + 1) ** -0.5 if hp.ln_scale else 1.0
+        self.parallel = 0 <= hp.parallel_start <= layer
         self.attn_scale = nn.Parameter(torch.ones(dim))
         self.mlp_scale = nn.Parameter(torch.ones(dim))
         # Row 0 weighs the running residual, row 1 the embedding x0: each block picks how much raw token
         # identity to pull back in.
         self.resid_mix = nn.Parameter(torch.stack((torch.ones(dim), torch.zeros(dim))))
 
+    def norm(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, (x.size(-1),)) * self.norm_scale
+
     def forward(self, x: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
         mix = self.resid_mix.to(x.dtype)
         x = mix[0] * x + mix[1] * x0
-        x = x + self.attn_scale.to(x.dtype) * self.attn(F.rms_norm(x, (x.size(-1),)))
-        return x + self.mlp_scale.to(x.dtype) * self.mlp(F.rms_norm(x, (x.size(-1),)))
+        n = self.norm(x)
+        out = x + self.attn_scale.to(x.dtype) * self.attn(n)
+        # A parallel block feeds the MLP the same normed input as attention: two lanes added at once.
+        return out + self.mlp_scale.to(x.dtype) * self.mlp(n if self.parallel else self.norm(out))
 
 
 class GPT(nn.Module):
@@ -387,20 +438,47 @@ class GPT(nn.Module):
         self.softcap = hp.logit_softcap
         self.tok_emb = nn.Embedding(hp.vocab_size, hp.model_dim)
         nn.init.normal_(self.tok_emb.weight, std=0.005 if hp.tie_embeddings else 1.0)
-        self.blocks = nn.ModuleList(Block(hp) for _ in range(hp.num_layers))
+        self.blocks = nn.ModuleList(Block(hp, i) for i in range(hp.num_layers))
         self.num_encoder = hp.num_layers // 2
         self.num_skips = min(self.num_encoder, hp.num_layers - self.num_encoder)
         self.skip_weights = nn.Parameter(torch.ones(self.num_skips, hp.model_dim))
         self.lm_head = None if hp.tie_embeddings else CastedLinear(hp.model_dim, hp.vocab_size, zero_init=True)
+        # A plain attribute, not a buffer: compiled graphs guard on it, so flipping it re-traces.
+        self.recur, self.recur_on = hp.recur_span(), False
+        self.vocab_size, self.bigram_buckets = hp.vocab_size, hp.bigram_buckets
+        self.bigram_emb = self.bigram_proj = self.smear_gate = None
+        if hp.bigram_buckets:
+            self.bigram_emb = nn.Embedding(hp.bigram_buckets, hp.bigram_dim)
+            nn.init.normal_(self.bigram_emb.weight, std=0.005)
+            self.bigram_proj = CastedLinear(hp.bigram_dim, hp.model_dim, hp.qat_bits_mlp, zero_init=True)
+        if hp.smear:
+            # sigmoid(-3) ~ 0.05: each position starts with almost nothing of its predecessor.
+            self.smear_gate = nn.Parameter(torch.full((hp.model_dim,), -3.0))
 
     def set_qat(self, enabled: bool) -> None:
         for module in self.modules():
             if isinstance(module, CastedLinear):
                 module.qat_on.fill_(float(enabled))
 
-    def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Token embedding plus the optional bigram and smear terms. A document's first token (BOS) sees no
+        previous token, so nothing leaks across documents."""
         x = self.tok_emb(input_ids)
-        x = x0 = F.rms_norm(x, (x.size(-1),))
+        is_bos = input_ids == BOS_ID
+        if self.bigram_emb is not None:
+            absent = self.vocab_size
+            prev = F.pad(input_ids[:, :-1], (1, 0), value=absent).masked_fill(is_bos, absent)
+            # Fibonacci hashing of the pair id: the top 32 bits of a multiplicative hash spread well.
+            bucket = ((prev * (absent + 1) + input_ids) * 2654435761 & 0xFFFFFFFF) * self.bigram_buckets >> 32
+            x = x + self.bigram_proj(self.bigram_emb(bucket))
+        x = F.rms_norm(x, (x.size(-1),))
+        if self.smear_gate is not None:
+            prev = F.pad(x[:, :-1], (0, 0, 1, 0)).masked_fill(is_bos[..., None], 0.0)
+            x = x + torch.sigmoid(self.smear_gate).to(x.dtype) * prev
+        return x
+
+    def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
+        x = x0 = self.embed(input_ids)
         skips = []
         for i, block in enumerate(self.blocks):
             if i >= self.num_encoder and skips:
@@ -408,6 +486,11 @@ class GPT(nn.Module):
             x = block(x, x0)
             if i < self.num_encoder:
                 skips.append(x)
+            if self.recur_on and i + 1 == self.recur.stop:
+                # Depth recurrence: the span runs again with the same weights; the U-Net skips stay with
+                # the first pass.
+                for j in self.recur:
+                    x = self.blocks[j](x, x0)
         x = F.rms_norm(x, (x.size(-1),))
         logits = self.lm_head(x) if self.lm_head is not None else F.linear(x, self.tok_emb.weight)
         return self.softcap * torch.tanh(logits.float() / self.softcap)
@@ -501,15 +584,22 @@ class Muon(torch.optim.Optimizer):
 
 
 def build_optimizers(model: GPT, hp: Hyperparameters, rank: int, world_size: int, fused: bool):
-    matrices = [p for name, p in model.blocks.named_parameters() if p.ndim == 2]
-    scalars = [p for name, p in model.blocks.named_parameters() if p.ndim < 2] + [model.skip_weights]
+    # Muon takes the linear layers' weights (blocks and bigram projection); Adam the embedding tables, the
+    # untied head, and everything else (gains, scales, resid_mix, skip weights, smear gate) as scalars without
+    # weight decay: orthogonalising a 2 x dim mixing table would be meaningless.
+    matrices = [p for name, p in model.named_parameters()
+                if p.ndim == 2 and name.startswith(("blocks.", "bigram_proj.")) and name.endswith(".weight")]
+    embeds = [m.weight for m in (model.tok_emb, model.bigram_emb) if m is not None]
+    head = [model.lm_head.weight] if model.lm_head is not None else []
+    taken = {id(p) for p in matrices + embeds + head}
+    scalars = [p for p in model.parameters() if id(p) not in taken]
     muon = Muon(matrices, hp.matrix_lr, hp.muon_momentum, hp.muon_backend_steps, hp.muon_wd, rank, world_size,
                 hp.muon_ns, hp.muon_row_norm)
-    groups = [dict(params=[model.tok_emb.weight], lr=hp.tied_embed_lr if hp.tie_embeddings else hp.embed_lr,
+    groups = [dict(params=embeds, lr=hp.tied_embed_lr if hp.tie_embeddings else hp.embed_lr,
                    weight_decay=hp.adam_wd),
               dict(params=scalars, lr=hp.scalar_lr, weight_decay=0.0)]
-    if model.lm_head is not None:
-        groups.append(dict(params=[model.lm_head.weight], lr=hp.head_lr, weight_decay=hp.adam_wd))
+    if head:
+        groups.append(dict(params=head, lr=hp.head_lr, weight_decay=hp.adam_wd))
     adam = torch.optim.AdamW(groups, betas=(hp.beta1, hp.beta2), eps=hp.adam_eps, fused=fused)
     optimizers = [muon, adam]
     for opt in optimizers:
@@ -569,8 +659,10 @@ def dequantize_rows(codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
 def export_bits(name: str, tensor: torch.Tensor, hp: Hyperparameters) -> int:
     """Bit width a tensor is stored at; 16 means plain fp16 (small and control tensors)."""
-    if name in ("tok_emb.weight", "lm_head.weight"):
+    if name in ("tok_emb.weight", "lm_head.weight", "bigram_emb.weight"):
         return hp.embed_bits
+    if name == "bigram_proj.weight":
+        return hp.qat_bits_mlp
     if tensor.ndim == 2 and name.startswith("blocks.") and name.endswith(".weight"):
         return hp.qat_bits_attn if ".attn." in name else hp.qat_bits_mlp
     return 16
@@ -878,7 +970,8 @@ class Trainer:
 
     def warm_up_compile(self) -> None:
         """Run WARMUP_STEPS real steps on training tokens so compilation happens before the clock starts, then
-        restore the model, optimizers and data stream exactly as they were."""
+        restore the model, optimizers and data stream exactly as they were. With RECUR_LAYERS, steps alternate
+        recurrence off and on so both graphs are compiled."""
         if self.hp.warmup_steps <= 0:
             return
         model_state = {k: v.clone() for k, v in self.model.state_dict().items()}
@@ -886,7 +979,9 @@ class Trainer:
         for opt in self.optimizers:
             snapshots.append(io.BytesIO())
             torch.save(opt.state_dict(), snapshots[-1])
+        recur_states = (False, True) if self.model.recur else (False,)
         for step in range(self.hp.warmup_steps):
+            self.model.recur_on = recur_states[step % len(recur_states)]
             self.train_step(step)
         self.model.load_state_dict(model_state)
         for snapshot, opt in zip(snapshots, self.optimizers):
@@ -895,8 +990,11 @@ class Trainer:
             opt.zero_grad(set_to_none=True)
         self.loader = TrainLoader(self.train_files, self.hp.vocab_size, self.rank, self.world_size, self.device)
         self.model.eval()
-        for seq_len in {self.hp.train_seq_len, self.hp.eval_seq_len}:
-            warm_up_scorer(self.eval_model, self.hp, seq_len, self.world_size, self.device)
+        for recur_on in recur_states:
+            self.model.recur_on = recur_on
+            for seq_len in {self.hp.train_seq_len, self.hp.eval_seq_len}:
+                warm_up_scorer(self.eval_model, self.hp, seq_len, self.world_size, self.device)
+        self.model.recur_on = False
         self.model.train()
         self.sync()
 
@@ -937,6 +1035,12 @@ class Trainer:
             elapsed_ms = self.agreed(train_ms())
             out_of_time = cap_ms > 0 and elapsed_ms >= cap_ms
             last = step == hp.iterations or out_of_time
+            # Recurrence is always on by the end: the exported model is scored with it whenever RECUR_LAYERS
+            # is set.
+            if self.model.recur and not self.model.recur_on and (
+                    last or training_progress(step, elapsed_ms, hp) >= hp.recur_start_frac):
+                self.model.recur_on = True
+                log(f"recurrence_enabled step:{step} train_time:{elapsed_ms:.0f}ms")
             if hp.val_loss_every > 0 and (step % hp.val_loss_every == 0 or last):
                 self.sync()
                 pause_start = time.perf_counter()
@@ -1002,6 +1106,7 @@ def export_and_score(hp: Hyperparameters, trainer: Trainer, val_tokens: torch.Te
     t_eval = time.perf_counter()
     model = GPT(hp).to(device)
     model.load_state_dict(read_artifact(path), strict=True)
+    model.recur_on = bool(model.recur)
     model.eval()
     scorer = model
     if trainer.use_compile:
