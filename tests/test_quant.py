@@ -123,3 +123,17 @@ def test_zero_rows_quantise_without_nan():
     assert torch.isfinite(tg.fake_quantize(w, 6)).all()
     codes, scale = tg.quantize_rows(w, 6)
     assert torch.equal(tg.dequantize_rows(codes, scale), w)
+
+
+def test_std_mode_fake_quantisation_is_the_export_grid_at_the_qat_k():
+    torch.manual_seed(0)
+    w = torch.distributions.StudentT(3.0).sample((8, 64))
+    exported = tg.dequantize_rows(*tg.quantize_rows(w, 6, "std", ks=(6.0,)))
+    assert torch.allclose(tg.fake_quantize(w, 6, clip_k=6.0), exported, rtol=0, atol=1e-6)
+
+
+def test_std_mode_reaches_every_qat_layer():
+    hp, _ = small_state()
+    hp.clip_mode, hp.qat_clip_k = "std", 4.5
+    ks = {m.clip_k for m in tg.GPT(hp).modules() if isinstance(m, tg.CastedLinear)}
+    assert ks == {4.5}
