@@ -727,9 +727,9 @@ def method_name(blob: bytes) -> str:
 
 def prune_to_fit(p: Packed, budget: float, method: str, shuffle: bool = False) -> tuple[bytes, int, int]:
     """The artifact, made to fit in `budget` bytes by zeroing the +-1 codes whose loss costs least (p.cost): as
-    few as a bisection on the compressed size finds, within 1% of the count. Returns the artifact, the codes
-    zeroed and the unpruned size; nothing is zeroed when it fits already or when zeroing every +-1 code would
-    still not be enough (the caller reports the size)."""
+    few as a bracketing search on the compressed size finds, within 1% of the count. Returns the artifact, the
+    codes zeroed and the unpruned size; nothing is zeroed when it fits already or when zeroing every +-1 code
+    would still not be enough (the caller reports the size)."""
     blob = encode_artifact(p, method, shuffle)
     method = method_name(blob)  # `best` is settled once; every probe reuses the winner
     ones = np.flatnonzero(np.abs(p.codes) == 1)
@@ -742,17 +742,21 @@ def prune_to_fit(p: Packed, budget: float, method: str, shuffle: bool = False) -
 
     if len(blob) <= budget or len(best := pruned(order.size)) > budget:
         return blob, 0, len(blob)
-    lo, hi, lo_size, hi_size = 0, order.size, len(blob), len(best)
+    lo, hi, over_lo, over_hi, last_fit = 0, order.size, len(blob) - budget, len(best) - budget, None
     while hi - lo > max(1, hi // 100):
-        # Every probe recompresses the whole model, so split where the line through the bracket's sizes meets
-        # the budget (size falls almost linearly with the count), at least 1/8 of the bracket from either end.
-        guess = lo + (hi - lo) * (lo_size - budget) / max(lo_size - hi_size, 1)
-        mid = int(min(max(guess, lo + 1 + (hi - lo) // 8), hi - 1 - (hi - lo) // 8))
+        # A probe recompresses the whole model, so instead of halving the bracket, split it where the line through
+        # its ends' sizes meets the budget (size falls almost linearly with the count); halving the excess of an
+        # end kept twice in a row (the Illinois rule) stops that end from staying put for ever.
+        mid = min(max(lo + round((hi - lo) * over_lo / (over_lo - over_hi)), lo + 1), hi - 1)
         trial = pruned(mid)
-        if len(trial) <= budget:
-            hi, hi_size, best = mid, len(trial), trial
+        fit = len(trial) <= budget
+        if fit:
+            hi, over_hi, best = mid, len(trial) - budget, trial
         else:
-            lo, lo_size = mid, len(trial)
+            lo, over_lo = mid, len(trial) - budget
+        if fit == last_fit:
+            over_lo, over_hi = (over_lo / 2, over_hi) if fit else (over_lo, over_hi / 2)
+        last_fit = fit
     return best, hi, len(blob)
 
 
