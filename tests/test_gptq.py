@@ -223,3 +223,20 @@ def test_a_run_just_over_the_limit_prunes_to_fit_and_is_scored(gptq_run, tmp_pat
     artifact = parse_line(result.stdout, "artifact")
     assert int(artifact["bytes_total"]) <= int(artifact["limit"])
     assert "final_submission" in result.stdout
+
+
+def test_pruning_search_needs_few_recompressions(monkeypatch):
+    """Each probe recompresses the whole model (about a minute for zstd-22 at full size), so count them."""
+    rng = np.random.default_rng(0)
+    codes = rng.choice(np.array([-1, 1, 3], np.int8), 3_000_000)
+    packed = tg.Packed([], codes, np.zeros(0, np.float16), rng.random(codes.size).astype(np.float32))
+    probes = []
+
+    def linear_size(p, method, shuffle=False):  # every zeroed code saves a quarter byte
+        probes.append(int((p.codes == 0).sum()))
+        return tg.ARTIFACT_MAGIC + bytes([2]) + bytes(1_000_000 - probes[-1] // 4)
+
+    monkeypatch.setattr(tg, "encode_artifact", linear_size)
+    blob, zeroed, _ = tg.prune_to_fit(packed, 1_000_005 - 40_000 // 4, "zlib")
+    assert len(blob) <= 1_000_005 - 10_000 and 40_000 <= zeroed <= 40_400
+    assert len(probes) <= 5  # unpruned, all +-1 zeroed, then two interpolated probes here
