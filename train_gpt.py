@@ -538,9 +538,9 @@ ARTIFACT_MAGIC, PAYLOAD_MAGIC = b"PGA1", b"PGQ1"
 
 def quantize_rows(w: torch.Tensor, bits: int, clip_mode: str = "max", weight: torch.Tensor | None = None,
                   ks: tuple = STD_CLIP_KS) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric per-row int quantisation. Each row's clip is the candidate with the least squared reconstruction
-    error, columns weighted by `weight` (the Hessian diagonal under GPTQ): fractions of the row's max |w|
-    (CLIP_FRACTIONS) for clip_mode max, std_clip(w, k) for k in `ks` for std. Returns int8 codes, fp16 scales."""
+    """Symmetric per-row int quantisation. Each row's clip is the candidate (max: CLIP_FRACTIONS of the row's
+    max |w|; std: std_clip(w, k) for k in ks) with the least squared error, columns weighted by `weight` (the
+    Hessian diagonal under GPTQ). Returns int8 codes and fp16 scales."""
     w = w.float()
     qmax = 2 ** (bits - 1) - 1
     row_max = w.abs().amax(dim=1, keepdim=True)
@@ -560,13 +560,12 @@ def quantize_rows(w: torch.Tensor, bits: int, clip_mode: str = "max", weight: to
 
 
 def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, bits: int, scale: torch.Tensor) -> torch.Tensor:
-    """GPTQ codes of w on the per-row grid `scale`: columns are rounded in order and each one's rounding error is
-    moved onto the columns not yet rounded through the inverse Hessian, so that the layer's output X W^T (with
-    X^T X proportional to `hessian`) moves as little as possible. Returns int8 codes."""
+    """GPTQ int8 codes of w on the per-row grid `scale`: columns are rounded in order and each rounding error is
+    moved onto the columns not yet rounded through the inverse Hessian, so the output X W^T moves least."""
     qmax = 2 ** (bits - 1) - 1
     w, h = w.float().clone(), hessian.float().clone().to(w.device)
     step = scale.float().to(w.device)
-    # An input that was always zero leaves its weights unconstrained: zero them and give H a unit diagonal there.
+    # An input that was always zero leaves its weights free: zero them, and give H a unit diagonal there.
     dead = h.diagonal() == 0
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
@@ -588,9 +587,9 @@ def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, bits: int, scale: torc
 
 @torch.no_grad()
 def collect_hessians(model: GPT, batches) -> dict[str, torch.Tensor]:
-    """Mean x x^T of the input x of every CastedLinear over the batches of token ids, keyed by its weight's name:
-    GPTQ's Hessian up to a constant. fp32 without autocast, so the sums are not rounded to bf16; the mean (not
-    the sum) keeps every tensor's Hessian diagonal on one scale, which pruning compares across tensors."""
+    """Mean x x^T of the input x of every CastedLinear over batches of token ids, keyed by weight name (GPTQ's
+    Hessian up to a factor). fp32, so the sums are not rounded to bf16; the mean, not the sum, puts every
+    tensor's diagonal on one scale, which pruning compares across tensors."""
     sums, hooks, tokens = {}, [], 0
 
     def hook(key: str):
@@ -627,10 +626,9 @@ def export_bits(name: str, tensor: torch.Tensor, hp: Hyperparameters) -> int:
 
 @dataclasses.dataclass
 class Packed:
-    """A quantised state before serialisation. Codes and costs are aligned element by element, so pruning is
-    one index operation on flat arrays."""
+    """A quantised state before serialisation; codes and cost are aligned, so pruning is one index operation."""
     table: list  # per tensor: name, shape, bits, [offset, count] of its codes and scales, or of its fp16 values
-    codes: np.ndarray  # int8: every quantised tensor, back to back
+    codes: np.ndarray  # int8, all quantised tensors back to back
     halves: np.ndarray  # fp16: per-row scales and the tensors kept in fp16
     cost: np.ndarray  # per code: squared error of setting its weight to 0, weighted by the Hessian diagonal
 
@@ -726,10 +724,9 @@ def method_name(blob: bytes) -> str:
 
 
 def prune_to_fit(p: Packed, budget: float, method: str, shuffle: bool = False) -> tuple[bytes, int, int]:
-    """The artifact, made to fit in `budget` bytes by zeroing the +-1 codes whose loss costs least (p.cost): as
-    few as a bracketing search on the compressed size finds, within 1% of the count. Returns the artifact, the
-    codes zeroed and the unpruned size; nothing is zeroed when it fits already or when zeroing every +-1 code
-    would still not be enough (the caller reports the size)."""
+    """The artifact, fitted into `budget` bytes by zeroing the cheapest +-1 codes (p.cost), as few as a search on
+    the compressed size finds (within 1%). Returns it, the count zeroed and the unpruned size; nothing is zeroed
+    when it fits already or when zeroing every +-1 code is not enough (the caller reports the size)."""
     blob = encode_artifact(p, method, shuffle)
     method = method_name(blob)  # `best` is settled once; every probe reuses the winner
     ones = np.flatnonzero(np.abs(p.codes) == 1)
@@ -744,9 +741,9 @@ def prune_to_fit(p: Packed, budget: float, method: str, shuffle: bool = False) -
         return blob, 0, len(blob)
     lo, hi, over_lo, over_hi, last_fit = 0, order.size, len(blob) - budget, len(best) - budget, None
     while hi - lo > max(1, hi // 100):
-        # A probe recompresses the whole model, so instead of halving the bracket, split it where the line through
-        # its ends' sizes meets the budget (size falls almost linearly with the count); halving the excess of an
-        # end kept twice in a row (the Illinois rule) stops that end from staying put for ever.
+        # A probe recompresses the whole model, so rather than halve the bracket, split it where the line through
+        # its ends' sizes meets the budget (size falls almost linearly with the count). Halving the excess of an
+        # end kept twice (the Illinois rule) stops that end from staying put for ever.
         mid = min(max(lo + round((hi - lo) * over_lo / (over_lo - over_hi)), lo + 1), hi - 1)
         trial = pruned(mid)
         fit = len(trial) <= budget
