@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import glob
 import hashlib
+import importlib.util
 import io
 import json
 import lzma
@@ -98,8 +99,15 @@ class Hyperparameters:
     qat_bits_attn: int = 6
     qat_bits_mlp: int = 6
     embed_bits: int = 8
+    clip_mode: str = "max"
+    qat_clip_k: float = 6.0
+    gptq: bool = False
+    gptq_calib_batches: int = 16
+    gptq_reserve_seconds: float = 12.0
     compressor: str = "zstd"
+    byte_shuffle: bool = False
     artifact_dir: str = "artifacts"
+    fit_to_limit: bool = True
     allow_oversize: bool = False
     # Evaluation.
     val_batch_size: int = 524288
@@ -144,7 +152,7 @@ class Hyperparameters:
                 raise UserError(message)
 
         for name in ("vocab_size", "num_layers", "model_dim", "num_heads", "num_kv_heads", "train_seq_len",
-                     "train_batch_tokens", "val_batch_size", "train_log_every"):
+                     "train_batch_tokens", "val_batch_size", "train_log_every", "gptq_calib_batches", "qat_clip_k"):
             need(getattr(self, name) > 0, f"{name.upper()} must be positive, got {getattr(self, name)}")
         need(self.vocab_size <= 65536, f"VOCAB_SIZE={self.vocab_size} does not fit the uint16 shards")
         need(self.model_dim % self.num_heads == 0,
@@ -170,7 +178,12 @@ class Hyperparameters:
         for name in ("qat_bits_attn", "qat_bits_mlp"):
             need(getattr(self, name) in (4, 5, 6, 7, 8), f"{name.upper()} must be 4..8, got {getattr(self, name)}")
         need(self.embed_bits in (6, 7, 8, 16), f"EMBED_BITS must be 6, 7, 8 or 16 (fp16), got {self.embed_bits}")
-        need(self.compressor in COMPRESSORS, f"COMPRESSOR must be one of {sorted(COMPRESSORS)}, got {self.compressor!r}")
+        need(self.compressor in (*COMPRESSORS, "best") and (self.compressor != "brotli" or have_brotli()),
+             f"COMPRESSOR must be best or one of {sorted(COMPRESSORS)} (brotli if installed), got {self.compressor!r}")
+        need(self.clip_mode in ("max", "std"), f"CLIP_MODE must be max or std, got {self.clip_mode!r}")
+        cap = self.max_wallclock_seconds
+        need(not (self.gptq and cap) or 0 <= self.gptq_reserve_seconds < cap,
+             f"GPTQ_RESERVE_SECONDS={self.gptq_reserve_seconds} must be in [0, MAX_WALLCLOCK_SECONDS={cap})")
         need(0.0 <= self.qat_start_frac <= 1.0, f"QAT_START_FRAC must be in [0, 1], got {self.qat_start_frac}")
         need(0.0 <= self.ema_decay < 1.0, f"EMA_DECAY must be in [0, 1), got {self.ema_decay}")
         need(0 <= self.eval_stride <= self.eval_seq_len,
@@ -193,6 +206,12 @@ class Hyperparameters:
             raise UserError(f"RECUR_LAYERS={self.recur_layers!r} must be consecutive block indices below "
                             f"NUM_LAYERS={self.num_layers}, e.g. '3,4,5'")
         return range(idx[0], idx[-1] + 1) if idx else range(0)
+
+    @property
+    def train_seconds(self) -> float:
+        # GPTQ's Hessian collection counts as training time, so the loop hands it a slice of the wall clock.
+        cap = self.max_wallclock_seconds
+        return cap - self.gptq_reserve_seconds if self.gptq and cap else cap
 
     def accum_steps(self, world_size: int) -> int:
         # Default: 8 micro-batches across the job, so one GPU sees the same global batch as eight.
@@ -318,11 +337,18 @@ def fp16_scale(clip: torch.Tensor, qmax: int) -> torch.Tensor:
     return (clip / qmax).clamp_min(2.0 ** -24).half().float()
 
 
-def fake_quantize(w: torch.Tensor, bits: int) -> torch.Tensor:
-    """Per-row symmetric round-to-grid with the export's fp16 scales; gradients pass straight through."""
+def std_clip(w: torch.Tensor, k: float) -> torch.Tensor:
+    """Per-row clip k * std, capped at the row's max |w| (range past it would only coarsen the grid)."""
+    return (k * w.std(dim=1, keepdim=True)).minimum(w.abs().amax(dim=1, keepdim=True))
+
+
+def fake_quantize(w: torch.Tensor, bits: int, clip_k: float = 0.0) -> torch.Tensor:
+    """Per-row symmetric round-to-grid with the export's fp16 scales; gradients pass straight through. The clip
+    is the row's max |w|, or std_clip(clip_k) for CLIP_MODE=std (one of the k the export searches)."""
     qmax = 2 ** (bits - 1) - 1
-    scale = fp16_scale(w.detach().abs().amax(dim=1, keepdim=True), qmax)
-    grid = (w.detach() / scale).round().clamp(-qmax, qmax) * scale
+    w_ = w.detach()
+    scale = fp16_scale(std_clip(w_, clip_k) if clip_k else w_.abs().amax(dim=1, keepdim=True), qmax)
+    grid = (w_ / scale).round().clamp(-qmax, qmax) * scale
     return w + (grid - w).detach()
 
 
@@ -334,7 +360,7 @@ class CastedLinear(nn.Linear):
 
     def __init__(self, in_features: int, out_features: int, qat_bits: int = 0, zero_init: bool = False):
         super().__init__(in_features, out_features, bias=False)
-        self.qat_bits = qat_bits
+        self.qat_bits, self.clip_k = qat_bits, 0.0
         self.register_buffer("qat_on", torch.zeros(()), persistent=False)
         if zero_init:
             nn.init.zeros_(self.weight)
@@ -342,7 +368,7 @@ class CastedLinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
         if self.qat_bits:
-            w = torch.lerp(w, fake_quantize(w, self.qat_bits), self.qat_on)
+            w = torch.lerp(w, fake_quantize(w, self.qat_bits, self.clip_k), self.qat_on)
         return F.linear(x, w)
 
 
@@ -454,6 +480,9 @@ class GPT(nn.Module):
         if hp.smear:
             # sigmoid(-3) ~ 0.05: each position starts with almost nothing of its predecessor.
             self.smear_gate = nn.Parameter(torch.full((hp.model_dim,), -3.0))
+        for module in self.modules():
+            if isinstance(module, CastedLinear):
+                module.clip_k = hp.qat_clip_k if hp.clip_mode == "std" else 0.0
 
     def set_qat(self, enabled: bool) -> None:
         for module in self.modules():
@@ -613,8 +642,8 @@ def lr_multiplier(step: int, elapsed_ms: float, hp: Hyperparameters) -> float:
     clock runs out: the remaining steps are estimated from the measured step time."""
     warm = min(1.0, (step + 1) / hp.lr_warmup_steps) if hp.lr_warmup_steps > 0 else 1.0
     remaining = hp.iterations - step
-    if hp.max_wallclock_seconds > 0 and step > 0:
-        remaining = min(remaining, (1000 * hp.max_wallclock_seconds - elapsed_ms) / (elapsed_ms / step))
+    if hp.train_seconds > 0 and step > 0:
+        remaining = min(remaining, (1000 * hp.train_seconds - elapsed_ms) / (elapsed_ms / step))
     if hp.warmdown_iters <= 0:
         return warm
     decay = min(1.0, max(remaining, 0.0) / hp.warmdown_iters)
@@ -622,7 +651,7 @@ def lr_multiplier(step: int, elapsed_ms: float, hp: Hyperparameters) -> float:
 
 
 def training_progress(step: int, elapsed_ms: float, hp: Hyperparameters) -> float:
-    by_time = elapsed_ms / (1000 * hp.max_wallclock_seconds) if hp.max_wallclock_seconds > 0 else 0.0
+    by_time = elapsed_ms / (1000 * hp.train_seconds) if hp.train_seconds > 0 else 0.0
     return max(step / hp.iterations, by_time)
 
 
@@ -631,19 +660,25 @@ def training_progress(step: int, elapsed_ms: float, hp: Hyperparameters) -> floa
 # ----------------------------------------------------------------------------------------------------------
 
 CLIP_FRACTIONS = (1.0, 0.97, 0.94, 0.91, 0.88, 0.85, 0.82, 0.79, 0.76, 0.73, 0.7)
+STD_CLIP_KS = (2.5, 3.0, 3.5, 4.0, 5.0, 6.0, 8.0, 10.0, 12.0, 16.0, 20.0)
+GPTQ_BLOCK, GPTQ_DAMP = 128, 0.01
 ARTIFACT_MAGIC, PAYLOAD_MAGIC = b"PGA1", b"PGQ1"
 
 
-def quantize_rows(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric per-row int quantisation; each row's clip is the fraction of its max |w| (from
-    CLIP_FRACTIONS) with the least squared reconstruction error. Returns int8 codes and fp16 scales."""
+def quantize_rows(w: torch.Tensor, bits: int, clip_mode: str = "max", weight: torch.Tensor | None = None,
+                  ks: tuple = STD_CLIP_KS) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-row int quantisation. Each row's clip is the candidate (max: CLIP_FRACTIONS of the row's
+    max |w|; std: std_clip(w, k) for k in ks) with the least squared error, columns weighted by `weight` (the
+    Hessian diagonal under GPTQ). Returns int8 codes and fp16 scales."""
     w = w.float()
     qmax = 2 ** (bits - 1) - 1
     row_max = w.abs().amax(dim=1, keepdim=True)
+    clips = [row_max * f for f in CLIP_FRACTIONS] if clip_mode == "max" else [std_clip(w, k) for k in ks]
+    weight = torch.ones(w.size(1), device=w.device) if weight is None else weight.float()
     best_err = best_scale = None
-    for frac in CLIP_FRACTIONS:
-        scale = fp16_scale(row_max * frac, qmax)
-        err = ((w / scale).round().clamp(-qmax, qmax) * scale - w).square().sum(dim=1, keepdim=True)
+    for clip in clips:
+        scale = fp16_scale(clip, qmax)
+        err = (((w / scale).round().clamp(-qmax, qmax) * scale - w).square() * weight).sum(dim=1, keepdim=True)
         if best_err is None:
             best_err, best_scale = err, scale
         else:
@@ -651,6 +686,58 @@ def quantize_rows(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tenso
             best_err, best_scale = torch.where(better, err, best_err), torch.where(better, scale, best_scale)
     codes = (w / best_scale).round().clamp(-qmax, qmax).to(torch.int8)
     return codes, best_scale.squeeze(1).half()
+
+
+def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, bits: int, scale: torch.Tensor) -> torch.Tensor:
+    """GPTQ int8 codes of w on the per-row grid `scale`: columns are rounded in order and each rounding error is
+    moved onto the columns not yet rounded through the inverse Hessian, so the output X W^T moves least."""
+    qmax = 2 ** (bits - 1) - 1
+    w, h = w.float().clone(), hessian.float().clone().to(w.device)
+    step = scale.float().to(w.device)
+    # An input that was always zero leaves its weights free: zero them, and give H a unit diagonal there.
+    dead = h.diagonal() == 0
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    h.diagonal().add_(GPTQ_DAMP * h.diagonal().mean())
+    # Row j of the upper Cholesky factor of H^-1 says how column j's error spreads onto the columns after it.
+    u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    codes = torch.zeros_like(w)
+    for b0 in range(0, w.size(1), GPTQ_BLOCK):
+        b1 = min(b0 + GPTQ_BLOCK, w.size(1))
+        errs = torch.zeros(w.size(0), b1 - b0, device=w.device)
+        for j in range(b0, b1):
+            codes[:, j] = (w[:, j] / step).round().clamp(-qmax, qmax)
+            errs[:, j - b0] = (w[:, j] - codes[:, j] * step) / u[j, j]
+            w[:, j:b1] -= errs[:, j - b0, None] * u[None, j, j:b1]
+        # Columns past the block take the whole block's errors in one matrix product: the point of blocking.
+        w[:, b1:] -= errs @ u[b0:b1, b1:]
+    return codes.to(torch.int8)
+
+
+@torch.no_grad()
+def collect_hessians(model: GPT, batches) -> dict[str, torch.Tensor]:
+    """Mean x x^T of the input x of every CastedLinear over batches of token ids, keyed by weight name (GPTQ's
+    Hessian up to a factor). fp32, so the sums are not rounded to bf16; the mean, not the sum, puts every
+    tensor's diagonal on one scale, which pruning compares across tensors."""
+    sums, hooks, tokens = {}, [], 0
+
+    def hook(key: str):
+        def accumulate(module, inputs, output):
+            x = inputs[0].reshape(-1, inputs[0].size(-1)).float()
+            sums[key] = sums.get(key, 0) + x.T @ x
+        return accumulate
+
+    for name, module in model.named_modules():
+        if isinstance(module, CastedLinear):
+            hooks.append(module.register_forward_hook(hook(f"{name}.weight")))
+    try:
+        for x in batches:
+            model.logits(x)
+            tokens += x.numel()
+    finally:
+        for handle in hooks:
+            handle.remove()
+    return {key: s / tokens for key, s in sums.items()}
 
 
 def dequantize_rows(codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -668,71 +755,142 @@ def export_bits(name: str, tensor: torch.Tensor, hp: Hyperparameters) -> int:
     return 16
 
 
-def pack_state(state: dict[str, torch.Tensor], hp: Hyperparameters) -> bytes:
-    """Own format, no pickle: magic, a JSON table of contents, then int8 codes, then fp16 data. Grouping the
-    codes together keeps their statistics uniform, which the compressor rewards."""
-    codes_blob, half_blob, table = bytearray(), bytearray(), []
+@dataclasses.dataclass
+class Packed:
+    """A quantised state before serialisation; codes and cost are aligned, so pruning is one index operation."""
+    table: list  # per tensor: name, shape, bits, [offset, count] of its codes and scales, or of its fp16 values
+    codes: np.ndarray  # int8, all quantised tensors back to back
+    halves: np.ndarray  # fp16: per-row scales and the tensors kept in fp16
+    cost: np.ndarray  # per code: squared error of setting its weight to 0, weighted by the Hessian diagonal
+
+
+def quantize_state(state: dict[str, torch.Tensor], hp: Hyperparameters,
+                   hessians: dict[str, torch.Tensor] | None = None) -> Packed:
+    """Every tensor at its export_bits: per-row clip search, then GPTQ where a Hessian was collected."""
+    table, codes, halves, cost = [], [], [], []
     for name, tensor in state.items():
-        bits = export_bits(name, tensor, hp)
+        bits, h = export_bits(name, tensor, hp), (hessians or {}).get(name)
         entry = dict(name=name, shape=list(tensor.shape), bits=bits)
         if bits < 16:
-            codes, scale = quantize_rows(tensor.detach().cpu(), bits)
-            entry.update(codes=[len(codes_blob), codes.numel()], scale=[len(half_blob), scale.numel()])
-            codes_blob += codes.numpy().tobytes()
-            half_blob += scale.numpy().tobytes()
+            w = tensor.detach().float().to(h.device if h is not None else "cpu")
+            weight = h.diagonal() if h is not None else torch.ones(w.size(1))
+            # The QAT k joins the search, so the grid training converged to is always on offer.
+            q, scale = quantize_rows(w, bits, hp.clip_mode, weight, STD_CLIP_KS + (hp.qat_clip_k,))
+            if h is not None:
+                q = gptq_quantize(w, h, bits, scale)
+            entry.update(codes=[sum(map(len, codes)), q.numel()], scale=[sum(map(len, halves)), scale.numel()])
+            codes.append(q.flatten().cpu())
+            halves.append(scale.cpu())
+            cost.append((w.square() * weight).flatten().cpu())
         else:
-            values = tensor.detach().cpu().half().flatten()
-            entry.update(values=[len(half_blob), values.numel()])
-            half_blob += values.numpy().tobytes()
+            entry.update(values=[sum(map(len, halves)), tensor.numel()])
+            halves.append(tensor.detach().cpu().half().flatten())
         table.append(entry)
-    header = json.dumps(dict(tensors=table, codes_bytes=len(codes_blob))).encode()
-    return PAYLOAD_MAGIC + len(header).to_bytes(4, "little") + header + bytes(codes_blob) + bytes(half_blob)
+    return Packed(table, torch.cat(codes).numpy(), torch.cat(halves).numpy(), torch.cat(cost).numpy())
+
+
+def serialize(p: Packed, shuffle: bool = False) -> bytes:
+    """Own format, no pickle: magic, the int8 codes, the fp16 data, a JSON table of contents, its length. Grouping
+    the codes keeps their statistics uniform, which the compressor rewards; the table goes last because zstd-22
+    carries its statistics from block to block, and text at the start cost 94 KB on a default-size model.
+    `shuffle` stores the fp16 data as all low bytes then all high bytes, the smooth sign/exponent bytes in a run."""
+    halves = p.halves.view(np.uint8).reshape(-1, 2).T if shuffle else p.halves
+    header = json.dumps(dict(tensors=p.table, codes=p.codes.size, shuffle=shuffle)).encode()
+    return PAYLOAD_MAGIC + p.codes.tobytes() + halves.tobytes() + header + len(header).to_bytes(4, "little")
 
 
 def unpack_state(payload: bytes) -> dict[str, torch.Tensor]:
     if payload[:4] != PAYLOAD_MAGIC:
         raise UserError("artifact payload has no PGQ1 magic: not written by this script")
-    header_len = int.from_bytes(payload[4:8], "little")
-    header = json.loads(payload[8:8 + header_len])
-    codes_blob = memoryview(payload)[8 + header_len:8 + header_len + header["codes_bytes"]]
-    half_blob = memoryview(payload)[8 + header_len + header["codes_bytes"]:]
+    end = len(payload) - 4 - int.from_bytes(payload[-4:], "little")
+    header = json.loads(payload[end:-4])
+    codes = np.frombuffer(payload, np.int8, header["codes"], 4)
+    raw = np.frombuffer(payload, np.uint8, end - 4 - header["codes"], 4 + header["codes"])
+    halves = (np.ascontiguousarray(raw.reshape(2, -1).T) if header["shuffle"] else raw).view(np.float16).ravel()
 
-    def read(blob, dtype, offset_count):
+    def read(array, offset_count):
         offset, count = offset_count
-        return torch.from_numpy(np.frombuffer(blob, dtype=dtype, count=count, offset=offset).copy())
+        return torch.from_numpy(array[offset:offset + count].copy())
 
     state = {}
     for entry in header["tensors"]:
         if entry["bits"] < 16:
-            codes = read(codes_blob, np.int8, entry["codes"]).view(entry["shape"])
-            tensor = dequantize_rows(codes, read(half_blob, np.float16, entry["scale"]))
+            tensor = dequantize_rows(read(codes, entry["codes"]).view(entry["shape"]), read(halves, entry["scale"]))
         else:
-            tensor = read(half_blob, np.float16, entry["values"]).float().view(entry["shape"])
+            tensor = read(halves, entry["values"]).float().view(entry["shape"])
         state[entry["name"]] = tensor
     return state
 
 
-def _zstd():
+def package(name: str):
     try:
-        import zstandard
+        return importlib.import_module(name)
     except ImportError:
-        raise UserError("COMPRESSOR=zstd needs the zstandard package: pip install zstandard "
-                        "(or set COMPRESSOR=lzma)") from None
-    return zstandard
+        raise UserError(f"this artifact or COMPRESSOR needs the {name} package: pip install {name}") from None
+
+
+def have_brotli() -> bool:
+    return importlib.util.find_spec("brotli") is not None
 
 
 COMPRESSORS = {
-    "zstd": (0, lambda b: _zstd().ZstdCompressor(level=22).compress(b),
-             lambda b: _zstd().ZstdDecompressor().decompress(b)),
+    "zstd": (0, lambda b: package("zstandard").ZstdCompressor(level=22).compress(b),
+             lambda b: package("zstandard").ZstdDecompressor().decompress(b)),
     "lzma": (1, lambda b: lzma.compress(b, preset=9 | lzma.PRESET_EXTREME), lzma.decompress),
     "zlib": (2, lambda b: zlib.compress(b, 9), zlib.decompress),
+    "brotli": (3, lambda b: package("brotli").compress(b, quality=11, lgwin=24),
+               lambda b: package("brotli").decompress(b)),
 }
 
 
-def write_artifact(path: str, state: dict[str, torch.Tensor], hp: Hyperparameters) -> int:
-    """Quantise, pack and compress to `path` atomically; returns the size in bytes."""
-    method_id, compress, _ = COMPRESSORS[hp.compressor]
-    blob = ARTIFACT_MAGIC + bytes([method_id]) + compress(pack_state(state, hp))
+def encode_artifact(p: Packed, method: str, shuffle: bool = False) -> bytes:
+    """Magic, the id of the compressor used, the compressed payload. `best` keeps the smallest of zstd, lzma and
+    brotli (brotli only where it is installed: it is not a requirement)."""
+    payload = serialize(p, shuffle)
+    names = ["zstd", "lzma"] + ["brotli"] * have_brotli() if method == "best" else [method]
+    return min((ARTIFACT_MAGIC + bytes([COMPRESSORS[n][0]]) + COMPRESSORS[n][1](payload) for n in names), key=len)
+
+
+def method_name(blob: bytes) -> str:
+    return next(name for name, (method_id, *_) in COMPRESSORS.items() if method_id == blob[4])
+
+
+def prune_to_fit(p: Packed, budget: float, method: str, shuffle: bool = False) -> tuple[bytes, int, int]:
+    """The artifact, fitted into `budget` bytes by zeroing the cheapest +-1 codes (p.cost), as few as a search on
+    the compressed size finds (within 1%). Returns it, the count zeroed and the unpruned size; nothing is zeroed
+    when it fits already or when zeroing every +-1 code is not enough (the caller reports the size)."""
+    blob = encode_artifact(p, method, shuffle)
+    method = method_name(blob)  # `best` is settled once; every probe reuses the winner
+    ones = np.flatnonzero(np.abs(p.codes) == 1)
+    order = ones[np.argsort(p.cost[ones], kind="stable")]
+
+    def pruned(n: int) -> bytes:
+        codes = p.codes.copy()
+        codes[order[:n]] = 0
+        return encode_artifact(dataclasses.replace(p, codes=codes), method, shuffle)
+
+    if len(blob) <= budget or len(best := pruned(order.size)) > budget:
+        return blob, 0, len(blob)
+    lo, hi, over_lo, over_hi, last_fit = 0, order.size, len(blob) - budget, len(best) - budget, None
+    while hi - lo > max(1, hi // 100):
+        # A probe recompresses the whole model, so rather than halve the bracket, split it where the line through
+        # its ends' sizes meets the budget (size falls almost linearly with the count). Halving the excess of an
+        # end kept twice (the Illinois rule) stops that end from staying put for ever.
+        mid = min(max(lo + round((hi - lo) * over_lo / (over_lo - over_hi)), lo + 1), hi - 1)
+        trial = pruned(mid)
+        fit = len(trial) <= budget
+        if fit:
+            hi, over_hi, best = mid, len(trial) - budget, trial
+        else:
+            lo, over_lo = mid, len(trial) - budget
+        if fit == last_fit:
+            over_lo, over_hi = (over_lo / 2, over_hi) if fit else (over_lo, over_hi / 2)
+        last_fit = fit
+    return best, hi, len(blob)
+
+
+def write_artifact(path: str, blob: bytes) -> int:
+    """Write atomically (temporary name, then rename); returns the size in bytes."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "wb") as f:
@@ -937,6 +1095,7 @@ class Trainer:
         self.loader = TrainLoader(self.train_files, hp.vocab_size, rank, world_size, device)
         # Host-side scalars (the clock) are agreed over gloo so no rank waits on its GPU to decide.
         self.clock_group = dist.new_group(backend="gloo") if world_size > 1 and device.type == "cuda" else None
+        self.hessians, self.hessian_ms = {}, 0.0
 
     @property
     def use_compile(self) -> bool:
@@ -1010,6 +1169,20 @@ class Trainer:
         dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.clock_group)
         return t.item()
 
+    def calibrate(self) -> None:
+        """GPTQ Hessians of the final weights over GPTQ_CALIB_BATCHES batches of a fresh pass over the training
+        shards (never validation), averaged over ranks. The loop stopped GPTQ_RESERVE_SECONDS early for this."""
+        hp, t = self.hp, time.perf_counter()
+        loader = TrainLoader(self.train_files, hp.vocab_size, self.rank, self.world_size, self.device)
+        batches = (loader.next_batch(self.local_tokens, hp.train_seq_len)[0] for _ in range(hp.gptq_calib_batches))
+        self.hessians = collect_hessians(self.model, batches)
+        if self.world_size > 1:
+            for h in self.hessians.values():
+                dist.all_reduce(h)
+                h /= self.world_size
+        self.sync()
+        self.hessian_ms = 1000 * (time.perf_counter() - t)
+
     def validate(self, step: int, val_tokens: torch.Tensor, tables: tuple) -> str:
         hp = self.hp
         self.model.eval()
@@ -1023,7 +1196,7 @@ class Trainer:
         """The timed loop. Returns the steps taken and the training milliseconds (validation excluded)."""
         hp, log = self.hp, self.log
         ema = [p.detach().clone() for p in self.model.parameters()] if hp.ema_decay > 0 else None
-        cap_ms = 1000 * hp.max_wallclock_seconds
+        cap_ms = 1000 * hp.train_seconds
         step, paused_ms, qat_on = 0, 0.0, False
         self.sync()
         t0 = time.perf_counter()
@@ -1089,13 +1262,21 @@ def export_and_score(hp: Hyperparameters, trainer: Trainer, val_tokens: torch.Te
     sizes = dict(bytes_model=0, bytes_code=os.path.getsize(__file__))
     if rank == 0:
         t = time.perf_counter()
-        sizes["bytes_model"] = write_artifact(path, trainer.model.state_dict(), hp)
+        packed = quantize_state(trainer.model.state_dict(), hp, trainer.hessians)
+        if hp.gptq:
+            log(f"gptq calib_batches:{hp.gptq_calib_batches} hessian_ms:{trainer.hessian_ms:.0f} "
+                f"quant_ms:{1000 * (time.perf_counter() - t):.0f}")
+        budget = SIZE_LIMIT - sizes["bytes_code"] if hp.fit_to_limit else math.inf
+        blob, zeroed, unpruned = prune_to_fit(packed, budget, hp.compressor, hp.byte_shuffle)
+        if zeroed:
+            log(f"prune zeroed:{zeroed} bytes_before:{unpruned} bytes_after:{len(blob)}")
+        sizes["bytes_model"] = write_artifact(path, blob)
         export_ms = 1000 * (time.perf_counter() - t)
     sizes["bytes_model"] = int(trainer.agreed(float(sizes["bytes_model"])))
     sizes["bytes_total"] = sizes["bytes_model"] + sizes["bytes_code"]
     if rank == 0:
         log(f"artifact path:{path} bytes_model:{sizes['bytes_model']} bytes_code:{sizes['bytes_code']} "
-            f"bytes_total:{sizes['bytes_total']} limit:{SIZE_LIMIT} compressor:{hp.compressor} "
+            f"bytes_total:{sizes['bytes_total']} limit:{SIZE_LIMIT} compressor:{method_name(blob)} "
             f"export_ms:{export_ms:.0f}")
     if sizes["bytes_total"] > SIZE_LIMIT and not hp.allow_oversize:
         raise UserError(f"artifact total {sizes['bytes_total']} bytes is over the {SIZE_LIMIT}-byte limit "
@@ -1205,6 +1386,9 @@ def run(hp: Hyperparameters, rank: int, world_size: int, device: torch.device, l
         f"val_tokens:{val_tokens.numel()} compile:{trainer.use_compile}")
     trainer.warm_up_compile()
     steps, train_ms = trainer.train(val_tokens, tables)
+    if hp.gptq:
+        trainer.calibrate()
+        train_ms += trainer.hessian_ms
     peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else 0.0
     log(f"train_done step:{steps} train_time:{train_ms:.0f}ms peak_mem_mib:{peak:.0f}")
     pre_loss, pre_bpb = evaluate(trainer.eval_model, val_tokens, tables, hp.eval_seq_len, hp.eval_seq_len,

@@ -32,7 +32,11 @@ def test_values_are_cast_to_the_field_type(monkeypatch):
     (dict(NUM_KV_HEADS="3"), 1, "NUM_KV_HEADS"),
     (dict(QAT_BITS_MLP="3"), 1, "QAT_BITS_MLP"),
     (dict(EMBED_BITS="12"), 1, "EMBED_BITS"),
-    (dict(COMPRESSOR="brotli"), 1, "COMPRESSOR"),
+    (dict(COMPRESSOR="gzip"), 1, "COMPRESSOR"),
+    (dict(CLIP_MODE="mean"), 1, "CLIP_MODE"),
+    (dict(QAT_CLIP_K="0"), 1, "QAT_CLIP_K"),
+    (dict(GPTQ="1", GPTQ_CALIB_BATCHES="0"), 1, "GPTQ_CALIB_BATCHES"),
+    (dict(GPTQ="1", MAX_WALLCLOCK_SECONDS="10", GPTQ_RESERVE_SECONDS="10"), 1, "GPTQ_RESERVE_SECONDS"),
     (dict(EVAL_STRIDE="4096"), 1, "EVAL_STRIDE"),
     (dict(EMA_DECAY="1.5"), 1, "EMA_DECAY"),
 ])

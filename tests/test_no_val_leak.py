@@ -40,3 +40,31 @@ def test_training_and_warmup_never_see_validation_tokens(tiny_dataset, split_voc
         torch.set_num_threads(threads)
     assert seen["grad"] < 256, "a validation token reached a forward pass that builds gradients"
     assert seen["no_grad"] >= 256, "the spy must also see evaluation (otherwise this test could not fail)"
+
+
+def test_gptq_hessians_are_collected_from_training_tokens_only(tiny_dataset, split_vocab_dataset, monkeypatch):
+    env = tiny_env(tiny_dataset, "leakgptq", DATA_PATH=split_vocab_dataset, ITERATIONS=4, EVAL_STRIDE=0, GPTQ=1,
+                   GPTQ_CALIB_BATCHES=3)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.chdir(split_vocab_dataset)
+    seen = []
+    original = tg.collect_hessians
+
+    def spy(model, batches):
+        # The embedding is the first thing every token id reaches, whatever path the collection takes.
+        handle = model.tok_emb.register_forward_pre_hook(lambda module, inputs: seen.append(int(inputs[0].max())))
+        try:
+            return original(model, batches)
+        finally:
+            handle.remove()
+
+    monkeypatch.setattr(tg, "collect_hessians", spy)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        tg.main()
+    finally:
+        torch.set_num_threads(threads)
+    assert len(seen) == 3, "every calibration batch must pass through the embedding"
+    assert max(seen) < 256, "a validation token reached Hessian collection"

@@ -56,7 +56,7 @@ def small_state():
 
 def test_packing_is_lossless_for_codes_scales_and_fp16_tensors():
     hp, state = small_state()
-    restored = tg.unpack_state(tg.pack_state(state, hp))
+    restored = tg.unpack_state(tg.serialize(tg.quantize_state(state, hp)))
     assert restored.keys() == state.keys()
     for name, tensor in state.items():
         bits = tg.export_bits(name, tensor, hp)
@@ -77,11 +77,12 @@ def test_artifact_roundtrip_through_disk(tmp_path, compressor):
     hp, state = small_state()
     hp.compressor = compressor
     path = tmp_path / "model.pgz"
-    size = tg.write_artifact(str(path), state, hp)
+    packed = tg.quantize_state(state, hp)
+    size = tg.write_artifact(str(path), tg.encode_artifact(packed, compressor))
     assert size == path.stat().st_size
     assert not list(tmp_path.glob("*.tmp*")), "temporary file left behind"
     loaded = tg.read_artifact(str(path))
-    direct = tg.unpack_state(tg.pack_state(state, hp))
+    direct = tg.unpack_state(tg.serialize(packed))
     assert all(torch.equal(loaded[k], direct[k]) for k in state)
 
 
@@ -122,3 +123,17 @@ def test_zero_rows_quantise_without_nan():
     assert torch.isfinite(tg.fake_quantize(w, 6)).all()
     codes, scale = tg.quantize_rows(w, 6)
     assert torch.equal(tg.dequantize_rows(codes, scale), w)
+
+
+def test_std_mode_fake_quantisation_is_the_export_grid_at_the_qat_k():
+    torch.manual_seed(0)
+    w = torch.distributions.StudentT(3.0).sample((8, 64))
+    exported = tg.dequantize_rows(*tg.quantize_rows(w, 6, "std", ks=(6.0,)))
+    assert torch.allclose(tg.fake_quantize(w, 6, clip_k=6.0), exported, rtol=0, atol=1e-6)
+
+
+def test_std_mode_reaches_every_qat_layer():
+    hp, _ = small_state()
+    hp.clip_mode, hp.qat_clip_k = "std", 4.5
+    ks = {m.clip_k for m in tg.GPT(hp).modules() if isinstance(m, tg.CastedLinear)}
+    assert ks == {4.5}
