@@ -101,6 +101,7 @@ class Hyperparameters:
     embed_bits: int = 8
     clip_mode: str = "max"
     qat_clip_k: float = 6.0
+    clip_search: bool = True
     gptq: bool = False
     gptq_calib_batches: int = 16
     gptq_reserve_seconds: float = 12.0
@@ -774,8 +775,11 @@ def quantize_state(state: dict[str, torch.Tensor], hp: Hyperparameters,
         if bits < 16:
             w = tensor.detach().float().to(h.device if h is not None else "cpu")
             weight = h.diagonal() if h is not None else torch.ones(w.size(1))
-            # The QAT k joins the search, so the grid training converged to is always on offer.
-            q, scale = quantize_rows(w, bits, hp.clip_mode, weight, STD_CLIP_KS + (hp.qat_clip_k,))
+            # The QAT k joins the search, so the grid training converged to is always on offer. Without the search
+            # block matrices keep exactly that grid, and k becomes the size lever: a wider clip means coarser
+            # steps, fewer distinct codes and a smaller artifact. Embeddings always search their own clip.
+            search = hp.clip_search or not name.startswith(("blocks.", "bigram_proj."))
+            q, scale = quantize_rows(w, bits, hp.clip_mode, weight, STD_CLIP_KS * search + (hp.qat_clip_k,))
             if h is not None:
                 q = gptq_quantize(w, h, bits, scale)
             entry.update(codes=[sum(map(len, codes)), q.numel()], scale=[sum(map(len, halves)), scale.numel()])

@@ -137,3 +137,25 @@ def test_std_mode_reaches_every_qat_layer():
     hp.clip_mode, hp.qat_clip_k = "std", 4.5
     ks = {m.clip_k for m in tg.GPT(hp).modules() if isinstance(m, tg.CastedLinear)}
     assert ks == {4.5}
+
+
+def test_without_clip_search_every_block_row_is_exported_on_the_qat_grid():
+    hp, state = small_state()
+    hp.clip_mode, hp.qat_clip_k, hp.clip_search = "std", 9.0, False
+    restored = tg.unpack_state(tg.serialize(tg.quantize_state(state, hp)))
+    for name, w in state.items():
+        if name.startswith("blocks.") and name.endswith(".weight"):
+            grid = tg.fake_quantize(w, tg.export_bits(name, w, hp), clip_k=9.0)
+            assert torch.allclose(restored[name], grid, rtol=0, atol=1e-6), name
+
+
+def test_a_wider_fixed_clip_makes_a_smaller_artifact():
+    hp, _ = small_state()
+    hp.clip_mode, hp.clip_search = "std", False
+    torch.manual_seed(0)
+    state = {"blocks.0.mlp.fc.weight": torch.distributions.StudentT(3.0).sample((256, 1024)) * 0.02}
+    sizes = []
+    for k in (3.0, 5.0, 8.0):
+        hp.qat_clip_k = k
+        sizes.append(len(tg.encode_artifact(tg.quantize_state(state, hp), "lzma")))
+    assert sizes[0] > sizes[1] > sizes[2]
