@@ -487,3 +487,15 @@ def test_run_seeds_script(tmp_path):
     assert (tmp_path / "order.txt").read_text().split() == ["7", "8"]
     res = subprocess.run(["bash", str(RUN_SEEDS)], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert res.returncode != 0 and "already exists" in res.stderr
+
+
+def test_ttt_score_and_compliance_line_are_parsed(real_runs, tmp_path):
+    def add_ttt(text):
+        head, final = text.rstrip("\n").rsplit("\n", 1)
+        return (head + "\nfinal_ttt_exact val_loss:4.10000000 val_bpb:2.50000000 stride:32 chunk_tokens:4096 "
+                "chunks_adapted:3 eval_time_ms:999\ncompliance bytes_total:1 bytes_limit:16000000 bytes_ok:1 "
+                "train_s:1.0 train_ok:1 eval_s:1.0 eval_ok:1 ttt:score_first val_tokens:9 val_sha256:abc\n"
+                + final + "\n")
+    run = sub.parse_log(doctor(real_runs.logs[0], tmp_path / "demo_s1337.txt", add_ttt))
+    assert run.status == "complete" and run._get("ttt", "val_bpb") == 2.5
+    assert run.compliance["val_sha256"] == "abc"
