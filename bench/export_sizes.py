@@ -19,10 +19,13 @@ import train_gpt as tg  # noqa: E402
 
 
 def variant(hp: tg.Hyperparameters, spec: str) -> tuple[tg.Hyperparameters, bool]:
-    """`max`, `std`, optionally `+shuffle`, `+best`, `+lzma`, and a leading `gptq+`."""
+    """`max` or `std`, plus any of `shuffle`, `best`, `lzma`, `gptq`, `k<K>` (std mode without the clip search:
+    every block row at K standard deviations), joined by `+`, e.g. `gptq+std+shuffle+k12`."""
     parts = spec.split("+")
+    fixed_k = [float(p[1:]) for p in parts if p.startswith("k")]
     hp = dataclasses.replace(hp, clip_mode="std" if "std" in parts else "max", byte_shuffle="shuffle" in parts,
-                             compressor=next((c for c in ("best", "lzma") if c in parts), "zstd"))
+                             compressor=next((c for c in ("best", "lzma") if c in parts), "zstd"),
+                             clip_search=not fixed_k, qat_clip_k=fixed_k[0] if fixed_k else hp.qat_clip_k)
     return hp, "gptq" in parts
 
 
