@@ -97,7 +97,7 @@ class Hyperparameters:
     # Quantisation and export.
     qat_start_frac: float = 0.85
     qat_bits_attn: int = 6
-    qat_bits_mlp: int = 6
+    qat_bits_mlp: int = 5
     embed_bits: int = 8
     clip_mode: str = "max"
     qat_clip_k: float = 6.0

@@ -20,12 +20,15 @@ import train_gpt as tg  # noqa: E402
 
 def variant(hp: tg.Hyperparameters, spec: str) -> tuple[tg.Hyperparameters, bool]:
     """`max` or `std`, plus any of `shuffle`, `best`, `lzma`, `gptq`, `k<K>` (std mode without the clip search:
-    every block row at K standard deviations), joined by `+`, e.g. `gptq+std+shuffle+k12`."""
+    every block row at K standard deviations), `mlp<B>` (MLP matrices at B bits) and `fit` (prune to the 16,000,000-byte limit as FIT_TO_LIMIT=1
+    does), joined by `+`, e.g. `gptq+std+shuffle+k12+fit`."""
     parts = spec.split("+")
     fixed_k = [float(p[1:]) for p in parts if p.startswith("k")]
+    mlp_bits = [int(p[3:]) for p in parts if p.startswith("mlp")]
     hp = dataclasses.replace(hp, clip_mode="std" if "std" in parts else "max", byte_shuffle="shuffle" in parts,
                              compressor=next((c for c in ("best", "lzma") if c in parts), "zstd"),
-                             clip_search=not fixed_k, qat_clip_k=fixed_k[0] if fixed_k else hp.qat_clip_k)
+                             clip_search=not fixed_k, qat_clip_k=fixed_k[0] if fixed_k else hp.qat_clip_k,
+                             qat_bits_mlp=mlp_bits[0] if mlp_bits else hp.qat_bits_mlp)
     return hp, "gptq" in parts
 
 
@@ -54,14 +57,15 @@ def main(specs: list[str]) -> None:
             print(f"hessians batches:{hp.gptq_calib_batches} ms:{1000 * (time.perf_counter() - t):.0f}", flush=True)
         t = time.perf_counter()
         packed = tg.quantize_state(state, hp_v, hessians if use_gptq else None)
-        blob = tg.encode_artifact(packed, hp_v.compressor, hp_v.byte_shuffle)
+        budget = tg.SIZE_LIMIT - code_bytes if "fit" in spec.split("+") else float("inf")
+        blob, zeroed, _ = tg.prune_to_fit(packed, budget, hp_v.compressor, hp_v.byte_shuffle)
         export_ms = 1000 * (time.perf_counter() - t)
         fresh = tg.GPT(hp)
         fresh.load_state_dict(tg.unpack_state(tg.COMPRESSORS[tg.method_name(blob)][2](blob[5:])))
         fresh.eval()
         loss, bpb = tg.evaluate(fresh, val, tables, hp.eval_seq_len, hp.eval_seq_len, batch, 0, 1)
         print(f"export variant:{spec} bytes_model:{len(blob)} bytes_total:{len(blob) + code_bytes} "
-              f"fits:{int(len(blob) + code_bytes <= tg.SIZE_LIMIT)} compressor:{tg.method_name(blob)} "
+              f"fits:{int(len(blob) + code_bytes <= tg.SIZE_LIMIT)} pruned_codes:{zeroed} compressor:{tg.method_name(blob)} "
               f"export_ms:{export_ms:.0f} roundtrip_val_loss:{loss:.6f} roundtrip_val_bpb:{bpb:.6f}", flush=True)
 
 
