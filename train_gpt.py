@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import glob
 import hashlib
-import importlib.util
 import io
 import json
 import lzma
@@ -828,13 +827,17 @@ def unpack_state(payload: bytes) -> dict[str, torch.Tensor]:
 
 def package(name: str):
     try:
-        return importlib.import_module(name)
+        return __import__(name)
     except ImportError:
         raise UserError(f"this artifact or COMPRESSOR needs the {name} package: pip install {name}") from None
 
 
 def have_brotli() -> bool:
-    return importlib.util.find_spec("brotli") is not None
+    try:
+        package("brotli")
+    except UserError:
+        return False
+    return True
 
 
 COMPRESSORS = {

@@ -10,6 +10,7 @@ GPTQ_CALIB_BATCHES training batches of TRAIN_BATCH_TOKENS x TRAIN_SEQ_LEN, never
 import dataclasses
 import os
 import sys
+import tempfile
 import time
 
 import torch
@@ -60,8 +61,11 @@ def main(specs: list[str]) -> None:
         budget = tg.SIZE_LIMIT - code_bytes if "fit" in spec.split("+") else float("inf")
         blob, zeroed, _ = tg.prune_to_fit(packed, budget, hp_v.compressor, hp_v.byte_shuffle)
         export_ms = 1000 * (time.perf_counter() - t)
-        fresh = tg.GPT(hp)
-        fresh.load_state_dict(tg.unpack_state(tg.COMPRESSORS[tg.method_name(blob)][2](blob[5:])))
+        with tempfile.TemporaryDirectory() as tmp:  # score what a run would reload: the file, via read_artifact
+            path = os.path.join(tmp, "artifact.pgz")
+            tg.write_artifact(path, blob)
+            fresh = tg.GPT(hp)
+            fresh.load_state_dict(tg.read_artifact(path))
         fresh.eval()
         loss, bpb = tg.evaluate(fresh, val, tables, hp.eval_seq_len, hp.eval_seq_len, batch, 0, 1)
         print(f"export variant:{spec} bytes_model:{len(blob)} bytes_total:{len(blob) + code_bytes} "

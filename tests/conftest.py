@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import sentencepiece as spm
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -61,6 +62,12 @@ def tiny_dataset(tmp_path_factory):
     write_shard(root / "fineweb_train_000000.bin", encode(docs[n_val:]))
     return types.SimpleNamespace(path=root, tokenizer=root / "tokenizer.model", vocab_size=TINY_VOCAB, docs=docs,
                                  n_val=n_val)
+
+
+def byte_tables(vocab: int) -> tuple:
+    """Byte tables where every token is one byte and nothing is a boundary: bpb = loss / ln 2 per token."""
+    return (torch.ones(vocab, dtype=torch.int16), torch.zeros(vocab, dtype=torch.bool),
+            torch.zeros(vocab, dtype=torch.bool))
 
 
 def tiny_env(dataset, run_id: str, **overrides) -> dict:

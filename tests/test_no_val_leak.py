@@ -16,12 +16,22 @@ def split_vocab_dataset(tiny_dataset, tmp_path):
     return tmp_path
 
 
+def main_in_process(env: dict, cwd, monkeypatch) -> None:
+    """train_gpt.main() in this process (so spies can watch it), with `env`, in `cwd`, on one thread."""
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.chdir(cwd)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        tg.main()
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_training_and_warmup_never_see_validation_tokens(tiny_dataset, split_vocab_dataset, monkeypatch):
     env = tiny_env(tiny_dataset, "leak", DATA_PATH=split_vocab_dataset, WARMUP_STEPS=3, ITERATIONS=6,
                    VAL_LOSS_EVERY=3, EVAL_STRIDE=16)
-    for key, value in env.items():
-        monkeypatch.setenv(key, value)
-    monkeypatch.chdir(split_vocab_dataset)
     seen = {"grad": 0, "no_grad": 0}
     original = tg.GPT.forward
 
@@ -32,12 +42,7 @@ def test_training_and_warmup_never_see_validation_tokens(tiny_dataset, split_voc
         return original(self, input_ids, target_ids, per_token)
 
     monkeypatch.setattr(tg.GPT, "forward", spy)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        tg.main()
-    finally:
-        torch.set_num_threads(threads)
+    main_in_process(env, split_vocab_dataset, monkeypatch)
     assert seen["grad"] < 256, "a validation token reached a forward pass that builds gradients"
     assert seen["no_grad"] >= 256, "the spy must also see evaluation (otherwise this test could not fail)"
 
@@ -45,9 +50,6 @@ def test_training_and_warmup_never_see_validation_tokens(tiny_dataset, split_voc
 def test_gptq_hessians_are_collected_from_training_tokens_only(tiny_dataset, split_vocab_dataset, monkeypatch):
     env = tiny_env(tiny_dataset, "leakgptq", DATA_PATH=split_vocab_dataset, ITERATIONS=4, EVAL_STRIDE=0, GPTQ=1,
                    GPTQ_CALIB_BATCHES=3)
-    for key, value in env.items():
-        monkeypatch.setenv(key, value)
-    monkeypatch.chdir(split_vocab_dataset)
     seen = []
     original = tg.collect_hessians
 
@@ -60,11 +62,6 @@ def test_gptq_hessians_are_collected_from_training_tokens_only(tiny_dataset, spl
             handle.remove()
 
     monkeypatch.setattr(tg, "collect_hessians", spy)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        tg.main()
-    finally:
-        torch.set_num_threads(threads)
+    main_in_process(env, split_vocab_dataset, monkeypatch)
     assert len(seen) == 3, "every calibration batch must pass through the embedding"
     assert max(seen) < 256, "a validation token reached Hessian collection"

@@ -5,13 +5,9 @@ import pytest
 import torch
 
 import train_gpt as tg
+from conftest import byte_tables
 
 SEQ_LEN, STRIDE, CHUNK, N_TOKENS = 32, 8, 64, 321
-
-
-def byte_tables(vocab):
-    return (torch.ones(vocab, dtype=torch.int16), torch.zeros(vocab, dtype=torch.bool),
-            torch.zeros(vocab, dtype=torch.bool))
 
 
 def hp(**overrides):

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import train_gpt as tg
+from conftest import byte_tables
 
 
 @pytest.mark.parametrize("num_targets", [1, 5, 63, 64, 65, 127, 128, 129, 1000, 4097])
@@ -38,11 +39,6 @@ class CountingModel(torch.nn.Module):
 
     def forward(self, x, y, per_token=False):
         return y.double()
-
-
-def byte_tables(vocab):
-    return (torch.ones(vocab, dtype=torch.int16), torch.zeros(vocab, dtype=torch.bool),
-            torch.zeros(vocab, dtype=torch.bool))
 
 
 @pytest.mark.parametrize("n,seq_len,stride,batch", [(500, 64, 64, 3), (500, 64, 16, 5), (77, 32, 5, 4),
