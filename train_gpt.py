@@ -6,16 +6,20 @@ the artifact reloaded from disk.
 """
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import glob
 import hashlib
 import io
+import itertools
 import json
 import lzma
 import math
 import os
 import platform
+import re
 import sys
+import tempfile
 import time
 import uuid
 import zlib
@@ -151,7 +155,7 @@ class Hyperparameters:
             if not ok:
                 raise UserError(message)
 
-        for name in ("vocab_size", "num_layers", "model_dim", "num_heads", "num_kv_heads", "train_seq_len",
+        for name in ("vocab_size", "num_layers", "model_dim", "num_heads", "num_kv_heads", "mlp_mult", "train_seq_len",
                      "train_batch_tokens", "val_batch_size", "train_log_every", "gptq_calib_batches", "qat_clip_k"):
             need(getattr(self, name) > 0, f"{name.upper()} must be positive, got {getattr(self, name)}")
         need(self.vocab_size <= 65536, f"VOCAB_SIZE={self.vocab_size} does not fit the uint16 shards")
@@ -194,6 +198,8 @@ class Hyperparameters:
         need(self.max_wallclock_seconds >= 0, "MAX_WALLCLOCK_SECONDS must be >= 0 (0 = no cap)")
         need(self.muon_ns in NS_COEFFICIENTS, f"MUON_NS must be one of {sorted(NS_COEFFICIENTS)}, got {self.muon_ns!r}")
         need(0.0 <= self.min_lr_frac <= 1.0, f"MIN_LR_FRAC must be in [0, 1], got {self.min_lr_frac}")
+        need(re.fullmatch(r"[A-Za-z0-9_-][A-Za-z0-9_.-]*", self.run_id) is not None,
+             f"RUN_ID={self.run_id!r} may hold only letters, digits, '-', '_' and '.' (it names files)")
 
     def recur_span(self) -> range:
         """RECUR_LAYERS as the range of blocks that run twice; empty when off."""
@@ -228,6 +234,8 @@ BOS_ID = 1
 
 def shard_token_count(path: str) -> int:
     """Token count from a shard's header, after checking magic, version and file size."""
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: not a file; shards must be regular files")
     header = np.fromfile(path, dtype="<i4", count=HEADER_INTS)
     if header.size != HEADER_INTS or header[0] != SHARD_MAGIC or header[1] != SHARD_VERSION:
         raise UserError(f"{path}: not a challenge shard (need magic {SHARD_MAGIC}, version {SHARD_VERSION})")
@@ -255,20 +263,25 @@ def shard_files(data_path: str, split: str) -> list[str]:
 
 
 class TokenStream:
-    """Training shards in order, forever; every rank reads the same stream and keeps its own slice."""
+    """Training shards in order, forever; every rank reads the same stream and keeps its own slice. The next shard
+    is read by a background thread while the current one is consumed, so the loop never waits on the disk."""
 
     def __init__(self, files: list[str], vocab_size: int):
         if sum(shard_token_count(f) for f in files) == 0:
             raise UserError(f"training shards {files[0]}... hold no tokens")
         self.files, self.vocab_size = files, vocab_size
         self.file_index, self.tokens, self.pos = -1, np.zeros(0, np.uint16), 0
+        self.reader = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+        self.next_tokens = self.reader.submit(read_shard, files[0], vocab_size)
 
     def take(self, n: int) -> np.ndarray:
         parts = []
         while n > 0:
             if self.pos == self.tokens.size:
                 self.file_index = (self.file_index + 1) % len(self.files)
-                self.tokens, self.pos = read_shard(self.files[self.file_index], self.vocab_size), 0
+                self.tokens, self.pos = self.next_tokens.result(), 0
+                following = self.files[(self.file_index + 1) % len(self.files)]
+                self.next_tokens = self.reader.submit(read_shard, following, self.vocab_size)
                 continue
             part = self.tokens[self.pos:self.pos + n]
             parts.append(part)
@@ -318,11 +331,26 @@ def count_target_bytes(prev: torch.Tensor, target: torch.Tensor, tables: tuple) 
 
 
 def load_tokenizer(hp: Hyperparameters) -> spm.SentencePieceProcessor:
-    if not os.path.isfile(hp.tokenizer_path):
-        raise UserError(f"TOKENIZER_PATH={hp.tokenizer_path} does not exist")
-    sp = spm.SentencePieceProcessor(model_file=hp.tokenizer_path)
+    """The tokenizer, checked against VOCAB_SIZE and against the hash the dataset's manifest.json records (written
+    by data/prepare.py): byte counts from another tokenizer would make every bits-per-byte figure silently wrong."""
+    try:
+        with open(hp.tokenizer_path, "rb") as f:
+            model = f.read()
+        sp = spm.SentencePieceProcessor(model_proto=model)
+        if sp.vocab_size() == 0:
+            raise RuntimeError("it has no pieces")
+    except (OSError, RuntimeError) as e:
+        raise UserError(f"TOKENIZER_PATH={hp.tokenizer_path} is not a readable SentencePiece model ({e})") from None
     if sp.vocab_size() != hp.vocab_size:
         raise UserError(f"VOCAB_SIZE={hp.vocab_size} but {hp.tokenizer_path} has {sp.vocab_size()} pieces")
+    try:
+        with open(os.path.join(hp.data_path, "manifest.json"), encoding="utf-8") as f:
+            expected = json.load(f).get("tokenizer_sha256")
+    except (OSError, ValueError, AttributeError):
+        expected = None
+    if expected and hashlib.sha256(model).hexdigest() != expected:
+        raise UserError(f"TOKENIZER_PATH={hp.tokenizer_path} is not the tokenizer of DATA_PATH={hp.data_path} "
+                        f"(its manifest.json records sha256 {expected[:16]}...): point TOKENIZER_PATH at that one")
     return sp
 
 
@@ -379,12 +407,38 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin, x[..., 2 * half:]), dim=-1)
 
 
+def flash_attention_3():
+    """FlashAttention-3's attention function when its package imports (Hopper builds), else None."""
+    try:
+        from flash_attn_interface import flash_attn_func
+    except ImportError:
+        return None
+    return flash_attn_func
+
+
+def attention_kernel(device: torch.device) -> str:
+    """Which kernel the model's attention runs on. On CUDA, SDPA is pinned to the flash kernel (setup_distributed):
+    left to choose, recent torch may pick cuDNN attention, which has open correctness bugs with few KV heads."""
+    return "fa3" if flash_attention_3() else "sdpa_flash" if device.type == "cuda" else "sdpa"
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fa3) -> torch.Tensor:
+    """Causal GQA attention on (batch, time, heads, head_dim) tensors, in FA3's layout."""
+    if fa3 is not None:
+        y = fa3(q, k, v, causal=True)
+        return y[0] if isinstance(y, tuple) else y  # some FA3 versions also return the log-sum-exp
+    y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
+                                       enable_gqa=k.size(2) != q.size(2))
+    return y.transpose(1, 2)
+
+
 class Attention(nn.Module):
     def __init__(self, hp: Hyperparameters, layer: int):
         super().__init__()
         dim, self.heads, self.kv_heads = hp.model_dim, hp.num_heads, hp.num_kv_heads
         self.head_dim = dim // hp.num_heads
         self.xsa = layer >= hp.num_layers - hp.xsa_last_n
+        self.fa3 = flash_attention_3()
         bits = hp.qat_bits_attn
         self.c_q = CastedLinear(dim, dim, bits)
         self.c_k = CastedLinear(dim, self.kv_heads * self.head_dim, bits)
@@ -396,25 +450,25 @@ class Attention(nn.Module):
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     def rotary(self, t: int, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        freqs = torch.outer(torch.arange(t, device=device, dtype=torch.float32), self.inv_freq)
+        freqs = torch.outer(torch.arange(t, device=device, dtype=torch.float32), self.inv_freq)[:, None, :]
         return freqs.cos().to(dtype), freqs.sin().to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, t, _ = x.shape
-        q = self.c_q(x).view(b, t, self.heads, self.head_dim).transpose(1, 2)
-        k = self.c_k(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
-        v = self.c_v(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
+        q = self.c_q(x).view(b, t, self.heads, self.head_dim)
+        k = self.c_k(x).view(b, t, self.kv_heads, self.head_dim)
+        v = self.c_v(x).view(b, t, self.kv_heads, self.head_dim)
         cos, sin = self.rotary(t, x.device, q.dtype)
-        q = apply_rotary(F.rms_norm(q, (self.head_dim,)), cos, sin) * self.q_gain.to(q.dtype)[:, None, None]
+        q = apply_rotary(F.rms_norm(q, (self.head_dim,)), cos, sin) * self.q_gain.to(q.dtype)[:, None]
         k = apply_rotary(F.rms_norm(k, (self.head_dim,)), cos, sin)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.kv_heads != self.heads)
+        y = causal_attention(q, k, v, self.fa3)
         if self.xsa:
             # XSA: drop the part of each head's output that only repeats its own token's value, so attention
             # spends itself on context. Query heads are grouped by the kv head that serves them.
-            y = y.unflatten(1, (self.kv_heads, -1))
-            v_hat = F.normalize(v, dim=-1).unsqueeze(2)
-            y = (y - (y * v_hat).sum(-1, keepdim=True) * v_hat).flatten(1, 2)
-        return self.proj(y.transpose(1, 2).reshape(b, t, -1))
+            y = y.unflatten(2, (self.kv_heads, -1))
+            v_hat = F.normalize(v, dim=-1).unsqueeze(3)
+            y = (y - (y * v_hat).sum(-1, keepdim=True) * v_hat).flatten(2, 3)
+        return self.proj(y.reshape(b, t, -1))
 
 
 class MLP(nn.Module):
@@ -457,10 +511,15 @@ class Block(nn.Module):
 
 class GPT(nn.Module):
     """U-Net transformer: the first half of the blocks (encoder) keep their outputs, and the mirrored block
-    of the second half (decoder) adds them back through learned per-dimension skip weights."""
+    of the second half (decoder) adds them back through learned per-dimension skip weights.
 
-    def __init__(self, hp: Hyperparameters):
+    With `bf16` the forward pass runs under bf16 autocast and the residual stream itself is bf16 (half the bytes
+    through every add, norm and skip); parameters stay fp32. A model reloaded from an artifact is built with
+    `qat=False`: its weights are already on the grid, so fake quantisation would only cost time."""
+
+    def __init__(self, hp: Hyperparameters, bf16: bool = False, qat: bool = True):
         super().__init__()
+        self.bf16 = bf16
         self.softcap = hp.logit_softcap
         self.tok_emb = nn.Embedding(hp.vocab_size, hp.model_dim)
         nn.init.normal_(self.tok_emb.weight, std=0.005 if hp.tie_embeddings else 1.0)
@@ -483,6 +542,7 @@ class GPT(nn.Module):
         for module in self.modules():
             if isinstance(module, CastedLinear):
                 module.clip_k = hp.qat_clip_k if hp.clip_mode == "std" else 0.0
+                module.qat_bits *= qat
 
     def set_qat(self, enabled: bool) -> None:
         for module in self.modules():
@@ -507,22 +567,24 @@ class GPT(nn.Module):
         return x
 
     def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
-        x = x0 = self.embed(input_ids)
-        skips = []
-        for i, block in enumerate(self.blocks):
-            if i >= self.num_encoder and skips:
-                x = x + self.skip_weights[i - self.num_encoder].to(x.dtype) * skips.pop()
-            x = block(x, x0)
-            if i < self.num_encoder:
-                skips.append(x)
-            if self.recur_on and i + 1 == self.recur.stop:
-                # Depth recurrence: the span runs again with the same weights; the U-Net skips stay with
-                # the first pass.
-                for j in self.recur:
-                    x = self.blocks[j](x, x0)
-        x = F.rms_norm(x, (x.size(-1),))
-        logits = self.lm_head(x) if self.lm_head is not None else F.linear(x, self.tok_emb.weight)
-        return self.softcap * torch.tanh(logits.float() / self.softcap)
+        with torch.autocast(input_ids.device.type, torch.bfloat16, enabled=self.bf16):
+            x = self.embed(input_ids)
+            x = x0 = x.to(torch.bfloat16) if self.bf16 else x
+            skips = []
+            for i, block in enumerate(self.blocks):
+                if i >= self.num_encoder and skips:
+                    x = x + self.skip_weights[i - self.num_encoder].to(x.dtype) * skips.pop()
+                x = block(x, x0)
+                if i < self.num_encoder:
+                    skips.append(x)
+                if self.recur_on and i + 1 == self.recur.stop:
+                    # Depth recurrence: the span runs again with the same weights; the U-Net skips stay with
+                    # the first pass.
+                    for j in self.recur:
+                        x = self.blocks[j](x, x0)
+            x = F.rms_norm(x, (x.size(-1),))
+            logits = self.lm_head(x) if self.lm_head is not None else F.linear(x, self.tok_emb.weight)
+            return self.softcap * torch.tanh(logits.float() / self.softcap)
 
     def forward(self, input_ids: torch.Tensor, target_ids: torch.Tensor, per_token: bool = False) -> torch.Tensor:
         logits = self.logits(input_ids)
@@ -568,51 +630,66 @@ def newton_schulz(g: torch.Tensor, steps: int, variant: str = "classic") -> torc
     return x.mT if tall else x
 
 
+def balanced_owners(sizes: list[int], world_size: int) -> list[int]:
+    """Rank that orthogonalises each matrix: largest first, each to the least-loaded rank, so every rank does about
+    the same Newton-Schulz work (NS costs grow with the matrix size)."""
+    owners, load = [0] * len(sizes), [0] * world_size
+    for i in sorted(range(len(sizes)), key=lambda i: -sizes[i]):
+        owners[i] = min(range(world_size), key=load.__getitem__)
+        load[owners[i]] += sizes[i]
+    return owners
+
+
 class Muon(torch.optim.Optimizer):
-    """Nesterov momentum, then Newton-Schulz orthogonalisation. Matrices of one shape are orthogonalised as
-    a batch; each rank takes every world_size-th matrix and one all-reduce shares the updates."""
+    """Nesterov momentum, then Newton-Schulz orthogonalisation. Each rank orthogonalises the matrices it owns
+    (same-shape ones as one batch) into its slice of one flat update buffer; one all-reduce shares the buffer,
+    and every rank applies all the updates with foreach ops."""
 
     def __init__(self, params, lr: float, momentum: float, backend_steps: int, weight_decay: float,
-                 rank: int = 0, world_size: int = 1, ns_variant: str = "classic", row_norm: bool = False):
+                 rank: int = 0, world_size: int = 1, ns_variant: str = "classic", row_norm: bool = False,
+                 compile: bool = False):
         super().__init__(list(params), dict(lr=lr, momentum=momentum, weight_decay=weight_decay))
-        self.backend_steps, self.rank, self.world_size = backend_steps, rank, world_size
+        self.backend_steps, self.world_size = backend_steps, world_size
         self.ns_variant, self.row_norm = ns_variant, row_norm
+        self.orthogonalise = torch.compile(newton_schulz, dynamic=False, fullgraph=True) if compile else newton_schulz
         params = self.param_groups[0]["params"]
+        work_dtype = torch.bfloat16 if params[0].is_cuda else torch.float32
+        self.flat = torch.zeros(sum(p.numel() for p in params), dtype=work_dtype, device=params[0].device)
+        self.updates = [u.view_as(p) for u, p in zip(self.flat.split([p.numel() for p in params]), params)]
+        owners = balanced_owners([p.numel() for p in params], world_size)
         by_shape: dict[tuple, list] = {}
-        for p in params:
-            by_shape.setdefault(tuple(p.shape), []).append(p)
-        self.owned = [ps[rank::world_size] for ps in by_shape.values() if ps[rank::world_size]]
+        for i, p in enumerate(params):
+            if owners[i] == rank:
+                by_shape.setdefault(tuple(p.shape), []).append(i)
+        self.owned = list(by_shape.values())
 
     @torch.no_grad()
     def step(self):
         group = self.param_groups[0]
         params, lr, momentum = group["params"], group["lr"], group["momentum"]
-        work_dtype = torch.bfloat16 if params[0].is_cuda else torch.float32
-        updates = {p: torch.zeros_like(p, dtype=work_dtype) for p in params} if self.world_size > 1 else {}
-        for ps in self.owned:
-            grads = []
-            for p in ps:
-                buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
-                buf.mul_(momentum).add_(p.grad)
-                grads.append(p.grad.add(buf, alpha=momentum))
-            stacked = torch.stack(grads)
+        if self.world_size > 1:
+            self.flat.zero_()  # the all-reduce sums: slices this rank does not own must hold zeros
+        for indices in self.owned:
+            ps = [params[i] for i in indices]
+            grads = [p.grad for p in ps]
+            bufs = [self.state[p].setdefault("momentum_buffer", torch.zeros_like(p)) for p in ps]
+            torch._foreach_mul_(bufs, momentum)
+            torch._foreach_add_(bufs, grads)
+            stacked = torch.stack(torch._foreach_add(grads, bufs, alpha=momentum))
             if self.row_norm:
                 # MuonEq-R: equalise row norms first, so a few loud rows cannot dominate the orthogonalisation.
                 stacked = stacked / stacked.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-            ortho = newton_schulz(stacked, self.backend_steps, self.ns_variant)
+            ortho = self.orthogonalise(stacked, self.backend_steps, self.ns_variant)
             ortho *= max(1.0, ps[0].size(0) / ps[0].size(1)) ** 0.5
-            for p, u in zip(ps, ortho):
-                updates[p] = u
+            torch._foreach_copy_([self.updates[i] for i in indices], list(ortho.unbind()))
         if self.world_size > 1:
-            flat = torch.cat([updates[p].flatten() for p in params])
-            dist.all_reduce(flat)
-            updates = dict(zip(params, flat.split([p.numel() for p in params])))
-        for p in params:
-            p.mul_(1 - lr * group["weight_decay"])
-            p.add_(updates[p].view_as(p).to(p.dtype), alpha=-lr)
+            dist.all_reduce(self.flat)
+        torch._foreach_mul_(params, 1 - lr * group["weight_decay"])
+        torch._foreach_add_(params, self.updates, alpha=-lr)
 
 
-def build_optimizers(model: GPT, hp: Hyperparameters, rank: int, world_size: int, fused: bool):
+def build_optimizers(model: GPT, hp: Hyperparameters, rank: int, world_size: int, fused: bool,
+                     compile: bool = False):
     # Muon takes the linear layers' weights (blocks and bigram projection); Adam the embedding tables, the
     # untied head, and everything else (gains, scales, resid_mix, skip weights, smear gate) as scalars without
     # weight decay: orthogonalising a 2 x dim mixing table would be meaningless.
@@ -623,7 +700,7 @@ def build_optimizers(model: GPT, hp: Hyperparameters, rank: int, world_size: int
     taken = {id(p) for p in matrices + embeds + head}
     scalars = [p for p in model.parameters() if id(p) not in taken]
     muon = Muon(matrices, hp.matrix_lr, hp.muon_momentum, hp.muon_backend_steps, hp.muon_wd, rank, world_size,
-                hp.muon_ns, hp.muon_row_norm)
+                hp.muon_ns, hp.muon_row_norm, compile)
     groups = [dict(params=embeds, lr=hp.tied_embed_lr if hp.tie_embeddings else hp.embed_lr,
                    weight_decay=hp.adam_wd),
               dict(params=scalars, lr=hp.scalar_lr, weight_decay=0.0)]
@@ -662,7 +739,7 @@ def training_progress(step: int, elapsed_ms: float, hp: Hyperparameters) -> floa
 CLIP_FRACTIONS = (1.0, 0.97, 0.94, 0.91, 0.88, 0.85, 0.82, 0.79, 0.76, 0.73, 0.7)
 STD_CLIP_KS = (2.5, 3.0, 3.5, 4.0, 5.0, 6.0, 8.0, 10.0, 12.0, 16.0, 20.0)
 GPTQ_BLOCK, GPTQ_DAMP = 128, 0.01
-ARTIFACT_MAGIC, PAYLOAD_MAGIC = b"PGA1", b"PGQ1"
+ARTIFACT_MAGIC, PAYLOAD_MAGIC = b"PGA2", b"PGQ1"
 
 
 def quantize_rows(w: torch.Tensor, bits: int, clip_mode: str = "max", weight: torch.Tensor | None = None,
@@ -803,26 +880,34 @@ def serialize(p: Packed, shuffle: bool = False) -> bytes:
 
 
 def unpack_state(payload: bytes) -> dict[str, torch.Tensor]:
+    """The state dict a payload holds. Every offset, count and shape is checked against the data, so a truncated or
+    foreign payload is one UserError, never a crash or a silently wrong tensor."""
     if payload[:4] != PAYLOAD_MAGIC:
         raise UserError("artifact payload has no PGQ1 magic: not written by this script")
-    end = len(payload) - 4 - int.from_bytes(payload[-4:], "little")
-    header = json.loads(payload[end:-4])
-    codes = np.frombuffer(payload, np.int8, header["codes"], 4)
-    raw = np.frombuffer(payload, np.uint8, end - 4 - header["codes"], 4 + header["codes"])
-    halves = (np.ascontiguousarray(raw.reshape(2, -1).T) if header["shuffle"] else raw).view(np.float16).ravel()
+    try:
+        end = len(payload) - 4 - int.from_bytes(payload[-4:], "little")
+        header = json.loads(payload[end:-4])
+        codes = np.frombuffer(payload, np.int8, header["codes"], 4)
+        raw = np.frombuffer(payload, np.uint8, end - 4 - header["codes"], 4 + header["codes"])
+        halves = (np.ascontiguousarray(raw.reshape(2, -1).T) if header["shuffle"] else raw).view(np.float16).ravel()
 
-    def read(array, offset_count):
-        offset, count = offset_count
-        return torch.from_numpy(array[offset:offset + count].copy())
+        def read(array: np.ndarray, offset_count: list, count: int) -> torch.Tensor:
+            offset, stored = offset_count
+            if stored != count or not 0 <= offset <= array.size - count:
+                raise ValueError(f"{count} values expected at {offset}, {stored} declared, {array.size} stored")
+            return torch.from_numpy(array[offset:offset + count].copy())
 
-    state = {}
-    for entry in header["tensors"]:
-        if entry["bits"] < 16:
-            tensor = dequantize_rows(read(codes, entry["codes"]).view(entry["shape"]), read(halves, entry["scale"]))
-        else:
-            tensor = read(halves, entry["values"]).float().view(entry["shape"])
-        state[entry["name"]] = tensor
-    return state
+        state = {}
+        for entry in header["tensors"]:
+            shape = [int(n) for n in entry["shape"]]
+            if entry["bits"] < 16:
+                state[entry["name"]] = dequantize_rows(read(codes, entry["codes"], math.prod(shape)).view(shape),
+                                                       read(halves, entry["scale"], shape[0]))
+            else:
+                state[entry["name"]] = read(halves, entry["values"], math.prod(shape)).float().view(shape)
+        return state
+    except (ValueError, KeyError, TypeError, IndexError, RuntimeError) as e:
+        raise UserError(f"artifact payload is malformed ({e}); it is truncated or not written by this script") from None
 
 
 def package(name: str):
@@ -840,14 +925,18 @@ def have_brotli() -> bool:
     return True
 
 
+# Per method: its id in the artifact, compress, and decompress(data, n) that stops after about n bytes of output, so a
+# hostile artifact cannot make the loader allocate more than its header declares.
 COMPRESSORS = {
     "zstd": (0, lambda b: package("zstandard").ZstdCompressor(level=22).compress(b),
-             lambda b: package("zstandard").ZstdDecompressor().decompress(b)),
-    "lzma": (1, lambda b: lzma.compress(b, preset=9 | lzma.PRESET_EXTREME), lzma.decompress),
-    "zlib": (2, lambda b: zlib.compress(b, 9), zlib.decompress),
+             lambda b, n: package("zstandard").ZstdDecompressor().stream_reader(b).read(n)),
+    "lzma": (1, lambda b: lzma.compress(b, preset=9 | lzma.PRESET_EXTREME),
+             lambda b, n: lzma.LZMADecompressor().decompress(b, n)),
+    "zlib": (2, lambda b: zlib.compress(b, 9), lambda b, n: zlib.decompressobj().decompress(b, n)),
     "brotli": (3, lambda b: package("brotli").compress(b, quality=11, lgwin=24),
-               lambda b: package("brotli").decompress(b)),
+               lambda b, n: package("brotli").Decompressor().process(b, output_buffer_limit=n)),
 }
+MAX_PAYLOAD_BYTES = 1 << 28  # a 16 MB artifact unpacks to ~30 MB; anything near this cap is not ours
 
 
 def encode_artifact(p: Packed, method: str, shuffle: bool = False) -> bytes:
@@ -855,11 +944,12 @@ def encode_artifact(p: Packed, method: str, shuffle: bool = False) -> bytes:
     brotli (brotli only where it is installed: it is not a requirement)."""
     payload = serialize(p, shuffle)
     names = ["zstd", "lzma"] + ["brotli"] * have_brotli() if method == "best" else [method]
-    return min((ARTIFACT_MAGIC + bytes([COMPRESSORS[n][0]]) + COMPRESSORS[n][1](payload) for n in names), key=len)
+    head = ARTIFACT_MAGIC + len(payload).to_bytes(8, "little")
+    return min((head + bytes([COMPRESSORS[n][0]]) + COMPRESSORS[n][1](payload) for n in names), key=len)
 
 
 def method_name(blob: bytes) -> str:
-    return next(name for name, (method_id, *_) in COMPRESSORS.items() if method_id == blob[4])
+    return next(name for name, (method_id, *_) in COMPRESSORS.items() if method_id == blob[12])
 
 
 def prune_to_fit(p: Packed, budget: float, method: str, shuffle: bool = False) -> tuple[bytes, int, int]:
@@ -897,22 +987,43 @@ def prune_to_fit(p: Packed, budget: float, method: str, shuffle: bool = False) -
 
 
 def write_artifact(path: str, blob: bytes) -> int:
-    """Write atomically (temporary name, then rename); returns the size in bytes."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    """Write atomically (temporary name, then rename); returns the size in bytes. On any failure (a full disk, say)
+    the temporary file is removed and nothing is left under the artifact's name."""
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(blob)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(blob)
+        os.replace(tmp, path)
+    except OSError as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise UserError(f"could not write the artifact {path}: {e.strerror or e}") from None
     return len(blob)
 
 
 def read_artifact(path: str) -> dict[str, torch.Tensor]:
-    with open(path, "rb") as f:
-        blob = f.read()
+    """Magic, declared payload size (8 bytes), compressor id, compressed payload; the size bounds the decompression."""
+    try:
+        with open(path, "rb") as f:
+            blob = f.read()
+    except OSError as e:
+        raise UserError(f"cannot read the artifact {path}: {e.strerror}") from None
     methods = {method_id: decompress for method_id, _, decompress in COMPRESSORS.values()}
-    if blob[:4] != ARTIFACT_MAGIC or len(blob) < 5 or blob[4] not in methods:
-        raise UserError(f"{path} is not a Parameter Golf artifact (bad magic); refusing to load it")
-    return unpack_state(methods[blob[4]](blob[5:]))
+    if blob[:4] != ARTIFACT_MAGIC or len(blob) < 13 or blob[12] not in methods:
+        raise UserError(f"{path} is not a Parameter Golf artifact (bad magic or header); refusing to load it")
+    size = int.from_bytes(blob[4:12], "little")
+    if size > MAX_PAYLOAD_BYTES:
+        raise UserError(f"{path} declares a {size}-byte payload, over the {MAX_PAYLOAD_BYTES}-byte cap; refusing it")
+    try:
+        payload = methods[blob[12]](blob[13:], size + 1)
+    except UserError:
+        raise
+    except Exception as e:  # each codec has its own error types for corrupt data
+        raise UserError(f"{path}: the payload does not decompress ({e})") from None
+    if len(payload) != size:
+        raise UserError(f"{path}: the payload has {len(payload)} bytes where the header declares {size}; "
+                        f"the file is truncated or corrupt")
+    return unpack_state(payload)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -942,16 +1053,17 @@ def score_windows(model: nn.Module, val_tokens: torch.Tensor, tables: tuple, sta
     is also written at its position, so tests can see exactly what was scored with which weights."""
     device = val_tokens.device
     offsets = torch.arange(length + 1, device=device)
-    for i in range(0, starts.size, batch_seqs):
-        # Pad the batch with windows that score nothing, so every batch has the shape the model compiled for.
-        pad = batch_seqs - starts[i:i + batch_seqs].size
-        s = torch.from_numpy(np.concatenate((starts[i:i + batch_seqs], np.zeros(pad, np.int64)))).to(device)
-        f = torch.from_numpy(np.concatenate((first_scored[i:i + batch_seqs], np.full(pad, length, np.int64))))
+    # Pad to whole batches with windows that score nothing, so every batch has the shape the model compiled for.
+    # The plan goes to the device once, not batch by batch.
+    pad = -starts.size % batch_seqs
+    all_starts = torch.from_numpy(np.concatenate((starts, np.zeros(pad, np.int64)))).to(device)
+    all_first = torch.from_numpy(np.concatenate((first_scored, np.full(pad, length, np.int64)))).to(device)
+    for i in range(0, all_starts.numel(), batch_seqs):
+        s, f = all_starts[i:i + batch_seqs], all_first[i:i + batch_seqs]
         window = val_tokens[s[:, None] + offsets]
         x, y = window[:, :-1], window[:, 1:]
-        with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
-            losses = model(x, y, per_token=True).double()
-        scored = offsets[None, :-1] >= f.to(device)[:, None]
+        losses = model(x, y, per_token=True).double()
+        scored = offsets[None, :-1] >= f[:, None]
         sums[0] += (losses * scored).sum()
         sums[1] += scored.sum()
         sums[2] += (count_target_bytes(x, y, tables) * scored).sum()
@@ -991,8 +1103,7 @@ def ttt_adapt(model: nn.Module, opt: torch.optim.Optimizer, tokens: torch.Tensor
     for _ in range(epochs):
         opt.zero_grad(set_to_none=False)
         if x.size(0):
-            with torch.autocast(x.device.type, torch.bfloat16, enabled=x.is_cuda):
-                loss = model(x, y, per_token=True).sum() / (rows * length)
+            loss = model(x, y, per_token=True).sum() / (rows * length)
             loss.backward()
         if world_size > 1:
             flat = torch.cat([p.grad.flatten() for p in params])
@@ -1043,23 +1154,48 @@ def evaluate_ttt(model: nn.Module, scorer: nn.Module, val_tokens: torch.Tensor, 
 
 
 class Logger:
-    """One event per line of `key:value` pairs, to stdout and logs/<RUN_ID>.txt (rank 0 only)."""
+    """One event per line of `key:value` pairs, to stdout and logs/<RUN_ID>.txt (rank 0 only). The log of an earlier
+    run with the same RUN_ID is kept, renamed to logs/<RUN_ID>.txt.<n>."""
 
     def __init__(self, run_id: str, enabled: bool):
-        self.enabled, self.path = enabled, os.path.join("logs", f"{run_id}.txt")
-        if enabled:
+        self.enabled, self.path, self.kept = enabled, os.path.join("logs", f"{run_id}.txt"), ""
+        if not enabled:
+            return
+        try:
             os.makedirs("logs", exist_ok=True)
+            if os.path.exists(self.path):
+                self.kept = next(name for name in (f"{self.path}.{n}" for n in itertools.count(1))
+                                 if not os.path.exists(name))
+                os.replace(self.path, self.kept)
             with open(__file__, "rb") as f:
                 code = f.read()
             with open(self.path, "wb") as f:
                 f.write(f"code_begin bytes:{len(code)} sha256:{hashlib.sha256(code).hexdigest()}\n".encode())
                 f.write(code + b"\ncode_end\n")
+        except OSError as e:
+            raise UserError(f"cannot write the log {self.path}: {e.strerror}; run from a writable folder") from None
 
     def __call__(self, line: str) -> None:
         if self.enabled:
             print(line, flush=True)
             with open(self.path, "a", encoding="utf-8") as f:
                 f.write(line + "\n")
+
+
+def check_writable(folder: str) -> None:
+    """Fail at start-up, not after the whole training budget, when the artifact could not be written."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        raise UserError(f"ARTIFACT_DIR={folder} is not a writable folder ({e.strerror})") from None
+
+
+def uses_bf16(hp: Hyperparameters, device: torch.device) -> bool:
+    # CUDA always computes in bf16. On a CPU, COMPILE=1 rehearses the GPU path (inductor and bf16); COMPILE=0 is the
+    # plain fp32 eager path.
+    return device.type == "cuda" or hp.compile
 
 
 def setup_distributed() -> tuple[int, int, torch.device]:
@@ -1069,6 +1205,11 @@ def setup_distributed() -> tuple[int, int, torch.device]:
     if use_cuda:
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        # Pin SDPA to the flash kernel (see attention_kernel); everything attends in bf16.
+        torch.backends.cuda.enable_cudnn_sdp(False)
+        torch.backends.cuda.enable_mem_efficient_sdp(False)
+        torch.backends.cuda.enable_math_sdp(False)
+        torch.backends.cuda.enable_flash_sdp(True)
     if world_size > 1:
         dist.init_process_group("nccl" if use_cuda else "gloo", device_id=device if use_cuda else None)
     return rank, world_size, device
@@ -1085,28 +1226,31 @@ def eval_batch_seqs(hp: Hyperparameters, seq_len: int, world_size: int) -> int:
     return max(1, hp.val_batch_size // (seq_len * world_size))
 
 
+def diverged(step: int) -> UserError:
+    return UserError(f"training diverged (a non-finite loss or weight by step {step}): lower the learning rates "
+                     f"(MATRIX_LR, SCALAR_LR, TIED_EMBED_LR) or set GRAD_CLIP_NORM")
+
+
 class Trainer:
     """Owns the model, optimizers, EMA and data stream for one run."""
 
     def __init__(self, hp: Hyperparameters, rank: int, world_size: int, device: torch.device, log: Logger):
         self.hp, self.rank, self.world_size, self.device, self.log = hp, rank, world_size, device, log
-        self.model = GPT(hp).to(device)
-        compiled = torch.compile(self.model, dynamic=False, fullgraph=True) if self.use_compile else self.model
+        self.model = GPT(hp, bf16=uses_bf16(hp, device)).to(device)
+        compiled = torch.compile(self.model, dynamic=False, fullgraph=True) if hp.compile else self.model
         ddp_devices = [device.index] if device.type == "cuda" else None
-        self.step_model = DDP(compiled, device_ids=ddp_devices) if world_size > 1 else compiled
+        # Buffers (rotary frequencies, the QAT switch) are equal on every rank: broadcasting them each step is waste.
+        self.step_model = (DDP(compiled, device_ids=ddp_devices, broadcast_buffers=False) if world_size > 1
+                           else compiled)
         self.eval_model = compiled
-        self.optimizers = build_optimizers(self.model, hp, rank, world_size, fused=device.type == "cuda")
+        self.optimizers = build_optimizers(self.model, hp, rank, world_size, device.type == "cuda", hp.compile)
         self.accum = hp.accum_steps(world_size)
         self.local_tokens = hp.train_batch_tokens // (world_size * self.accum)
         self.train_files = shard_files(hp.data_path, "train")
         self.loader = TrainLoader(self.train_files, hp.vocab_size, rank, world_size, device)
         # Host-side scalars (the clock) are agreed over gloo so no rank waits on its GPU to decide.
         self.clock_group = dist.new_group(backend="gloo") if world_size > 1 and device.type == "cuda" else None
-        self.hessians, self.hessian_ms = {}, 0.0
-
-    @property
-    def use_compile(self) -> bool:
-        return self.hp.compile and self.device.type == "cuda"
+        self.hessians, self.hessian_ms, self.qat_on = {}, 0.0, False
 
     def train_step(self, step: int) -> torch.Tensor:
         hp = self.hp
@@ -1115,8 +1259,7 @@ class Trainer:
             x, y = self.loader.next_batch(self.local_tokens, hp.train_seq_len)
             if isinstance(self.step_model, DDP):
                 self.step_model.require_backward_grad_sync = micro == self.accum - 1
-            with torch.autocast(self.device.type, torch.bfloat16, enabled=self.device.type == "cuda"):
-                loss = self.step_model(x, y)
+            loss = self.step_model(x, y)
             (loss / self.accum).backward()
             total += loss.detach()
         if hp.grad_clip_norm > 0:
@@ -1202,9 +1345,11 @@ class Trainer:
     def train(self, val_tokens: torch.Tensor, tables: tuple) -> tuple[int, float]:
         """The timed loop. Returns the steps taken and the training milliseconds (validation excluded)."""
         hp, log = self.hp, self.log
-        ema = [p.detach().clone() for p in self.model.parameters()] if hp.ema_decay > 0 else None
+        params = list(self.model.parameters())
+        ema = [p.detach().clone() for p in params] if hp.ema_decay > 0 else None
+        finite = torch.ones((), dtype=torch.bool, device=self.device)  # a device flag: no host sync per step
         cap_ms = 1000 * hp.train_seconds
-        step, paused_ms, qat_on = 0, 0.0, False
+        step, paused_ms, last_ms = 0, 0.0, 0.0
         self.sync()
         t0 = time.perf_counter()
 
@@ -1213,7 +1358,12 @@ class Trainer:
 
         while True:
             elapsed_ms = self.agreed(train_ms())
-            out_of_time = cap_ms > 0 and elapsed_ms >= cap_ms
+            # Stop before a step that would end past the cap, so train_s never exceeds it: the next step is taken to
+            # last as long as the slowest of the last one and the average, once more for the GPU work the host
+            # may still have queued (the loop does not sync each step).
+            step_ms = max(elapsed_ms - last_ms, elapsed_ms / step) if step else 0.0
+            out_of_time = cap_ms > 0 and step > 0 and elapsed_ms + 2 * step_ms > cap_ms
+            last_ms = elapsed_ms
             last = step == hp.iterations or out_of_time
             # Recurrence is always on by the end: the exported model is scored with it whenever RECUR_LAYERS
             # is set.
@@ -1231,21 +1381,24 @@ class Trainer:
                 if out_of_time and step < hp.iterations:
                     log(f"stopping_early reason:wallclock step:{step}/{hp.iterations} train_time:{elapsed_ms:.0f}ms")
                 break
-            if not qat_on and training_progress(step, elapsed_ms, hp) >= hp.qat_start_frac:
+            if not self.qat_on and training_progress(step, elapsed_ms, hp) >= hp.qat_start_frac:
                 self.model.set_qat(True)
-                qat_on = True
+                self.qat_on = True
                 log(f"qat_enabled step:{step} train_time:{elapsed_ms:.0f}ms")
             self.set_lr(lr_multiplier(step, elapsed_ms, hp))
             loss = self.train_step(step)
+            finite &= torch.isfinite(loss)
             if ema is not None:
-                torch._foreach_lerp_(ema, [p.detach() for p in self.model.parameters()], 1 - hp.ema_decay)
+                # Warmed-up decay: a short run exports what it trained, not mostly its initialisation; after a few
+                # thousand steps this is EMA_DECAY, so long runs are unchanged.
+                decay = min(hp.ema_decay, (1 + step) / (10 + step))
+                torch._foreach_lerp_(ema, [p.detach() for p in params], 1 - decay)
             step += 1
             if step % hp.train_log_every == 0 or step == hp.iterations:
                 self.sync()  # The only host sync in the loop, and only on log steps.
+                if not finite.item():
+                    raise diverged(step)
                 now_ms, loss_value = train_ms(), loss.item()
-                if not math.isfinite(loss_value):
-                    raise UserError(f"train_loss is {loss_value} at step {step}: lower the learning rates "
-                                    f"(MATRIX_LR, SCALAR_LR, TIED_EMBED_LR) or set GRAD_CLIP_NORM")
                 avg_ms = now_ms / step
                 eta_ms = (hp.iterations - step) * avg_ms
                 if cap_ms > 0:
@@ -1256,48 +1409,70 @@ class Trainer:
         self.sync()
         if ema is not None:
             with torch.no_grad():
-                for p, e in zip(self.model.parameters(), ema):
-                    p.copy_(e)
+                torch._foreach_copy_(params, ema)
+        # A diverged run must stop here, before export: one error line, no artifact, a non-zero exit.
+        if not (finite.item() and all(bool(p.isfinite().all()) for p in params)):
+            raise diverged(step)
         return step, train_ms()
 
 
-def export_and_score(hp: Hyperparameters, trainer: Trainer, val_tokens: torch.Tensor, tables: tuple,
-                     log: Logger) -> tuple[dict, float]:
-    """Write the artifact, then score what was written: reload from disk into a fresh model and evaluate."""
-    rank, world_size, device = trainer.rank, trainer.world_size, trainer.device
+def export(hp: Hyperparameters, trainer: Trainer, log: Logger) -> tuple[str, dict]:
+    """Quantise, fit and write the artifact on rank 0. Every rank learns whether that failed, so a failure there ends
+    the whole job at once instead of leaving the other ranks waiting in the next collective."""
     path = os.path.join(hp.artifact_dir, f"{hp.run_id}.pgz")
-    sizes = dict(bytes_model=0, bytes_code=os.path.getsize(__file__))
-    if rank == 0:
-        t = time.perf_counter()
-        packed = quantize_state(trainer.model.state_dict(), hp, trainer.hessians)
-        if hp.gptq:
-            log(f"gptq calib_batches:{hp.gptq_calib_batches} hessian_ms:{trainer.hessian_ms:.0f} "
-                f"quant_ms:{1000 * (time.perf_counter() - t):.0f}")
-        budget = SIZE_LIMIT - sizes["bytes_code"] if hp.fit_to_limit else math.inf
-        blob, zeroed, unpruned = prune_to_fit(packed, budget, hp.compressor, hp.byte_shuffle)
-        if zeroed:
-            log(f"prune zeroed:{zeroed} bytes_before:{unpruned} bytes_after:{len(blob)}")
-        sizes["bytes_model"] = write_artifact(path, blob)
-        export_ms = 1000 * (time.perf_counter() - t)
+    sizes, failure = dict(bytes_model=0, bytes_code=os.path.getsize(__file__)), None
+    if trainer.rank == 0:
+        try:
+            t = time.perf_counter()
+            packed = quantize_state(trainer.model.state_dict(), hp, trainer.hessians)
+            if hp.gptq:
+                log(f"gptq calib_batches:{hp.gptq_calib_batches} hessian_ms:{trainer.hessian_ms:.0f} "
+                    f"quant_ms:{1000 * (time.perf_counter() - t):.0f}")
+            budget = SIZE_LIMIT - sizes["bytes_code"] if hp.fit_to_limit else math.inf
+            blob, zeroed, unpruned = prune_to_fit(packed, budget, hp.compressor, hp.byte_shuffle)
+            if zeroed:
+                log(f"prune zeroed:{zeroed} bytes_before:{unpruned} bytes_after:{len(blob)}")
+            sizes["bytes_model"] = write_artifact(path, blob)
+            sizes["bytes_total"] = sizes["bytes_model"] + sizes["bytes_code"]
+            log(f"artifact path:{path} bytes_model:{sizes['bytes_model']} bytes_code:{sizes['bytes_code']} "
+                f"bytes_total:{sizes['bytes_total']} limit:{SIZE_LIMIT} compressor:{method_name(blob)} "
+                f"export_ms:{1000 * (time.perf_counter() - t):.0f}")
+        except UserError as e:
+            failure = e
+    if trainer.agreed(float(failure is not None)):
+        raise failure or UserError("rank 0 could not export the artifact")
     sizes["bytes_model"] = int(trainer.agreed(float(sizes["bytes_model"])))
     sizes["bytes_total"] = sizes["bytes_model"] + sizes["bytes_code"]
-    if rank == 0:
-        log(f"artifact path:{path} bytes_model:{sizes['bytes_model']} bytes_code:{sizes['bytes_code']} "
-            f"bytes_total:{sizes['bytes_total']} limit:{SIZE_LIMIT} compressor:{method_name(blob)} "
-            f"export_ms:{export_ms:.0f}")
     if sizes["bytes_total"] > SIZE_LIMIT and not hp.allow_oversize:
         raise UserError(f"artifact total {sizes['bytes_total']} bytes is over the {SIZE_LIMIT}-byte limit "
                         f"(shrink the model or lower the bit widths; ALLOW_OVERSIZE=1 to continue)")
-    if world_size > 1:
+    if trainer.world_size > 1:
         dist.barrier()
+    return path, sizes
+
+
+def load_artifact_model(hp: Hyperparameters, path: str, device: torch.device) -> GPT:
+    """A fresh model holding exactly the weights the artifact stores, as the scorer sees them."""
+    model = GPT(hp, bf16=uses_bf16(hp, device), qat=False).to(device)
+    try:
+        model.load_state_dict(read_artifact(path), strict=True)
+    except RuntimeError as e:
+        raise UserError(f"{path} does not fit this configuration ({str(e).splitlines()[0]}); run with the "
+                        f"settings that wrote it") from None
+    model.recur_on = bool(model.recur)
+    return model.eval()
+
+
+def score_artifact(hp: Hyperparameters, trainer: Trainer, path: str, val_tokens: torch.Tensor, tables: tuple,
+                   log: Logger) -> tuple[dict, float]:
+    """Score what was written: reload it from disk into a fresh model and evaluate. Returns the final score and the
+    evaluation milliseconds (reload and compilation included)."""
+    rank, world_size, device = trainer.rank, trainer.world_size, trainer.device
     trainer.sync()
     t_eval = time.perf_counter()
-    model = GPT(hp).to(device)
-    model.load_state_dict(read_artifact(path), strict=True)
-    model.recur_on = bool(model.recur)
-    model.eval()
+    model = load_artifact_model(hp, path, device)
     scorer = model
-    if trainer.use_compile:
+    if hp.compile:
         scorer = torch.compile(model, dynamic=False, fullgraph=True)
         warm_up_scorer(scorer, hp, hp.eval_seq_len, world_size, device)
     seq_len = hp.eval_seq_len
@@ -1324,14 +1499,14 @@ def export_and_score(hp: Hyperparameters, trainer: Trainer, val_tokens: torch.Te
         log(f"final_sliding_exact val_loss:{val_loss:.8f} val_bpb:{val_bpb:.8f} stride:{hp.eval_stride} "
             f"eval_time_ms:{1000 * (time.perf_counter() - t_eval):.0f}")
         score = dict(val_loss=val_loss, val_bpb=val_bpb)
-    return {**score, **sizes}, 1000 * (time.perf_counter() - t_eval)
+    return score, 1000 * (time.perf_counter() - t_eval)
 
 
 def warm_up_scorer(scorer: nn.Module, hp: Hyperparameters, seq_len: int, world_size: int,
                    device: torch.device) -> None:
     """Compile the scoring graph on random tokens of the evaluation shape, never on validation tokens."""
     x = torch.randint(0, hp.vocab_size, (eval_batch_seqs(hp, seq_len, world_size), seq_len), device=device)
-    with torch.no_grad(), torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
+    with torch.no_grad():
         scorer(x, x, per_token=True)
 
 
@@ -1350,13 +1525,22 @@ def compliance_line(bytes_total: int, train_ms: float, eval_ms: float, hp: Hyper
             f"ttt:{'score_first' if hp.ttt else 'off'} val_tokens:{val_tokens.numel()} val_sha256:{digest}")
 
 
+def compiled_graphs() -> int:
+    """Graphs torch.compile has built in this process: each is a compilation, so tests and logs pin the count."""
+    return torch._dynamo.utils.counters["stats"]["unique_graphs"]
+
+
 def log_setup(hp: Hyperparameters, log: Logger, world_size: int, device: torch.device) -> None:
     device_name = torch.cuda.get_device_name(device).replace(" ", "_") if device.type == "cuda" else "cpu"
     log(f"env python:{platform.python_version()} torch:{torch.__version__} platform:{platform.platform()} "
         f"device:{device.type} device_name:{device_name} world_size:{world_size} "
         f"backend:{dist.get_backend() if dist.is_initialized() else 'none'}")
+    if log.kept:
+        log(f"log_kept previous:{log.kept}")
     for f in dataclasses.fields(hp):
         log(f"hparam {f.name.upper()}:{getattr(hp, f.name)}")
+    log(f"runtime compile:{int(hp.compile)} autocast:{'bf16' if uses_bf16(hp, device) else 'off'} "
+        f"attention:{attention_kernel(device)}")
 
 
 def main() -> None:
@@ -1364,14 +1548,16 @@ def main() -> None:
     try:
         hp = Hyperparameters.from_env()
         hp.validate(int(os.environ.get("WORLD_SIZE", 1)))
+        check_writable(hp.artifact_dir)
+        log = Logger(hp.run_id, int(os.environ.get("RANK", 0)) == 0)
         rank, world_size, device = setup_distributed()
-        log = Logger(hp.run_id, rank == 0)
         log_setup(hp, log, world_size, device)
         run(hp, rank, world_size, device, log)
     except UserError as e:
+        # One line, from rank 0 only: every rank takes the same decisions, so the others would only repeat it.
         if log is not None and log.enabled:
             log(f"error: {e}")
-        else:
+        elif int(os.environ.get("RANK", 0)) == 0:
             print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
     if dist.is_initialized():
@@ -1386,12 +1572,18 @@ def run(hp: Hyperparameters, rank: int, world_size: int, device: torch.device, l
     sp = load_tokenizer(hp)
     tables = tuple(torch.from_numpy(t).to(device) for t in build_byte_tables(sp, hp.vocab_size))
     val_tokens = load_validation(hp, device)
+    n_bytes = int(count_target_bytes(val_tokens[:-1], val_tokens[1:], tables).sum())
+    log(f"val_data tokens:{val_tokens.numel()} targets:{val_tokens.numel() - 1} bytes:{n_bytes} "
+        f"targets_per_byte:{(val_tokens.numel() - 1) / n_bytes:.10f}")
     trainer = Trainer(hp, rank, world_size, device, log)
     n_params = sum(p.numel() for p in trainer.model.parameters())
     log(f"model params:{n_params} layers:{hp.num_layers} dim:{hp.model_dim} heads:{hp.num_heads} "
         f"kv_heads:{hp.num_kv_heads} grad_accum:{trainer.accum} local_batch_tokens:{trainer.local_tokens} "
-        f"val_tokens:{val_tokens.numel()} compile:{trainer.use_compile}")
+        f"val_tokens:{val_tokens.numel()}")
+    t = time.perf_counter()
     trainer.warm_up_compile()
+    log(f"warmup_done steps:{hp.warmup_steps} time_ms:{1000 * (time.perf_counter() - t):.0f} "
+        f"compiled_graphs:{compiled_graphs()}")
     steps, train_ms = trainer.train(val_tokens, tables)
     if hp.gptq:
         trainer.calibrate()
@@ -1400,12 +1592,16 @@ def run(hp: Hyperparameters, rank: int, world_size: int, device: torch.device, l
     log(f"train_done step:{steps} train_time:{train_ms:.0f}ms peak_mem_mib:{peak:.0f}")
     pre_loss, pre_bpb = evaluate(trainer.eval_model, val_tokens, tables, hp.eval_seq_len, hp.eval_seq_len,
                                  eval_batch_seqs(hp, hp.eval_seq_len, world_size), rank, world_size)
-    log(f"pre_export_exact val_loss:{pre_loss:.8f} val_bpb:{pre_bpb:.8f}")
-    result, eval_ms = export_and_score(hp, trainer, val_tokens, tables, log)
-    log(compliance_line(result["bytes_total"], train_ms, eval_ms, hp, val_tokens))
-    log(f"final_submission val_loss:{result['val_loss']:.8f} val_bpb:{result['val_bpb']:.8f} "
-        f"bytes_total:{result['bytes_total']} bytes_model:{result['bytes_model']} "
-        f"bytes_code:{result['bytes_code']} train_time_ms:{train_ms:.0f} eval_time_ms:{eval_ms:.0f}")
+    # With QAT on at the end, the in-memory model is scored through its fake quantisation: say so.
+    log(f"pre_export_exact val_loss:{pre_loss:.8f} val_bpb:{pre_bpb:.8f} fake_quant:{int(trainer.qat_on)}")
+    path, sizes = export(hp, trainer, log)
+    score, eval_ms = score_artifact(hp, trainer, path, val_tokens, tables, log)
+    breaks = sum(torch._dynamo.utils.counters["graph_break"].values())
+    log(f"compile graphs:{compiled_graphs()} graph_breaks:{breaks}")
+    log(compliance_line(sizes["bytes_total"], train_ms, eval_ms, hp, val_tokens))
+    log(f"final_submission val_loss:{score['val_loss']:.8f} val_bpb:{score['val_bpb']:.8f} "
+        f"bytes_total:{sizes['bytes_total']} bytes_model:{sizes['bytes_model']} "
+        f"bytes_code:{sizes['bytes_code']} train_time_ms:{train_ms:.0f} eval_time_ms:{eval_ms:.0f}")
 
 
 if __name__ == "__main__":

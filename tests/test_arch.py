@@ -42,9 +42,9 @@ def test_changing_a_future_token_leaves_earlier_logits_unchanged_with_every_feat
 def test_partial_rope_leaves_dims_beyond_rope_dims_position_free():
     attn = tg.GPT(small_hp(rope_dims=4)).blocks[0].attn  # head_dim 8: dims 0..3 rotate, 4..7 do not
     cos, sin = attn.rotary(10, torch.device("cpu"), torch.float32)
-    same_vector_everywhere = torch.randn(8).expand(10, 8)
-    rotated = tg.apply_rotary(same_vector_everywhere, cos, sin)
-    assert torch.equal(rotated[:, 4:], same_vector_everywhere[:, 4:])
+    same_vector_everywhere = torch.randn(8).expand(10, 1, 8)  # (time, heads, head_dim)
+    rotated = tg.apply_rotary(same_vector_everywhere, cos, sin)[:, 0]
+    assert torch.equal(rotated[:, 4:], same_vector_everywhere[:, 0, 4:])
     assert not torch.allclose(rotated[1:, :4], rotated[:1, :4].expand(9, 4))
 
 

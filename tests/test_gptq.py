@@ -139,7 +139,7 @@ def test_asking_for_brotli_without_the_package_is_a_user_error():
 
 
 def codes_of(blob: bytes) -> np.ndarray:
-    payload = zlib.decompress(blob[5:])
+    payload = zlib.decompress(blob[13:])
     header = json.loads(payload[len(payload) - 4 - int.from_bytes(payload[-4:], "little"):-4])
     return np.frombuffer(payload, np.int8, header["codes"], 4)
 

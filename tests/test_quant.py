@@ -97,7 +97,8 @@ def test_loader_refuses_a_torch_pickle(tmp_path):
 def test_loader_refuses_a_pickle_inside_a_valid_container(tmp_path):
     payload = pickle.dumps({"x": 1})
     path = tmp_path / "evil.pgz"
-    path.write_bytes(tg.ARTIFACT_MAGIC + bytes([2]) + __import__("zlib").compress(payload))
+    path.write_bytes(tg.ARTIFACT_MAGIC + len(payload).to_bytes(8, "little") + bytes([2])
+                     + __import__("zlib").compress(payload))
     with pytest.raises(tg.UserError, match="PGQ1"):
         tg.read_artifact(str(path))
 

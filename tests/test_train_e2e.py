@@ -95,15 +95,17 @@ def test_compile_warmup_leaves_training_exactly_as_initialised(tiny_dataset, tmp
     assert scores[0] == scores[1]
 
 
-def test_wallclock_cap_stops_every_rank_at_the_same_step(tiny_dataset, tmp_path):
+def test_wallclock_cap_stops_every_rank_before_the_cap(tiny_dataset, tmp_path):
+    """Training ends at or before MAX_WALLCLOCK_SECONDS by its own clock, so the compliance line says train_ok:1;
+    it does not stop much earlier than it must (steps here take tens of milliseconds)."""
     env = tiny_env(tiny_dataset, "capped", ITERATIONS=100000, MAX_WALLCLOCK_SECONDS=3, EVAL_STRIDE=0,
                    TRAIN_LOG_EVERY=1000)
     result = run_train(tmp_path, env, nproc=2)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
     stop = parse_line(result.stdout, "stopping_early")
-    # It stops at the first step that ends past the cap (a loaded CI machine can make one step slow).
-    assert 3000 <= float(stop["train_time"].rstrip("ms")) < 30000
-    assert "final_submission" in result.stdout
+    train_ms = float(parse_line(result.stdout, "final_submission")["train_time_ms"])
+    assert 2000 <= float(stop["train_time"].rstrip("ms")) <= train_ms <= 3000
+    assert parse_line(result.stdout, "compliance")["train_s"] == f"{train_ms / 1000:.1f}"
 
 
 @pytest.mark.parametrize("override,message", [
@@ -111,7 +113,7 @@ def test_wallclock_cap_stops_every_rank_at_the_same_step(tiny_dataset, tmp_path)
     (dict(VOCAB_SIZE="1024"), "VOCAB_SIZE=1024 but"),
     (dict(TRAIN_BATCH_TOKENS="1000"), "TRAIN_BATCH_TOKENS=1000 must be divisible"),
     (dict(MATRIX_LR="1e9", SCALAR_LR="1e9", TIED_EMBED_LR="1e9", GRAD_CLIP_NORM="0", ITERATIONS="20",
-          TRAIN_LOG_EVERY="1"), "train_loss is"),
+          TRAIN_LOG_EVERY="1"), "training diverged"),
 ])
 def test_user_errors_are_one_line_without_traceback(tiny_dataset, tmp_path, override, message):
     result = run_train(tmp_path, tiny_env(tiny_dataset, "bad", **override))
