@@ -1,4 +1,6 @@
 """tools/pack_code.py: a smaller self-extracting train_gpt.py that trains, exports and scores exactly the same."""
+import os
+import shutil
 import subprocess
 import sys
 
@@ -8,6 +10,7 @@ from conftest import REPO, parse_line, tiny_env
 
 TOOL = REPO / "tools" / "pack_code.py"
 TRAIN = REPO / "train_gpt.py"
+RUN_SEEDS = REPO / "scripts" / "run_seeds.sh"
 
 
 def pack(src, out) -> subprocess.CompletedProcess:
@@ -107,3 +110,31 @@ def test_bad_input_is_one_error_line_and_exit_2(tmp_path, content):
     res = pack(src, tmp_path / "out.py")
     assert (res.returncode, res.stdout, len(res.stderr.splitlines())) == (2, "", 1)
     assert res.stderr.startswith("error: ") and not (tmp_path / "out.py").exists()
+
+
+STUB = """import os, sys
+os.makedirs("logs", exist_ok=True)
+open(os.path.join("logs", os.environ["RUN_ID"] + ".txt"), "w").write("ran")
+open("ran.txt", "a").write(os.path.relpath(__file__) + " " + str(os.path.getsize(__file__)) + "\\n")
+"""
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+def test_run_seeds_runs_the_packed_copy_and_submits_it_as_the_code(tmp_path):
+    (tmp_path / "stub.py").write_text(STUB)
+    env = dict(os.environ, SEEDS="7 8", RUN_ID_PREFIX="t", LAUNCH=sys.executable, TRAIN="stub.py")
+    res = subprocess.run(["bash", str(RUN_SEEDS)], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    size = (tmp_path / "build" / "stub.py").stat().st_size
+    assert (tmp_path / "ran.txt").read_text().splitlines() == [f"build/stub.py {size}"] * 2
+    assert "logs/t_s7.txt logs/t_s8.txt --code build/stub.py" in res.stdout
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+def test_run_seeds_with_pack_0_runs_the_plain_file(tmp_path):
+    (tmp_path / "stub.py").write_text(STUB)
+    env = dict(os.environ, SEEDS="7", RUN_ID_PREFIX="t", LAUNCH=sys.executable, TRAIN="stub.py", PACK="0")
+    res = subprocess.run(["bash", str(RUN_SEEDS)], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert (tmp_path / "ran.txt").read_text().split()[0] == "stub.py" and not (tmp_path / "build").exists()
+    assert "logs/t_s7.txt --code stub.py" in res.stdout
