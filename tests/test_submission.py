@@ -472,7 +472,8 @@ sys.exit(1 if os.environ["SEED"] == os.environ.get("FAIL_SEED") else 0)
 @pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
 def test_run_seeds_script(tmp_path):
     (tmp_path / "stub.py").write_text(STUB)
-    env = dict(os.environ, SEEDS="7 8 9", RUN_ID_PREFIX="t", LAUNCH=f"{sys.executable}", TRAIN="stub.py")
+    env = dict(os.environ, SEEDS="7 8 9", RUN_ID_PREFIX="t", LAUNCH=f"{sys.executable}", TRAIN="stub.py",
+               PACK="0")
     res = subprocess.run(["bash", str(RUN_SEEDS)], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
     assert (tmp_path / "order.txt").read_text().split() == ["7", "8", "9"]
