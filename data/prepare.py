@@ -54,6 +54,9 @@ TOKENIZER_TRAIN_BYTES = 100_000_000
 TOKENIZER_TRAIN_THREADS = 2
 ENCODE_BATCH_BYTES = 4_000_000
 TMP_DIR = ".prepare-tmp"
+# Written into TMP_DIR as it is made: a folder holding only our own leftovers (a build
+# killed before its first manifest) is ours to resume; any other content is not.
+TMP_MARK = "made-by-data-prepare.py"
 MANIFEST = "manifest.json"
 TOKENIZER_MODEL = "tokenizer.model"
 TOKENIZER_VOCAB = "tokenizer.vocab"
@@ -489,11 +492,14 @@ def check_vocab(sp, what: str) -> int:
 
 def load_tokenizer(model: Path | bytes, what: str = "tokenizer"):
     spm = _spm()
+    if not isinstance(model, (bytes, bytearray)):
+        model = _read_model(Path(model))
+    if not model:
+        # SentencePiece takes an empty proto as "no model" and then logs C++ warnings
+        # on every call, so this must be caught before it is loaded.
+        raise PrepareError(f"{what} is an empty file; pass a SentencePiece .model file")
     try:
-        if isinstance(model, (bytes, bytearray)):
-            sp = spm.SentencePieceProcessor(model_proto=bytes(model))
-        else:
-            sp = spm.SentencePieceProcessor(model_file=str(model))
+        sp = spm.SentencePieceProcessor(model_proto=bytes(model))
     except (RuntimeError, OSError) as e:
         raise PrepareError(f"{what} is not a SentencePiece model ({str(e).splitlines()[0]})") from None
     check_vocab(sp, what)
@@ -591,18 +597,42 @@ def _short(value) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def check_out_dir(out: Path, identity: dict) -> None:
+def make_out_dir(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise PrepareError(f"--out {out} is a file, not a folder; give a folder path")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise PrepareError(f"cannot create --out {out}: {e.strerror}") from None
+
+
+def _only_our_leftovers(out: Path) -> bool:
+    entries = list(out.iterdir())
+    return all(e.name == TMP_DIR and (e / TMP_MARK).is_file() for e in entries)
+
+
+def check_out_dir(out: Path, identity: dict, force: bool = False) -> None:
     """Refuse to write into a folder that holds another dataset: train_gpt.py globs every
-    fineweb_*.bin in the folder, so a mix would be trained on silently."""
+    fineweb_*.bin in the folder, so a mix would be trained on silently. Refuse a non-empty
+    folder this tool did not make too (unless `force`): a build replaces tokenizer.model
+    and TMP_DIR, which may be someone else's."""
     old = read_manifest(out)
     if old is None:
+        # Shards are refused even with force: a download keeps any valid shard already in
+        # place, so it would mix someone else's tokens into the dataset.
         if shard_files(out):
             raise PrepareError(f"{out} already holds fineweb_*.bin shards but no {MANIFEST}; "
                                "use an empty folder or delete those shards")
+        if not force and not _only_our_leftovers(out):
+            raise PrepareError(f"{out} is not empty and was not made by data/prepare.py (no {MANIFEST}); "
+                               "use an empty folder, or pass --force to write into it anyway")
         return
     old_id = old.get("identity")
     if not isinstance(old_id, dict):
-        raise PrepareError(f"{out}/{MANIFEST} was not written by data/prepare.py; use an empty folder")
+        if force:
+            return
+        raise PrepareError(f"{out}/{MANIFEST} was not written by data/prepare.py, so {out} was not made by "
+                           "data/prepare.py; use an empty folder, or pass --force to write into it anyway")
     for key in sorted(set(old_id) | set(identity)):
         if old_id.get(key) != identity.get(key):
             raise PrepareError(f"{out} already holds a different dataset ({key}: {_short(old_id.get(key))} there, "
@@ -613,6 +643,7 @@ def _fresh_tmp(out: Path) -> Path:
     tmp = Path(out) / TMP_DIR
     shutil.rmtree(tmp, ignore_errors=True)  # leftovers of an interrupted run
     tmp.mkdir(parents=True)
+    (tmp / TMP_MARK).write_bytes(b"")
     return tmp
 
 
@@ -713,10 +744,11 @@ def _train_on(open_docs: Callable[[], Iterator[str]], val_docs: int, vocab_size:
 def build_dataset(inputs: Iterable | None, out_dir: Path, *, tokenizer: Path | None = None,
                   vocab_size: int | None = None, val_docs: int = DEFAULT_VAL_DOCS,
                   shard_tokens: int = DEFAULT_SHARD_TOKENS, threads: int | None = None,
-                  documents: list[str] | None = None, source=None) -> dict:
+                  documents: list[str] | None = None, source=None, force: bool = False) -> dict:
     """Build a dataset folder from text files (`inputs`) or from an in-memory list of
     `documents`. With `tokenizer` the given SentencePiece model is used as is, otherwise
-    a byte-fallback BPE of `vocab_size` is trained on the training documents."""
+    a byte-fallback BPE of `vocab_size` is trained on the training documents. `force`
+    writes into a non-empty folder that this tool did not make."""
     out = Path(out_dir)
     if val_docs < 0:
         raise PrepareError("--val-docs must be >= 0")
@@ -761,8 +793,8 @@ def build_dataset(inputs: Iterable | None, out_dir: Path, *, tokenizer: Path | N
         tok_source = f"trained here: SentencePiece BPE, vocab {vocab_size}, byte fallback, identity normalisation"
 
     identity = {"content_sha256": content_id, "tokenizer": tok_id, "val_docs": val_docs, "shard_tokens": shard_tokens}
-    out.mkdir(parents=True, exist_ok=True)
-    check_out_dir(out, identity)
+    make_out_dir(out)
+    check_out_dir(out, identity, force)
     tmp = _fresh_tmp(out)
     try:
         if tokenizer is None:
@@ -813,13 +845,14 @@ def _read_model(path: Path) -> bytes:
 
 
 def build_demo(out_dir: Path, *, tokenizer: Path | None = None, vocab_size: int | None = None,
-               val_docs: int = DEMO_VAL_DOCS, shard_tokens: int = DEFAULT_SHARD_TOKENS) -> dict:
+               val_docs: int = DEMO_VAL_DOCS, shard_tokens: int = DEFAULT_SHARD_TOKENS,
+               force: bool = False) -> dict:
     """The offline default: a small dataset from the standard library's docstrings."""
     docs = demo_documents()
     source = (f"demo: docstrings of the Python {sys.version_info.major}.{sys.version_info.minor}."
               f"{sys.version_info.micro} standard library, one document per module ({len(docs)} modules)")
     return build_dataset(None, out_dir, documents=docs, source=source, tokenizer=tokenizer,
-                         vocab_size=vocab_size, val_docs=val_docs, shard_tokens=shard_tokens)
+                         vocab_size=vocab_size, val_docs=val_docs, shard_tokens=shard_tokens, force=force)
 
 
 # --------------------------------------------------------------------------- download
@@ -864,7 +897,7 @@ def _verify_tokenizer(staged: Path, vocab_size: int | None) -> None:
 
 def download_variant(variant: str, out_dir: Path, *, train_shards: int = DEFAULT_TRAIN_SHARDS,
                      repo_id: str | None = None, endpoint: str | None = None,
-                     revision: str | None = None) -> dict:
+                     revision: str | None = None, force: bool = False) -> dict:
     """Fetch the published export: manifest, the full val split, the first `train_shards`
     train shards and the tokenizer. Good files already in `out_dir` are kept (that is
     how an interrupted run resumes); every new file is verified before it replaces
@@ -883,8 +916,8 @@ def download_variant(variant: str, out_dir: Path, *, train_shards: int = DEFAULT
     out = Path(out_dir)
     dataset_dir = f"{REMOTE_ROOT}/datasets/fineweb10B_{variant}"
     identity = {"source": f"hf://datasets/{repo_id}/{dataset_dir}", "revision": revision or "main"}
-    out.mkdir(parents=True, exist_ok=True)
-    check_out_dir(out, identity)
+    make_out_dir(out)
+    check_out_dir(out, identity, force)
     staging = _fresh_tmp(out)
     try:
         published = _load_published_manifest(hf, repo_id, staging, endpoint, revision)
@@ -994,29 +1027,39 @@ def _download_manifest(out: Path, base: dict, dataset: dict, tok_source: str) ->
 # --------------------------------------------------------------------------- inspect
 
 
-def _scan_ids(files: list[Path]) -> tuple[int, int]:
-    lo, hi = None, None
+def _scan_ids(files: list[Path]) -> dict[str, tuple[int, int]]:
+    """Per shard name: its (min, max) token id; (0, -1) for an empty shard."""
+    ranges = {}
     total = sum(p.stat().st_size for p in files)
     with Progress("scanning token ids", total=total, unit=" MB", scale=1e6) as bar:
         done = 0
         for p in files:
+            lo, hi = 0, -1
             toks = read_shard(p, mmap=True)
             for start in range(0, toks.size, 50_000_000):
                 chunk = toks[start:start + 50_000_000]
                 if chunk.size:
-                    lo = int(chunk.min()) if lo is None else min(lo, int(chunk.min()))
-                    hi = int(chunk.max()) if hi is None else max(hi, int(chunk.max()))
+                    lo = int(chunk.min()) if hi < 0 else min(lo, int(chunk.min()))
+                    hi = max(hi, int(chunk.max()))
                 bar.update(absolute=done + HEADER_BYTES + 2 * (start + chunk.size))
+            ranges[p.name] = (lo, hi)
             done += p.stat().st_size
             del toks
-    return (lo if lo is not None else 0), (hi if hi is not None else -1)
+    return ranges
 
 
 def _render_tokens(sp, toks: np.ndarray) -> str:
-    # Split at BOS so the reader sees where documents start, as the model does.
+    # Split at BOS so the reader sees where documents start, as the model does. An id the
+    # tokenizer does not have is shown as such: decoding it would raise.
+    vocab = int(sp.vocab_size()) if sp else None
     pieces, current = [], []
     for t in toks.tolist():
-        if t == BOS_ID:
+        if vocab is not None and t >= vocab:
+            if current:
+                pieces.append(sp.decode(current))
+            pieces.append(f"[id {t}?]")
+            current = []
+        elif t == BOS_ID:
             if current:
                 pieces.append(sp.decode(current) if sp else " ".join(map(str, current)))
             pieces.append("[BOS]")
@@ -1069,14 +1112,20 @@ def inspect_dataset(folder: Path, n_tokens: int = 300, tokenizer: Path | None = 
     for split, (k, n) in counts.items():
         w(f"  {split}: {k} shard(s), {n:,} tokens")
     good = [p for p in files if p.name in info]
-    lo, hi = _scan_ids(good)
-    vocab = manifest.get("vocab_size")
-    w(f"  token ids: {lo} .. {hi}" + (f" (vocab size {vocab})" if vocab else ""))
-    if vocab and hi >= int(vocab):
-        bad.append(f"token id {hi} >= vocab size {vocab}")
+    ranges = _scan_ids(good)
+    lo = min((r[0] for r in ranges.values() if r[1] >= 0), default=0)
+    hi = max((r[1] for r in ranges.values()), default=-1)
 
     tok_path = Path(tokenizer) if tokenizer else folder / TOKENIZER_MODEL
-    sp = load_tokenizer(tok_path, f"tokenizer {tok_path}") if tok_path.is_file() else None
+    sp = load_tokenizer(tok_path, f"tokenizer {tok_path}") if tokenizer or tok_path.is_file() else None
+    # The tokenizer decides what an id means to train_gpt.py; the manifest only records it.
+    vocab, vocab_from = ((int(sp.vocab_size()), str(tok_path)) if sp else
+                         (manifest.get("vocab_size"), MANIFEST))
+    w(f"  token ids: {lo} .. {hi}" + (f" (vocab size {vocab})" if vocab else ""))
+    if vocab:
+        for name, (_, top) in ranges.items():
+            if top >= int(vocab):
+                bad.append(f"{name}: token id {top} >= vocab size {vocab} of {vocab_from}")
     val = [p for p in good if p.name.startswith("fineweb_val_")]
     if val:
         head = read_shard(val[0])[:n_tokens]
@@ -1115,6 +1164,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repo-id", help="with --variant: Hugging Face dataset repo to use instead of the default")
     p.add_argument("--tokens", type=int, default=300, metavar="N", help="with --inspect: how many val tokens to decode")
     p.add_argument("--threads", type=int, default=None, help="tokenizer threads (default: all cores)")
+    p.add_argument("--force", action="store_true",
+                   help="write into a non-empty --out that data/prepare.py did not make (replacing its "
+                        "tokenizer.model, tokenizer.vocab, manifest.json and .prepare-tmp/)")
     return p
 
 
@@ -1136,15 +1188,17 @@ def run(args: argparse.Namespace) -> int:
     if args.variant:
         if args.tokenizer or args.vocab_size or args.val_docs is not None:
             raise PrepareError("--variant downloads a fixed export; --tokenizer/--vocab-size/--val-docs do not apply")
-        manifest = download_variant(args.variant, args.out, train_shards=args.train_shards, repo_id=args.repo_id)
+        manifest = download_variant(args.variant, args.out, train_shards=args.train_shards, repo_id=args.repo_id,
+                                    force=args.force)
     elif args.input:
         val_docs = DEFAULT_VAL_DOCS if args.val_docs is None else args.val_docs
         manifest = build_dataset(args.input, args.out, tokenizer=args.tokenizer, vocab_size=args.vocab_size,
-                                 val_docs=val_docs, shard_tokens=args.shard_tokens, threads=args.threads)
+                                 val_docs=val_docs, shard_tokens=args.shard_tokens, threads=args.threads,
+                                 force=args.force)
     else:
         val_docs = DEMO_VAL_DOCS if args.val_docs is None else args.val_docs
         manifest = build_demo(args.out, tokenizer=args.tokenizer, vocab_size=args.vocab_size,
-                              val_docs=val_docs, shard_tokens=args.shard_tokens)
+                              val_docs=val_docs, shard_tokens=args.shard_tokens, force=args.force)
     print(_summary(manifest, args.out, time.monotonic() - t0))
     return 0
 

@@ -321,6 +321,63 @@ def test_a_folder_with_shards_but_no_manifest_is_refused(tmp_path, capsys, docs)
     assert "no manifest.json" in cli_error(capsys, "--input", src, "--out", tmp_path / "ds", "--val-docs", "5")
 
 
+def test_a_non_empty_folder_the_tool_did_not_make_is_refused_and_left_untouched(tmp_path, capsys, docs):
+    out = tmp_path / "ds"
+    (out / prepare.TMP_DIR).mkdir(parents=True)
+    (out / prepare.TMP_DIR / "mine.txt").write_text("not the tool's")
+    (out / "tokenizer.model").write_bytes(b"someone else's tokenizer")
+    before = folder_digest(out)
+    src = write_jsonl(tmp_path / "d.jsonl", docs)
+    msg = cli_error(capsys, "--input", src, "--out", out, "--vocab-size", "400", "--val-docs", "10")
+    assert "not made by data/prepare.py" in msg and "empty folder" in msg and "--force" in msg
+    assert folder_digest(out) == before
+    assert (out / prepare.TMP_DIR / "mine.txt").read_text() == "not the tool's"
+
+
+def test_force_writes_into_a_folder_the_tool_did_not_make_keeping_unrelated_files(tmp_path, docs):
+    out = tmp_path / "ds"
+    out.mkdir()
+    (out / "tokenizer.model").write_bytes(b"someone else's tokenizer")
+    (out / "notes.txt").write_text("keep me")
+    src = write_jsonl(tmp_path / "d.jsonl", docs)
+    assert prepare.main(["--input", str(src), "--out", str(out), "--vocab-size", "400", "--val-docs", "10",
+                         "--force"]) == 0
+    assert decoded_split(out, "val") == docs[:10]
+    assert (out / "notes.txt").read_text() == "keep me"
+
+
+def test_a_folder_left_by_a_killed_build_is_resumed_without_force(tmp_path, docs):
+    out = tmp_path / "ds"
+    out.mkdir()
+    prepare._fresh_tmp(out)  # what a build killed before its first manifest leaves behind
+    src = write_jsonl(tmp_path / "d.jsonl", docs)
+    prepare.build_dataset([src], out, vocab_size=400, val_docs=10)
+    assert decoded_split(out, "val") == docs[:10] and not (out / prepare.TMP_DIR).exists()
+
+
+def test_out_pointing_at_a_file_is_a_one_line_error(tmp_path, capsys):
+    (tmp_path / "ds").write_text("a file")
+    msg = cli_error(capsys, "--out", tmp_path / "ds")
+    assert str(tmp_path / "ds") in msg and "not a folder" in msg
+    assert (tmp_path / "ds").read_text() == "a file"
+
+
+@pytest.mark.parametrize("where", ["build", "inspect"])
+@pytest.mark.parametrize("kind", ["empty", "folder"])
+def test_an_empty_or_unreadable_tokenizer_is_a_one_line_error(built, tmp_path, docs, where, kind):
+    tok = tmp_path / "bad.model"
+    if kind == "empty":
+        tok.write_bytes(b"")
+    else:
+        tok.mkdir()  # unreadable as a file even for root, unlike chmod 000
+    src = write_jsonl(tmp_path / "d.jsonl", docs)
+    args = (["--input", src, "--out", tmp_path / "ds", "--val-docs", "10"] if where == "build"
+            else ["--inspect", built[0]])
+    result = run_cli(*args, "--tokenizer", tok)
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: ") and str(tok) in result.stderr
+
+
 # --------------------------------------------------------------------------- demo
 
 
@@ -383,6 +440,22 @@ def test_inspect_reports_a_damaged_shard(built, tmp_path, capsys):
     victim.write_bytes(victim.read_bytes()[:-10])
     msg = cli_error(capsys, "--inspect", copy)
     assert victim.name in msg and "1 problem" in msg
+
+
+@pytest.mark.parametrize("keep_manifest", [True, False])
+def test_inspect_reports_a_token_id_beyond_the_tokenizer_vocab(built, tmp_path, capsys, keep_manifest):
+    folder, _ = built
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for p in folder.iterdir():
+        if p.name != "manifest.json" or keep_manifest:
+            (copy / p.name).write_bytes(p.read_bytes())
+    victim = prepare.shard_files(copy, "val")[0]
+    tokens = prepare.read_shard(victim).copy()
+    tokens[3] = 5000  # inside the decoded head, and past the 400-token vocab
+    prepare.write_shard(victim, tokens)
+    msg = cli_error(capsys, "--inspect", copy)
+    assert victim.name in msg and "5000" in msg and "400" in msg
 
 
 # --------------------------------------------------------------------------- download
@@ -547,6 +620,18 @@ def test_download_refuses_a_folder_holding_a_built_dataset(built, tmp_path, tok_
     (copy / "manifest.json").write_bytes((folder / "manifest.json").read_bytes())
     with pytest.raises(prepare.PrepareError, match="different dataset"):
         prepare.download_variant("sp1024", copy, train_shards=1, endpoint="http://127.0.0.1:9")
+
+
+def test_download_refuses_a_non_empty_folder_the_tool_did_not_make(tmp_path, tok_model):
+    out = tmp_path / "ds"
+    out.mkdir()
+    (out / "tokenizer.model").write_bytes(b"someone else's tokenizer")
+    with pytest.raises(prepare.PrepareError, match="not made by data/prepare.py.*--force"):
+        prepare.download_variant("sp1024", out, train_shards=1, endpoint="http://127.0.0.1:9")
+    assert (out / "tokenizer.model").read_bytes() == b"someone else's tokenizer"
+    with StandIn(published(tok_model)) as hub:
+        prepare.download_variant("sp1024", out, train_shards=1, endpoint=hub.url, force=True)
+    assert (out / "tokenizer.model").read_bytes() == tok_model.read_bytes()
 
 
 def test_download_without_huggingface_hub_says_how_to_install_it(tmp_path, monkeypatch):

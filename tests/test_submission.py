@@ -2,7 +2,8 @@
 
 The three runs (one per seed) are made once per session by the `real_runs` fixture; every failure case is a
 copy of one of those logs edited in the test (a truncated log, an oversize artifact, a log whose code differs,
-mismatched configs, ...). The t-test is checked against scipy when it is installed, and always against the
+mismatched configs, ...). The cross-checks of a log's scores against each other run on a synthetic log, written
+line by line in the format train_gpt.py logs, so that they need no training run. The t-test is checked against scipy when it is installed, and always against the
 closed forms of Student's t for df=1 (0.5 - atan(t)/pi) and df=2 (0.5 - t / (2 sqrt(2 + t^2))).
 """
 import hashlib
@@ -17,7 +18,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 
 from conftest import tiny_env
 
@@ -54,7 +57,29 @@ def real_runs(tiny_dataset, tmp_path_factory):
         if proc.returncode != 0:
             pytest.fail(f"train_gpt.py seed {seed} exited {proc.returncode}:\n{out[-3000:]}")
     logs = [work / "logs" / f"demo_s{seed}.txt" for seed in SEEDS]
-    return type("RealRuns", (), {"dir": work, "logs": logs})
+    expected = val_data_line(tiny_dataset)
+    logged = ["\nval_data " in split_log(log.read_bytes())[1].decode() for log in logs]
+    for log, has_line in zip(logs, logged):
+        if not has_line:
+            # train_gpt.py does not log val_data yet: add the line it is specified to log, computed here from
+            # the val split, so that the tool's cross-checks run on real scores.
+            doctor(log, log, lambda t: re.sub(r"(?m)^(model .*\n)", lambda m: m.group(1) + expected + "\n", t,
+                                              count=1))
+    return type("RealRuns", (), {"dir": work, "logs": logs, "val_data": expected, "logged_val_data": all(logged)})
+
+
+def val_data_line(dataset) -> str:
+    """What train_gpt.py logs about the val split: tokens, scored targets, their bytes (counted like its bpb)."""
+    import train_gpt as tg
+    import sentencepiece as spm
+    tokens = np.concatenate([tg.read_shard(str(p), dataset.vocab_size)
+                             for p in sorted(dataset.path.glob("fineweb_val_*.bin"))]).astype(np.int64)
+    sp = spm.SentencePieceProcessor(model_file=str(dataset.tokenizer))
+    tables = tuple(torch.from_numpy(t) for t in tg.build_byte_tables(sp, dataset.vocab_size))
+    t = torch.from_numpy(tokens)
+    nbytes = int(tg.count_target_bytes(t[:-1], t[1:], tables).sum())
+    return (f"val_data tokens:{t.numel()} targets:{t.numel() - 1} bytes:{nbytes} "
+            f"targets_per_byte:{(t.numel() - 1) / nbytes:.10f}")
 
 
 def run_tool(*args):
@@ -300,7 +325,7 @@ def test_oversize_artifact(real_runs, tmp_path):
         for event in ("artifact", "final_submission"):
             t = sub_field(t, event, "bytes_model", 16_000_001 - n_code)
             t = sub_field(t, event, "bytes_total", 16_000_001)
-        return t
+        return sub_field(t, "compliance", "bytes_total", 16_000_001)
     bad = doctor(real_runs.logs[2], tmp_path / "big.txt", grow)
     rc, out = run_tool(*with_replaced(real_runs, 2, bad), "--code", TRAIN)
     print(out)
@@ -376,6 +401,126 @@ def test_appended_runs_and_odd_source(real_runs, tmp_path):
     run = sub.parse_log(doctor(real_runs.logs[0], tmp_path / "odd.txt", code=odd))
     ref = sub.parse_log(real_runs.logs[0])
     assert run.status == "complete" and run.code == odd and run.val_loss == ref.val_loss
+
+
+def test_val_data_line_describes_the_val_split(real_runs):
+    if not real_runs.logged_val_data:
+        pytest.skip("train_gpt.py does not log val_data yet (the fixture adds the line)")
+    for log in real_runs.logs:
+        got = sub.parse_log(log).val_data
+        want = sub._kv(real_runs.val_data.split()[1:])
+        assert {k: int(got[k]) for k in ("tokens", "targets", "bytes")} == {k: int(want[k]) for k in
+                                                                            ("tokens", "targets", "bytes")}
+        assert float(got["targets_per_byte"]) == pytest.approx(float(want["targets_per_byte"]), abs=1e-10)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Cross-checks of the scores a log carries, on a synthetic log
+# ----------------------------------------------------------------------------------------------------------
+
+VAL_TOKENS, VAL_BYTES = 100_001, 237_000
+RATIO = f"{(VAL_TOKENS - 1) / VAL_BYTES:.10f}"
+
+
+def bpb(loss: float) -> str:
+    return f"{loss * float(RATIO) / math.log(2):.8f}"
+
+
+def synthetic_log(path: Path, extra_exact: str = "") -> Path:
+    """An honest, complete log in train_gpt.py's format, with --code train_gpt.py as its source block: every
+    score consistent with the others and with its val_data line. `extra_exact` lines go after the last
+    final_*_exact line."""
+    lines = ["code_end",
+             "env python:3.11 device:cpu device_name:cpu world_size:1",
+             *[f"hparam {k}:{v}" for k, v in (("SEED", 7), ("RUN_ID", "syn"), ("DATA_PATH", "./data/demo"),
+                                               ("TOKENIZER_PATH", "./data/demo/tokenizer.model"),
+                                               ("VOCAB_SIZE", 1024))],
+             f"model params:1000 val_tokens:{VAL_TOKENS}",
+             f"val_data tokens:{VAL_TOKENS} targets:{VAL_TOKENS - 1} bytes:{VAL_BYTES} targets_per_byte:{RATIO}",
+             "step:10/10 train_loss:5.0 train_time:1000ms step_avg:100.00ms",
+             "train_done step:10 train_time:1000ms peak_mem_mib:0",
+             f"pre_export_exact val_loss:4.60000000 val_bpb:{bpb(4.6)}",
+             "artifact path:artifacts/syn.pgz bytes_model:100000 bytes_code:{c} bytes_total:{t} limit:16000000",
+             f"final_roundtrip_exact val_loss:4.61000000 val_bpb:{bpb(4.61)} eval_time_ms:2000",
+             f"final_sliding_exact val_loss:4.55000000 val_bpb:{bpb(4.55)} stride:64 eval_time_ms:3000",
+             *([extra_exact] if extra_exact else []),
+             "compliance bytes_total:{t} bytes_limit:16000000 bytes_ok:1 val_tokens:%d" % VAL_TOKENS,
+             "final_submission val_loss:{loss} val_bpb:{bpb} bytes_total:{t} bytes_model:100000 bytes_code:{c} "
+             "train_time_ms:1000 eval_time_ms:3000"]
+    code = TRAIN.read_bytes()
+    last = extra_exact.split() if extra_exact else ["", "val_loss:4.55000000", f"val_bpb:{bpb(4.55)}"]
+    fields = sub._kv(last)
+    tail = "\n".join(lines).replace("{c}", str(len(code))).replace("{t}", str(100_000 + len(code)))
+    tail = tail.replace("{loss}", fields["val_loss"]).replace("{bpb}", fields["val_bpb"])
+    path.write_bytes(join_log(code, ("\n" + tail + "\n").encode()))
+    return path
+
+
+def test_an_honest_log_passes_every_cross_check(tmp_path):
+    rc, out = run_tool(synthetic_log(tmp_path / "syn.txt"), "--code", TRAIN)
+    assert rc == 0 and not fail_lines(out), out
+    assert table_row(out, "syn").split()[-1] == "PASS"
+
+
+@pytest.mark.parametrize("key, value", [("val_bpb", "2.00000000"), ("val_loss", "4.50000000")])
+def test_an_edited_final_score_fails_and_is_not_written(tmp_path, key, value):
+    log = doctor(synthetic_log(tmp_path / "syn.txt"), tmp_path / "edited.txt",
+                 lambda t: sub_field(t, "final_submission", key, value))
+    rc, out = run_tool(log, "--code", TRAIN, "--write", tmp_path / "submission.json")
+    assert rc == 1
+    assert [line for line in fail_lines(out) if "final_sliding_exact" in line] == [
+        f"FAIL syn: scores: final_submission {key} {value} != "
+        f"{sub.parse_log(log).final_exact[1][key]} of final_sliding_exact"]
+    assert not (tmp_path / "submission.json").exists()
+
+
+@pytest.mark.parametrize("event", ["pre_export_exact", "final_roundtrip_exact"])
+def test_an_exact_line_whose_bpb_is_not_its_loss_in_bits_per_byte_fails(tmp_path, event):
+    # 1e-5 relative: ten times the tolerance, a thousand times the rounding of 8 printed decimals.
+    loss = sub.parse_log(synthetic_log(tmp_path / "syn.txt"))._get(
+        {"pre_export_exact": "pre_export", "final_roundtrip_exact": "roundtrip"}[event], "val_loss")
+    off = f"{float(bpb(loss)) * (1 + 1e-5):.8f}"
+    log = doctor(tmp_path / "syn.txt", tmp_path / "edited.txt", lambda t: sub_field(t, event, "val_bpb", off))
+    rc, out = run_tool(log, "--code", TRAIN)
+    assert rc == 1
+    assert [line.split(" != ")[0] for line in fail_lines(out)] == [f"FAIL syn: scores: {event} val_bpb {off}"]
+
+
+@pytest.mark.parametrize("event, key", [("artifact", "bytes_model"), ("artifact", "bytes_total"),
+                                        ("compliance", "bytes_total")])
+def test_sizes_that_disagree_between_lines_fail(tmp_path, event, key):
+    log = doctor(synthetic_log(tmp_path / "syn.txt"), tmp_path / "edited.txt",
+                 lambda t: sub_field(t, event, key, 12345))
+    rc, out = run_tool(log, "--code", TRAIN)
+    assert rc == 1
+    assert any(line.startswith("FAIL syn: bytes<=16e6: ") and f"final_submission {key} " in line
+               and f"!= {event} 12345" in line for line in fail_lines(out)), out
+
+
+def test_a_log_without_val_data_fails_as_unverifiable(tmp_path):
+    log = doctor(synthetic_log(tmp_path / "syn.txt"), tmp_path / "old.txt",
+                 lambda t: re.sub(r"(?m)^val_data .*\n", "", t))
+    rc, out = run_tool(log, "--code", TRAIN)
+    assert rc == 1
+    assert fail_lines(out) == ["FAIL syn: scores: no val_data line: scores cannot be cross-checked"]
+
+
+def test_a_val_data_line_that_contradicts_itself_fails(tmp_path):
+    log = doctor(synthetic_log(tmp_path / "syn.txt"), tmp_path / "edited.txt",
+                 lambda t: sub_field(t, "val_data", "targets_per_byte", "0.5000000000"))
+    rc, out = run_tool(log, "--code", TRAIN)
+    assert rc == 1 and "val_data targets_per_byte 0.5000000000 != targets/bytes" in out
+
+
+def test_final_score_is_matched_against_the_last_final_exact_line_whatever_its_name(tmp_path):
+    doc = f"final_doc_exact val_loss:4.52000000 val_bpb:{bpb(4.52)} eval_time_ms:3000"
+    rc, out = run_tool(synthetic_log(tmp_path / "syn.txt", extra_exact=doc), "--code", TRAIN)
+    assert rc == 0 and not fail_lines(out), out
+    # The same log claiming the sliding score, which is not the last evaluation, fails.
+    log = doctor(tmp_path / "syn.txt", tmp_path / "edited.txt", lambda t: sub_field(
+        sub_field(t, "final_submission", "val_loss", "4.55000000"), "final_submission", "val_bpb", bpb(4.55)))
+    rc, out = run_tool(log, "--code", TRAIN)
+    assert rc == 1 and "final_submission val_loss 4.55000000 != 4.52000000 of final_doc_exact" in out
 
 
 # ----------------------------------------------------------------------------------------------------------

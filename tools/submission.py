@@ -46,10 +46,11 @@ VARYING_HPARAMS = ("SEED", "RUN_ID", "ARTIFACT_DIR")
 # Parts of the `env` line that are part of the configuration.
 ENV_CONFIG_KEYS = ("world_size", "device_name")
 
-CHECKS = ("complete", "bytes", "train", "eval", "code", "config", "seed")
+CHECKS = ("complete", "bytes", "scores", "train", "eval", "code", "config", "seed")
 CHECK_TITLES = {
     "complete": "status",
     "bytes": "bytes<=16e6",
+    "scores": "scores",
     "train": "train<=600s",
     "eval": "eval<=600s",
     "code": "code==--code",
@@ -58,6 +59,15 @@ CHECK_TITLES = {
 }
 FINAL_KEYS = ("val_loss", "val_bpb", "bytes_total", "bytes_model", "bytes_code",
               "train_time_ms", "eval_time_ms")
+BYTES_KEYS = ("bytes_model", "bytes_code", "bytes_total")
+# Scores are printed with 8 decimals, so each is off by at most 5e-9 from the value
+# computed: about 1e-8 relative for a bpb near 0.5, and less for larger ones. The
+# exact-line bpb check allows 1e-6 relative, a hundred times that, so an honest log never
+# fails it; a bpb moved in its sixth significant digit or more always does.
+BPB_REL_TOL = 1e-6
+# targets_per_byte is printed with 10 decimals: it may differ from targets/bytes by
+# half a unit of the last decimal, plus float noise.
+RATIO_ABS_TOL = 1e-10
 
 
 class UsageError(Exception):
@@ -222,6 +232,9 @@ class Run:
         self.sliding = None
         self.ttt = None
         self.compliance = None
+        self.val_data = None
+        self.exact_lines = []       # (event, fields) of every *_exact line, in order
+        self.final_exact = None     # (event, fields) of the last final_*_exact line before final_submission
         self.final = None
         self.error = None
         self.checks = {}            # name -> (True/False/None, detail)
@@ -297,7 +310,13 @@ class Run:
 # One-shot log events and the Run attribute that keeps their key:value fields.
 EVENT_FIELDS = {"stopping_early": "stopping_early", "train_done": "train_done", "pre_export_exact": "pre_export",
                 "artifact": "artifact", "final_roundtrip_exact": "roundtrip", "final_sliding_exact": "sliding",
-                "final_ttt_exact": "ttt", "compliance": "compliance", "final_submission": "final"}
+                "final_ttt_exact": "ttt", "compliance": "compliance", "final_submission": "final",
+                "val_data": "val_data"}
+
+
+def _is_final_exact(event):
+    # Matched by pattern: each new evaluation train_gpt.py adds gets a name of this form.
+    return event.startswith("final_") and event.endswith("_exact")
 
 def parse_log(path) -> Run:
     run = Run(path)
@@ -391,10 +410,13 @@ def parse_log(path) -> Run:
             run.hparams.update(fields)
         elif event == "model":
             run.model.update(fields)
-        elif event in EVENT_FIELDS:
+        if event.endswith("_exact"):
+            run.exact_lines.append((event, fields))
+        if event in EVENT_FIELDS:
             setattr(run, EVENT_FIELDS[event], fields)
             if event == "final_submission":
                 after_final = 0
+                run.final_exact = next(((e, f) for e, f in reversed(run.exact_lines) if _is_final_exact(e)), None)
 
     if run.error is not None:
         run.status = "crashed"
@@ -455,7 +477,15 @@ def check_runs(runs, code: bytes):
                 why.append("bytes_code %d != size of --code %d" % (bc, len(code)))
             if bm is not None and bm + len(code) > LIMIT_BYTES and bt <= LIMIT_BYTES:
                 why.append("bytes_model %d + code %d > %d" % (bm, len(code), LIMIT_BYTES))
+            if r.final is not None:
+                why += _bytes_disagreements(r)
             ch["bytes"] = (not why, "; ".join(why) or "%d bytes" % bt)
+
+        if r.complete:
+            why = _score_disagreements(r)
+            ch["scores"] = (not why, "; ".join(why) or "consistent")
+        else:
+            ch["scores"] = (None, "run incomplete")
 
         for key, ms, limit in (("train", r.train_time_ms, LIMIT_TRAIN_S),
                                ("eval", r.eval_time_ms, LIMIT_EVAL_S)):
@@ -490,6 +520,65 @@ def check_runs(runs, code: bytes):
             ch["seed"] = (False, "seed %d used by %d logs" % (r.seed, seeds[r.seed]))
         else:
             ch["seed"] = (True, str(r.seed))
+
+
+def _bytes_disagreements(r):
+    """final_submission's sizes against the artifact and compliance lines of the same run."""
+    why = []
+    for event, section, keys in (("artifact", r.artifact, BYTES_KEYS),
+                                 ("compliance", r.compliance, ("bytes_total",))):
+        if section is None:
+            why.append("no %s line to cross-check final_submission's bytes with" % event)
+            continue
+        for key in keys:
+            mine, theirs = _int(r.final.get(key)), _int(section.get(key))
+            if mine != theirs:
+                why.append("final_submission %s %s != %s %s" % (key, mine, event, theirs))
+    return why
+
+
+def _score_disagreements(r):
+    """Every score of a complete run against the others and against the val split's size.
+
+    final_submission must repeat the last final_*_exact line before it, and every *_exact
+    line's val_bpb must be its val_loss in bits per byte: val_loss x targets/bytes / ln 2,
+    with the targets and bytes that the val_data line reports for the val split.
+    """
+    why = []
+    if r.final_exact is None:
+        why.append("no final_*_exact line before final_submission")
+    else:
+        event, fields = r.final_exact
+        for key in ("val_loss", "val_bpb"):
+            if _num(fields.get(key)) != _num(r.final.get(key)):
+                why.append("final_submission %s %s != %s of %s"
+                           % (key, r.final.get(key), fields.get(key), event))
+    vd = r.val_data
+    if vd is None:
+        why.append("no val_data line: scores cannot be cross-checked")
+        return why
+    tokens, targets, nbytes = (_int(vd.get(k)) for k in ("tokens", "targets", "bytes"))
+    ratio = _num(vd.get("targets_per_byte"))
+    if None in (tokens, targets, nbytes, ratio) or nbytes <= 0 or not math.isfinite(ratio):
+        why.append("val_data line needs tokens, targets, bytes > 0 and targets_per_byte numbers")
+        return why
+    if targets != tokens - 1:
+        why.append("val_data targets %d != tokens %d - 1" % (targets, tokens))
+    if abs(ratio - targets / nbytes) > RATIO_ABS_TOL:
+        why.append("val_data targets_per_byte %s != targets/bytes %.10f" % (vd["targets_per_byte"],
+                                                                              targets / nbytes))
+    logged_tokens = _int((r.compliance or {}).get("val_tokens"))
+    if logged_tokens is not None and logged_tokens != tokens:
+        why.append("compliance val_tokens %d != val_data tokens %d" % (logged_tokens, tokens))
+    for event, fields in r.exact_lines:
+        loss, bpb = _num(fields.get("val_loss")), _num(fields.get("val_bpb"))
+        if loss is None or bpb is None:
+            continue
+        expected = loss * ratio / math.log(2)
+        if not math.isclose(bpb, expected, rel_tol=BPB_REL_TOL):
+            why.append("%s val_bpb %s != val_loss %s x targets_per_byte %s / ln 2 = %.8f"
+                       % (event, fields["val_bpb"], fields["val_loss"], vd["targets_per_byte"], expected))
+    return why
 
 
 def _first_diff(a: bytes, b: bytes):
@@ -645,7 +734,7 @@ def _cell(check, value):
 
 
 def compliance_table(runs):
-    headers = ["run_id", "seed", "status", "bytes_total", "train_s", "eval_s",
+    headers = ["run_id", "seed", "status", "bytes_total", "scores", "train_s", "eval_s",
                "code", "config", "result"]
     rows = []
     for r in runs:
@@ -656,6 +745,7 @@ def compliance_table(runs):
             _cell(c["seed"], r.seed),
             _cell(c["complete"], r.status),
             _cell(c["bytes"], r.bytes_field("bytes_total")),
+            _cell(c["scores"], ""),
             _cell(c["train"], None if t_ms is None else "%.1f" % (t_ms / 1000)),
             _cell(c["eval"], None if e_ms is None else "%.1f" % (e_ms / 1000)),
             _cell(c["code"], r.code_sha[:8] if r.code_sha else None),
