@@ -794,14 +794,15 @@ def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, bits: int, scale: torc
 @torch.no_grad()
 def collect_hessians(model: GPT, batches) -> dict[str, torch.Tensor]:
     """Mean x x^T of the input x of every CastedLinear over batches of token ids, keyed by weight name (GPTQ's
-    Hessian up to a factor). fp32, so the sums are not rounded to bf16; the mean, not the sum, puts every
-    tensor's diagonal on one scale, which pruning compares across tensors."""
+    Hessian up to a factor). The forward runs as in training (bf16 under autocast), the sums in fp32; the mean, not
+    the sum, puts every tensor's diagonal on one scale, which pruning compares across tensors."""
     sums, hooks, tokens = {}, [], 0
 
     def hook(key: str):
         def accumulate(module, inputs, output):
             x = inputs[0].reshape(-1, inputs[0].size(-1)).float()
-            sums[key] = sums.get(key, 0) + x.T @ x
+            with torch.autocast(x.device.type, enabled=False):  # the hook runs inside the model's bf16 autocast
+                sums[key] = sums.get(key, 0) + x.T @ x
         return accumulate
 
     for name, module in model.named_modules():
@@ -1277,7 +1278,7 @@ class Trainer:
             for group in opt.param_groups:
                 group["lr"] = group["base_lr"] * multiplier
 
-    def warm_up_compile(self) -> None:
+    def warm_up_compile(self, tables: tuple) -> None:
         """Run WARMUP_STEPS real steps on training tokens so compilation happens before the clock starts, then
         restore the model, optimizers and data stream exactly as they were. With RECUR_LAYERS, steps alternate
         recurrence off and on so both graphs are compiled."""
@@ -1299,10 +1300,14 @@ class Trainer:
             opt.zero_grad(set_to_none=True)
         self.loader = TrainLoader(self.train_files, self.hp.vocab_size, self.rank, self.world_size, self.device)
         self.model.eval()
-        for recur_on in recur_states:
+        # Scoring graphs: the pre-export score runs at EVAL_SEQ_LEN with recurrence on (when set); validation during
+        # training (VAL_LOSS_EVERY) runs at TRAIN_SEQ_LEN, recurrence on or off.
+        shapes = {(bool(self.model.recur), self.hp.eval_seq_len)}
+        if self.hp.val_loss_every > 0:
+            shapes |= {(recur_on, self.hp.train_seq_len) for recur_on in recur_states}
+        for recur_on, seq_len in sorted(shapes):
             self.model.recur_on = recur_on
-            for seq_len in {self.hp.train_seq_len, self.hp.eval_seq_len}:
-                warm_up_scorer(self.eval_model, self.hp, seq_len, self.world_size, self.device)
+            warm_up_scorer(self.eval_model, self.hp, tables, seq_len, self.world_size, self.device)
         self.model.recur_on = False
         self.model.train()
         self.sync()
@@ -1474,7 +1479,7 @@ def score_artifact(hp: Hyperparameters, trainer: Trainer, path: str, val_tokens:
     scorer = model
     if hp.compile:
         scorer = torch.compile(model, dynamic=False, fullgraph=True)
-        warm_up_scorer(scorer, hp, hp.eval_seq_len, world_size, device)
+        warm_up_scorer(scorer, hp, tables, hp.eval_seq_len, world_size, device)
     seq_len = hp.eval_seq_len
     batch = eval_batch_seqs(hp, seq_len, world_size)
     val_loss, val_bpb = evaluate(scorer, val_tokens, tables, seq_len, seq_len, batch, rank, world_size)
@@ -1502,12 +1507,15 @@ def score_artifact(hp: Hyperparameters, trainer: Trainer, path: str, val_tokens:
     return score, 1000 * (time.perf_counter() - t_eval)
 
 
-def warm_up_scorer(scorer: nn.Module, hp: Hyperparameters, seq_len: int, world_size: int,
+def warm_up_scorer(scorer: nn.Module, hp: Hyperparameters, tables: tuple, seq_len: int, world_size: int,
                    device: torch.device) -> None:
-    """Compile the scoring graph on random tokens of the evaluation shape, never on validation tokens."""
-    x = torch.randint(0, hp.vocab_size, (eval_batch_seqs(hp, seq_len, world_size), seq_len), device=device)
-    with torch.no_grad():
-        scorer(x, x, per_token=True)
+    """Compile the scoring graph through the scoring code itself (same shapes, same strides) on random tokens, never
+    on validation tokens."""
+    batch = eval_batch_seqs(hp, seq_len, world_size)
+    tokens = torch.randint(0, hp.vocab_size, (batch * seq_len + 1,), device=device)
+    starts, first_scored = plan_windows(tokens.numel() - 1, seq_len, seq_len)
+    score_windows(scorer, tokens, tables, starts, first_scored, seq_len, batch,
+                  torch.zeros(3, dtype=torch.float64, device=device))
 
 
 SIZE_LIMIT = 16_000_000
@@ -1581,7 +1589,7 @@ def run(hp: Hyperparameters, rank: int, world_size: int, device: torch.device, l
         f"kv_heads:{hp.num_kv_heads} grad_accum:{trainer.accum} local_batch_tokens:{trainer.local_tokens} "
         f"val_tokens:{val_tokens.numel()}")
     t = time.perf_counter()
-    trainer.warm_up_compile()
+    trainer.warm_up_compile(tables)
     log(f"warmup_done steps:{hp.warmup_steps} time_ms:{1000 * (time.perf_counter() - t):.0f} "
         f"compiled_graphs:{compiled_graphs()}")
     steps, train_ms = trainer.train(val_tokens, tables)

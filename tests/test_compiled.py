@@ -1,0 +1,87 @@
+"""The GPU path rehearsed on a CPU: torch.compile (inductor, fullgraph, static shapes) with bf16 autocast and a bf16
+residual stream, on one rank and on two ranks under DDP, with every architecture option on.
+
+Compiling on a CPU is slow (the graphs below take about two minutes from a cold cache), so one compiled run serves
+several tests, and the two-rank run uses the same per-rank shapes so its model graphs come from the cache."""
+import pytest
+
+import train_gpt as tg
+from conftest import parse_line, run_train, tiny_env
+
+# Two layers keep compilation affordable; MLP_MULT=1 and BIGRAM_DIM=64 make every matrix but the GQA key/value
+# projections 64 x 64, so Muon's Newton-Schulz compiles for two shapes only.
+EVERY_OPTION = dict(NUM_LAYERS=2, MLP_MULT=1, ROPE_DIMS=8, LN_SCALE=1, QK_GAIN_INIT=5, XSA_LAST_N=2,
+                    PARALLEL_START=1, RECUR_LAYERS=1, RECUR_START_FRAC=0.3, SMEAR=1, BIGRAM_BUCKETS=256, BIGRAM_DIM=64,
+                    MUON_NS="polar", MUON_ROW_NORM=1, GPTQ=1, GPTQ_CALIB_BATCHES=2, GPTQ_RESERVE_SECONDS=0,
+                    CLIP_MODE="std", WARMUP_STEPS=2, ITERATIONS=30, TRAIN_LOG_EVERY=10)
+# Training: forward+backward with recurrence off and on. Scoring: the in-memory model with recurrence on, and the
+# model reloaded from the artifact (built without fake quantisation, so its graph differs). Newton-Schulz: one graph
+# per matrix shape.
+TRAIN_GRAPHS, NS_GRAPHS, SCORE_GRAPHS = 2, 2, 2
+BF16_LOSS_TOLERANCE = 0.05  # nats: bf16 matmuls over 30 steps of a tiny model drift by a few hundredths at most
+
+
+def losses(out: str) -> dict:
+    return {int(line.split()[0].split(":")[1].split("/")[0]): float(line.split("train_loss:")[1].split()[0])
+            for line in out.splitlines() if "train_loss:" in line}
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_dataset, tmp_path_factory):
+    out = {}
+    for name, compile_on in (("compiled", 1), ("eager", 0)):
+        result = run_train(tmp_path_factory.mktemp(name), tiny_env(tiny_dataset, name, COMPILE=compile_on,
+                                                                     **EVERY_OPTION), timeout=900)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        out[name] = result.stdout
+    return out
+
+
+def test_compiled_run_builds_exactly_the_expected_graphs_and_breaks_none(runs):
+    out = runs["compiled"]
+    assert parse_line(out, "runtime") == dict(compile="1", autocast="bf16", attention="sdpa")
+    # Everything training needs is compiled before the clock starts.
+    assert int(parse_line(out, "warmup_done")["compiled_graphs"]) == TRAIN_GRAPHS + NS_GRAPHS + 1
+    assert parse_line(out, "compile") == dict(graphs=str(TRAIN_GRAPHS + NS_GRAPHS + SCORE_GRAPHS), graph_breaks="0")
+
+
+def test_compiled_run_switches_recurrence_and_qat_on_and_scores_the_artifact(runs):
+    out = runs["compiled"]
+    assert int(parse_line(out, "recurrence_enabled")["step"]) < int(parse_line(out, "qat_enabled")["step"]) < 30
+    assert parse_line(out, "pre_export_exact")["fake_quant"] == "1"
+    assert float(parse_line(out, "final_submission")["val_bpb"]) == float(parse_line(out, "final_sliding_exact")["val_bpb"])
+
+
+def test_eager_run_stays_fp32_and_compiles_nothing(runs):
+    out = runs["eager"]
+    assert parse_line(out, "runtime") == dict(compile="0", autocast="off", attention="sdpa")
+    assert parse_line(out, "compile") == dict(graphs="0", graph_breaks="0")
+
+
+def test_compiled_bf16_losses_match_the_eager_fp32_run(runs):
+    compiled, eager = losses(runs["compiled"]), losses(runs["eager"])
+    assert compiled.keys() == eager.keys() == {10, 20, 30}
+    for step in compiled:
+        assert compiled[step] == pytest.approx(eager[step], abs=BF16_LOSS_TOLERANCE)
+    for event in ("pre_export_exact", "final_roundtrip_exact", "final_sliding_exact"):
+        assert float(parse_line(runs["compiled"], event)["val_loss"]) == pytest.approx(
+            float(parse_line(runs["eager"], event)["val_loss"]), abs=BF16_LOSS_TOLERANCE)
+
+
+def test_two_rank_compiled_run_trains_the_compiled_model_under_ddp(tiny_dataset, tmp_path, runs, monkeypatch):
+    # Same per-rank shapes as the one-rank run: micro-batches of 256 tokens, 128 scoring windows per rank.
+    env = tiny_env(tiny_dataset, "compiled2", COMPILE=1, VAL_BATCH_SIZE=16384, **EVERY_OPTION)
+    result = run_train(tmp_path, env, nproc=2, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    out = result.stdout
+    assert "world_size:2" in out and parse_line(out, "compile")["graph_breaks"] == "0"
+    # Rank 0 orthogonalises only the matrices it owns, one batch (and one graph) per shape among them.
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    hp = tg.Hyperparameters.from_env()
+    rank0_muon = tg.build_optimizers(tg.GPT(hp), hp, 0, 2, fused=False)[0]
+    assert int(parse_line(out, "compile")["graphs"]) == TRAIN_GRAPHS + len(rank0_muon.owned) + SCORE_GRAPHS
+    # Same global batches, so the same model up to reduction order (train_loss is rank 0's half: not comparable).
+    for event in ("pre_export_exact", "final_sliding_exact"):
+        assert float(parse_line(out, event)["val_loss"]) == pytest.approx(
+            float(parse_line(runs["compiled"], event)["val_loss"]), abs=BF16_LOSS_TOLERANCE)
