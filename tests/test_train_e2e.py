@@ -17,8 +17,9 @@ ROUNDTRIP_TOLERANCE_BPB = 0.02  # int6 blocks + int8 embedding after QAT, on a 1
 @pytest.fixture(scope="module")
 def two_rank_run(tiny_dataset, tmp_path_factory):
     cwd = tmp_path_factory.mktemp("two_rank")
-    # Score-first TTT is on so its distributed path (split rows, averaged gradients) runs here too.
-    result = run_train(cwd, tiny_env(tiny_dataset, "tworank", WARMUP_STEPS=2, TTT=1, TTT_CHUNK_TOKENS=4096), nproc=2)
+    # Score-first TTT is on so its distributed path (batches dealt to ranks, averaged phase gradients) runs too.
+    result = run_train(cwd, tiny_env(tiny_dataset, "tworank", WARMUP_STEPS=2, TTT=1, TTT_LORA_RANK=4,
+                                     TTT_CHUNK_TOKENS=16, TTT_BATCH_DOCS=8, TTT_PREFIX_DOCS=24, TTT_PHASES=2), nproc=2)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return cwd, result.stdout
 
@@ -35,12 +36,13 @@ def test_two_rank_run_ends_with_a_parsable_final_submission_line(two_rank_run):
     assert float(fields["val_bpb"]) == float(parse_line(out, "final_ttt_exact")["val_bpb"])
 
 
-def test_ttt_adapts_on_every_chunk_but_the_last_and_stays_close_to_the_roundtrip_score(two_rank_run):
+def test_ttt_adapts_every_document_runs_its_phases_and_improves_on_the_roundtrip_score(two_rank_run):
     _, out = two_rank_run
     ttt = parse_line(out, "final_ttt_exact")
-    n_targets = int(parse_line(out, "model")["val_tokens"]) - 1
-    assert int(ttt["chunks_adapted"]) == math.ceil(n_targets / 4096) - 1
-    assert abs(float(ttt["val_bpb"]) - float(parse_line(out, "final_roundtrip_exact")["val_bpb"])) < 0.1
+    assert ttt["docs_adapted"] == ttt["docs"] and ttt["phases"] == "2/2"
+    assert [int(parse_line(line, "ttt_phase")["docs"]) for line in out.splitlines() if line.startswith("ttt_phase ")] \
+        == [16, 24]  # 3 prefix batches of 8 documents, split into 2 phases at batches 2 and 3
+    assert 0 < float(parse_line(out, "final_roundtrip_exact")["val_bpb"]) - float(ttt["val_bpb"]) < 0.3
 
 
 def test_compliance_line_reports_limits_and_the_scored_tokens(two_rank_run, tiny_dataset):
@@ -48,7 +50,7 @@ def test_compliance_line_reports_limits_and_the_scored_tokens(two_rank_run, tiny
     line = parse_line(out, "compliance")
     val = np.fromfile(tiny_dataset.path / "fineweb_val_000000.bin", dtype="<u2", offset=1024)
     assert line["val_sha256"] == hashlib.sha256(val.tobytes()).hexdigest()[:16]
-    assert line["bytes_ok"] == line["train_ok"] == line["eval_ok"] == "1" and line["ttt"] == "score_first"
+    assert line["bytes_ok"] == line["train_ok"] == line["eval_ok"] == "1" and line["eval_mode"] == "ttt"
     assert int(line["bytes_total"]) == int(parse_line(out, "final_submission")["bytes_total"])
 
 

@@ -1,100 +1,257 @@
-"""Score-first test-time training: the model may only learn from validation tokens it has already scored."""
-import math
+"""Document-aware scoring and score-first LoRA test-time training: every target scored exactly once, with context
+from its own document only, and no score ever made by weights that have seen the token it is about."""
+import os
+import time
 
+import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 
 import train_gpt as tg
 from conftest import byte_tables
 
-SEQ_LEN, STRIDE, CHUNK, N_TOKENS = 32, 8, 64, 321
+VOCAB, SEQ_LEN, STRIDE, CHUNK = 64, 32, 8, 8
 
 
 def hp(**overrides):
-    values = dict(vocab_size=64, num_layers=2, model_dim=32, num_heads=2, num_kv_heads=1, mlp_mult=2,
-                  eval_seq_len=SEQ_LEN, eval_stride=STRIDE, ttt=True, ttt_chunk_tokens=CHUNK, ttt_epochs=2,
-                  ttt_lr=0.05, val_batch_size=3 * SEQ_LEN)
+    values = dict(vocab_size=VOCAB, num_layers=2, model_dim=32, num_heads=2, num_kv_heads=1, mlp_mult=2,
+                  eval_seq_len=SEQ_LEN, eval_stride=STRIDE, ttt=True, ttt_lora_rank=4, ttt_chunk_tokens=CHUNK,
+                  ttt_batch_docs=3, ttt_prefix_docs=4, ttt_phases=2, ttt_lr=0.01, ttt_phase_lr=0.05,
+                  val_batch_size=4 * SEQ_LEN)
     values.update(overrides)
     return tg.Hyperparameters(**values)
 
 
-def fresh_model():
-    torch.manual_seed(0)
+def fresh_model(seed=0):
+    torch.manual_seed(seed)
     model = tg.GPT(hp())
     for p in model.parameters():
         torch.nn.init.normal_(p, std=0.2)
-    return model
+    return model.eval().requires_grad_(False)
 
 
-def ttt_losses(tokens, keep_adapting=lambda: True, **overrides):
-    """Per-target losses of one TTT pass, plus its (loss, bpb, chunks adapted)."""
+def stream(lengths, seed=1) -> torch.Tensor:
+    """Documents of the given token counts, each [BOS] + tokens that are never BOS."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.cat([torch.cat((torch.tensor([tg.BOS_ID]), torch.randint(2, VOCAB, (n,), generator=generator)))
+                      for n in lengths])
+
+
+# Longest first, so the processing order is the stream order and "before p" means "scored before p was seen".
+# Lengths cross chunks (8), windows (32) and batches (3 documents), and the phases fall after documents 2 and 4.
+LENGTHS = [70, 45, 33, 20, 17, 9, 8, 3, 1, 0]
+RATES = dict(adapt=1e9, score=1e9, train=1e9)  # the budget never binds in these tests unless a test says so
+
+
+def ttt_scores(tokens, seconds=1e9, **overrides):
+    """Per-target losses of one TTT pass (NaN where nothing was scored), plus its (loss, bpb, stats)."""
     model = fresh_model()
     per_target = torch.full((tokens.numel() - 1,), float("nan"), dtype=torch.float64)
-    result = tg.evaluate_ttt(model, model, tokens, byte_tables(64), hp(**overrides), 0, 1, keep_adapting,
-                             per_target)
+    clock = tg.EvalClock(seconds, lambda x: x)
+    result = tg.evaluate_ttt(model, model, tokens, byte_tables(VOCAB), hp(**overrides), 0, 1, clock, RATES,
+                             lambda line: None, per_target)
     return per_target, result
 
 
 @pytest.fixture(scope="module")
 def tokens():
-    torch.manual_seed(1)
-    return torch.randint(0, 64, (N_TOKENS,))
+    return stream(LENGTHS)
 
 
-def test_every_target_is_scored_and_the_total_is_their_mean(tokens):
-    per_target, (loss, _, adapted) = ttt_losses(tokens)
+def perturbed(tokens, position):
+    changed = tokens.clone()
+    changed[position] = 2 + (changed[position] - 2 + 17) % (VOCAB - 2)  # never a BOS: documents stay the same
+    return changed
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Planning
+# ----------------------------------------------------------------------------------------------------------
+
+
+def test_documents_own_every_target_once_and_end_on_the_next_bos(tokens):
+    starts, counts = tg.document_spans(tokens.numpy())
+    owned = np.concatenate([np.arange(b + 1, b + c + 1) for b, c in zip(starts, counts)])
+    assert np.array_equal(owned, np.arange(1, tokens.numel()))
+    assert all(tokens[b] == tg.BOS_ID for b in starts)
+
+
+def test_a_stream_that_does_not_start_with_bos_still_has_its_first_document():
+    starts, counts = tg.document_spans(np.array([5, 6, tg.BOS_ID, 7, 8]))
+    assert starts.tolist() == [0, 2] and counts.tolist() == [2, 2]
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_document_windows_score_each_target_once_inside_its_document(seed):
+    rng = np.random.default_rng(seed)
+    tokens = stream(rng.integers(0, 120, 30).tolist(), seed=seed).numpy()
+    starts, counts = tg.document_spans(tokens)
+    begins, lengths, first = tg.plan_document_windows(starts, counts, SEQ_LEN, STRIDE)
+    scored = np.concatenate([np.arange(b + f, b + n) + 1 for b, n, f in zip(begins, lengths, first)])
+    assert np.array_equal(np.sort(scored), np.arange(1, tokens.size))
+    doc_of = np.searchsorted(starts, begins, side="right") - 1
+    assert np.all(begins + lengths <= starts[doc_of] + counts[doc_of])  # no window reaches past its document
+    assert np.all(lengths <= SEQ_LEN)
+
+
+def test_document_scoring_sees_no_other_document(tokens):
+    model = fresh_model()
+    base = torch.full((tokens.numel() - 1,), float("nan"), dtype=torch.float64)
+    tg.evaluate(model, tokens, byte_tables(VOCAB), SEQ_LEN, STRIDE, 4 * SEQ_LEN, 0, 1, True, base)
+    starts, counts = tg.document_spans(tokens.numpy())
+    other = base.clone()
+    tg.evaluate(model, perturbed(tokens, int(starts[1]) + 5), byte_tables(VOCAB), SEQ_LEN, STRIDE, 4 * SEQ_LEN, 0, 1,
+                True, other)
+    own = slice(starts[1], starts[1] + counts[1])  # targets (position - 1) of the second document
+    changed = (base != other).nonzero().flatten()
+    assert changed.numel() and changed.min() >= own.start + 4 and changed.max() < own.stop
+
+
+# ----------------------------------------------------------------------------------------------------------
+# TTT
+# ----------------------------------------------------------------------------------------------------------
+
+
+def test_every_target_is_scored_once_and_the_total_is_their_mean(tokens):
+    per_target, (loss, _, stats) = ttt_scores(tokens)
     assert not per_target.isnan().any()
     assert loss == pytest.approx(per_target.mean().item(), rel=1e-9)
-    assert adapted == math.ceil((N_TOKENS - 1) / CHUNK) - 1  # every chunk but the last one teaches
+    assert stats == dict(docs=9, docs_adapted=9, phases=2)  # the empty last document owns no target
 
 
-def test_without_learning_rate_ttt_equals_the_plain_sliding_eval(tokens):
-    _, (loss, bpb, _) = ttt_losses(tokens, ttt_lr=0.0)
-    plain = tg.evaluate(fresh_model().eval(), tokens, byte_tables(64), SEQ_LEN, STRIDE, 3, 0, 1)
-    assert (loss, bpb) == pytest.approx(plain, rel=1e-12)
+@pytest.mark.parametrize("seed", range(3))
+def test_random_document_lengths_are_all_scored_exactly_once(seed):
+    lengths = sorted(np.random.default_rng(seed).integers(0, 100, 12).tolist(), reverse=True)
+    tokens = stream(lengths, seed)
+    per_target, (loss, _, _) = ttt_scores(tokens)
+    assert not per_target.isnan().any() and loss == pytest.approx(per_target.mean().item(), rel=1e-9)
 
 
-def test_adaptation_changes_later_chunks_but_not_the_first(tokens):
-    adapted, _ = ttt_losses(tokens)
-    frozen, _ = ttt_losses(tokens, ttt_lr=0.0)
-    assert torch.equal(adapted[:CHUNK], frozen[:CHUNK])
-    assert (adapted[2 * CHUNK:] - frozen[2 * CHUNK:]).abs().max() > 1e-3  # the test below has teeth
+def test_without_learning_ttt_scores_like_its_chunk_windows_and_learning_changes_later_chunks(tokens):
+    adapted, _ = ttt_scores(tokens, ttt_phases=0)
+    frozen, _ = ttt_scores(tokens, ttt_phases=0, ttt_lr=0.0)
+    starts, _ = tg.document_spans(tokens.numpy())
+    first_chunk = slice(int(starts[0]), int(starts[0]) + CHUNK)
+    assert torch.equal(adapted[first_chunk], frozen[first_chunk])
+    assert (adapted - frozen).abs().max() > 1e-3  # the tests below have teeth
 
 
-@pytest.mark.parametrize("position", [CHUNK + 5, 2 * CHUNK + 40, 4 * CHUNK - 1])
+# Positions: inside the first chunk's window, at a chunk boundary, in a later window of a long document, in the
+# second document (a document boundary), and in documents scored after the first and the second phase.
+POSITIONS = [5, 9, 17, 60, 71 + 20, 71 + 46 + 34 + 5, 71 + 46 + 34 + 21 + 10]
+
+
+@pytest.mark.parametrize("position", POSITIONS)
 def test_a_token_influences_no_score_made_before_it_was_seen(tokens, position):
-    """Token `position` is the label of target position-1 and context of later targets. Scores of earlier
-    targets must be bit-identical whatever its value: score-before-update. Training on a chunk before scoring
-    it would let the token leak into the scores of the targets before it in the same chunk."""
-    base, _ = ttt_losses(tokens)
-    changed = tokens.clone()
-    changed[position] = (changed[position] + 17) % 64
-    perturbed, _ = ttt_losses(changed)
-    assert torch.equal(base[:position - 1], perturbed[:position - 1])
-    assert not torch.equal(base[position - 1:], perturbed[position - 1:])
+    """Token p is the label of target p-1 and context of later targets. Scores of earlier targets must be
+    bit-identical whatever its value: score before update, across chunks, documents and phases."""
+    base, _ = ttt_scores(tokens)
+    other, _ = ttt_scores(perturbed(tokens, position))
+    assert torch.equal(base[:position - 1], other[:position - 1])
+    assert not torch.equal(base[position - 1:], other[position - 1:])
 
 
 def test_training_before_scoring_would_be_caught(tokens, monkeypatch):
-    """Sanity check of the test above: swap the order (adapt on a chunk, then score it) and the leak shows."""
-    position = 2 * CHUNK + 40
+    """The test above catches adapters that learn from a document before scoring it: here a first pass learns from
+    every chunk, and a second pass, with the adapters as the first left them, is what gets scored."""
+    real = tg.adapt_batch
 
-    def leaky_score(model, val_tokens, tables, starts, first_scored, length, batch, sums, per_target=None):
-        if starts.size:
-            chunk = (starts[0] + first_scored[0]) // CHUNK
-            tg.ttt_adapt(model, torch.optim.SGD(model.parameters(), lr=0.05), val_tokens[chunk * CHUNK:(chunk + 1) * CHUNK + 1],
-                         SEQ_LEN, 1, 0, 1)
-        real_score(model, val_tokens, tables, starts, first_scored, length, batch, sums, per_target)
+    def learn_then_score(scorer, adapters, tokens_, tables, starts, counts, hp_, sums, per_target):
+        real(scorer, adapters, tokens_, tables, starts, counts, hp_, torch.zeros_like(sums), None)
+        real(scorer, adapters, tokens_, tables, starts, counts, hp_, sums, per_target)
 
-    real_score = tg.score_windows
-    monkeypatch.setattr(tg, "score_windows", leaky_score)
-    base, _ = ttt_losses(tokens)
-    changed = tokens.clone()
-    changed[position] = (changed[position] + 17) % 64
-    perturbed, _ = ttt_losses(changed)
-    assert not torch.equal(base[:position - 1], perturbed[:position - 1])
+    monkeypatch.setattr(tg, "adapt_batch", learn_then_score)
+    position = 17
+    base, _ = ttt_scores(tokens, ttt_phases=0)
+    other, _ = ttt_scores(perturbed(tokens, position), ttt_phases=0)
+    assert not torch.equal(base[:position - 1], other[:position - 1])
 
 
-def test_adaptation_stops_when_the_eval_clock_says_so(tokens):
-    _, (loss, _, adapted) = ttt_losses(tokens, keep_adapting=lambda: False)
-    _, (frozen_loss, _, _) = ttt_losses(tokens, ttt_lr=0.0)
-    assert adapted == 0 and loss == pytest.approx(frozen_loss, rel=1e-12)
+def test_a_phase_that_trains_on_unscored_documents_would_be_caught(tokens, monkeypatch):
+    real = tg.train_on_scored
+
+    def greedy(model, scorer, tokens_, starts, counts, hp_, rank, world_size):
+        all_starts, all_counts = tg.document_spans(tokens_.numpy())
+        return real(model, scorer, tokens_, all_starts, all_counts, hp_, rank, world_size)  # every document
+
+    monkeypatch.setattr(tg, "train_on_scored", greedy)
+    position = POSITIONS[-1]
+    base, _ = ttt_scores(tokens)
+    other, _ = ttt_scores(perturbed(tokens, position))
+    assert not torch.equal(base[:position - 1], other[:position - 1])
+
+
+def test_documents_adapt_in_isolation(tokens):
+    """Without global phases, changing a token of one document changes no score of any other document."""
+    starts, counts = tg.document_spans(tokens.numpy())
+    base, _ = ttt_scores(tokens, ttt_phases=0)
+    for doc in (0, 3):
+        other, _ = ttt_scores(perturbed(tokens, int(starts[doc]) + 2), ttt_phases=0)
+        changed = (base != other).nonzero().flatten()
+        assert changed.numel() and changed.min() >= starts[doc] and changed.max() < starts[doc] + counts[doc]
+
+
+@pytest.mark.parametrize("batch_docs", [1, 2])
+def test_two_identical_documents_in_a_row_score_identically(batch_docs):
+    """Adapters (and their optimizer state) start fresh for every document, in the same batch or the next."""
+    twin = stream([40], seed=3)
+    tokens = torch.cat((twin, twin, torch.tensor([tg.BOS_ID])))  # the last BOS is the second copy's last target
+    per_target, _ = ttt_scores(tokens, ttt_batch_docs=batch_docs, ttt_phases=0)
+    assert torch.equal(per_target[:41], per_target[41:82])
+
+
+def test_with_no_time_left_ttt_stops_adapting_and_scores_every_document_window(tokens):
+    lines = []
+    model = fresh_model()
+    per_target = torch.full((tokens.numel() - 1,), float("nan"), dtype=torch.float64)
+    clock = tg.EvalClock(1e-3, lambda x: x)
+    time.sleep(0.002)
+    loss, bpb, stats = tg.evaluate_ttt(model, model, tokens, byte_tables(VOCAB), hp(), 0, 1, clock, RATES,
+                                       lines.append, per_target)
+    assert stats["docs_adapted"] == 0 and stats["phases"] == 0 and not per_target.isnan().any()
+    assert lines and lines[0].startswith("ttt_stop reason:budget docs_adapted:0 ")
+    plain = tg.evaluate(fresh_model(), tokens, byte_tables(VOCAB), SEQ_LEN, STRIDE, 4 * SEQ_LEN, 0, 1, True)
+    assert (loss, bpb) == pytest.approx(plain, rel=1e-7)  # the same windows, batched differently
+
+
+def test_the_budget_check_stops_adapting_when_the_rest_would_not_fit(tokens, monkeypatch):
+    """Simulated time: adapting a batch takes its token cost at 1,440 tokens/s, so the first batch (720 tokens)
+    takes 0.5 s and the second (135) would end past a 0.55 s budget: only the first batch adapts."""
+    class SimulatedClock:
+        seconds, now = 0.55, 0.0
+
+        def elapsed(self):
+            return self.now
+
+    clock, real = SimulatedClock(), tg.adapt_batch
+
+    def timed_adapt(scorer, adapters, tokens_, tables, starts, counts, hp_, sums, per_target):
+        clock.now += tg.adapt_cost(counts, hp_) / 1440
+        real(scorer, adapters, tokens_, tables, starts, counts, hp_, sums, per_target)
+
+    monkeypatch.setattr(tg, "adapt_batch", timed_adapt)
+    lines, model = [], fresh_model()
+    rates = dict(adapt=1440, score=1e9, train=1e9)
+    _, _, stats = tg.evaluate_ttt(model, model, tokens, byte_tables(VOCAB), hp(ttt_phases=0), 0, 1, clock, rates,
+                                  lines.append)
+    assert stats["docs_adapted"] == 3 and lines[0].startswith("ttt_stop reason:budget docs_adapted:3 ")
+
+
+def _two_rank_ttt(rank, init_file, out):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    model, tokens = fresh_model(), stream(LENGTHS)
+    clock = tg.EvalClock(1e9, lambda x: x)
+    loss, bpb, stats = tg.evaluate_ttt(model, model, tokens, byte_tables(VOCAB), hp(), rank, 2, clock, RATES,
+                                       lambda line: None)
+    torch.save((loss, bpb, stats), os.path.join(out, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def test_two_ranks_score_like_one(tokens, tmp_path):
+    mp.spawn(_two_rank_ttt, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2)
+    _, (loss, bpb, stats) = ttt_scores(tokens)
+    for rank in (0, 1):
+        loss2, bpb2, stats2 = torch.load(tmp_path / f"rank{rank}.pt")
+        assert (loss2, bpb2) == pytest.approx((loss, bpb), rel=1e-5) and stats2 == stats
