@@ -58,6 +58,7 @@ class Hyperparameters:
     tie_embeddings: bool = True
     rope_base: float = 10000.0
     logit_softcap: float = 30.0
+    logit_softcap_neg: float = 0.0
     qk_gain_init: float = 1.5
     rope_dims: int = 0
     ln_scale: bool = False
@@ -68,11 +69,14 @@ class Hyperparameters:
     smear: bool = False
     bigram_buckets: int = 0
     bigram_dim: int = 128
+    skip_gates: bool = False
+    attn_gate: bool = False
     # Schedule.
     iterations: int = 20000
     max_wallclock_seconds: float = 600.0
     train_batch_tokens: int = 786432
     train_seq_len: int = 2048
+    train_seq_schedule: str = ""
     grad_accum_steps: int = 0
     warmup_steps: int = 20
     lr_warmup_steps: int = 0
@@ -106,10 +110,13 @@ class Hyperparameters:
     qat_clip_k: float = 6.0
     clip_search: bool = True
     gptq: bool = False
-    gptq_calib_batches: int = 16
+    gptq_calib_batches: int = 32
     gptq_reserve_seconds: float = 12.0
     compressor: str = "zstd"
     byte_shuffle: bool = False
+    awq_group: bool = False
+    lqer_rank: int = 0
+    lqer_tensors: int = 3
     artifact_dir: str = "artifacts"
     fit_to_limit: bool = True
     allow_oversize: bool = False
@@ -181,16 +188,22 @@ class Hyperparameters:
         need(self.bigram_buckets >= 0, f"BIGRAM_BUCKETS must be >= 0 (0 = off), got {self.bigram_buckets}")
         need(self.bigram_dim > 0, f"BIGRAM_DIM must be positive, got {self.bigram_dim}")
         need(self.grad_accum_steps >= 0, "GRAD_ACCUM_STEPS must be >= 0 (0 = automatic)")
-        micro = world_size * self.accum_steps(world_size) * self.train_seq_len
-        need(self.train_batch_tokens % micro == 0,
-             f"TRAIN_BATCH_TOKENS={self.train_batch_tokens} must be divisible by world_size({world_size}) x "
-             f"GRAD_ACCUM_STEPS({self.accum_steps(world_size)}) x TRAIN_SEQ_LEN({self.train_seq_len}) = {micro}")
+        for seq_len, _ in self.seq_schedule():
+            micro = world_size * self.accum_steps(world_size) * seq_len
+            need(self.train_batch_tokens % micro == 0,
+                 f"TRAIN_BATCH_TOKENS={self.train_batch_tokens} must be divisible by world_size({world_size}) x "
+                 f"GRAD_ACCUM_STEPS({self.accum_steps(world_size)}) x the sequence length ({seq_len}) = {micro}")
+        need(self.logit_softcap > 0 and self.logit_softcap_neg >= 0,
+             f"LOGIT_SOFTCAP must be positive and LOGIT_SOFTCAP_NEG >= 0 (0 = same), got {self.logit_softcap}, "
+             f"{self.logit_softcap_neg}")
         for name in ("qat_bits_attn", "qat_bits_mlp"):
             need(getattr(self, name) in (4, 5, 6, 7, 8), f"{name.upper()} must be 4..8, got {getattr(self, name)}")
         need(self.embed_bits in (6, 7, 8, 16), f"EMBED_BITS must be 6, 7, 8 or 16 (fp16), got {self.embed_bits}")
         need(self.compressor in (*COMPRESSORS, "best") and (self.compressor != "brotli" or have_brotli()),
              f"COMPRESSOR must be best or one of {sorted(COMPRESSORS)} (brotli if installed), got {self.compressor!r}")
         need(self.clip_mode in ("max", "std"), f"CLIP_MODE must be max or std, got {self.clip_mode!r}")
+        need(self.lqer_rank >= 0 and self.lqer_tensors >= 0,
+             f"LQER_RANK and LQER_TENSORS must be >= 0, got {self.lqer_rank}, {self.lqer_tensors}")
         cap = self.max_wallclock_seconds
         need(not (self.gptq and cap) or 0 <= self.gptq_reserve_seconds < cap,
              f"GPTQ_RESERVE_SECONDS={self.gptq_reserve_seconds} must be in [0, MAX_WALLCLOCK_SECONDS={cap})")
@@ -211,6 +224,23 @@ class Hyperparameters:
         need(0.0 <= self.min_lr_frac <= 1.0, f"MIN_LR_FRAC must be in [0, 1], got {self.min_lr_frac}")
         need(re.fullmatch(r"[A-Za-z0-9_-][A-Za-z0-9_.-]*", self.run_id) is not None,
              f"RUN_ID={self.run_id!r} may hold only letters, digits, '-', '_' and '.' (it names files)")
+
+    def seq_schedule(self) -> list[tuple[int, float]]:
+        """TRAIN_SEQ_SCHEDULE as (sequence length, fraction of training it starts at), e.g. '1024@0,2048@0.4': the
+        context grows while the tokens per step stay TRAIN_BATCH_TOKENS; it ends at TRAIN_SEQ_LEN. Empty: constant."""
+        if not self.train_seq_schedule.strip():
+            return [(self.train_seq_len, 0.0)]
+        try:
+            stages = [(int(length), float(start)) for length, start in
+                      (item.split("@") for item in self.train_seq_schedule.replace(" ", "").split(","))]
+        except ValueError:
+            stages = []
+        if (not stages or stages[0][1] != 0.0 or stages[-1][0] != self.train_seq_len or stages[-1][1] > 1.0
+                or any(length <= 0 for length, _ in stages) or any(b[1] <= a[1] for a, b in zip(stages, stages[1:]))):
+            raise UserError(f"TRAIN_SEQ_SCHEDULE={self.train_seq_schedule!r} must be length@fraction pairs with "
+                            f"fractions rising from 0 to at most 1, ending at TRAIN_SEQ_LEN={self.train_seq_len}, "
+                            f"e.g. '1024@0,{self.train_seq_len}@0.4'")
+        return stages
 
     def recur_span(self) -> range:
         """RECUR_LAYERS as the range of blocks that run twice; empty when off."""
@@ -261,7 +291,8 @@ def read_shard(path: str, vocab_size: int) -> np.ndarray:
     count = shard_token_count(path)
     tokens = np.fromfile(path, dtype="<u2", count=count, offset=HEADER_INTS * 4)
     if tokens.size and int(tokens.max()) >= vocab_size:
-        raise UserError(f"{path}: token id {int(tokens.max())} >= VOCAB_SIZE={vocab_size}; wrong tokenizer or VOCAB_SIZE")
+        raise UserError(f"{path}: token id {int(tokens.max())} >= VOCAB_SIZE={vocab_size}; "
+                        f"wrong tokenizer or VOCAB_SIZE")
     return tokens
 
 
@@ -394,20 +425,20 @@ def fake_quantize(w: torch.Tensor, bits: int, clip_k: float = 0.0) -> torch.Tens
 class CastedLinear(nn.Linear):
     """fp32 master weights (autocast does the bf16 matmul) with optional fake quantisation.
 
-    The on/off switch is a buffer, not a Python flag, so a compiled graph reads it at run time instead of
-    baking in the value it saw when it was traced."""
+    The on/off switch `qat_on` is a plain attribute: compiled graphs guard on it, so flipping it re-traces (the
+    compile warm-up builds both graphs) and fake quantisation costs nothing until it is switched on."""
 
     def __init__(self, in_features: int, out_features: int, qat_bits: int = 0, zero_init: bool = False):
         super().__init__(in_features, out_features, bias=False)
-        self.qat_bits, self.clip_k, self.lora = qat_bits, 0.0, None  # lora: test-time adapters (DocumentAdapters)
-        self.register_buffer("qat_on", torch.zeros(()), persistent=False)
+        self.qat_bits, self.clip_k, self.qat_on = qat_bits, 0.0, False
+        self.lora = None  # test-time adapters (DocumentAdapters)
         if zero_init:
             nn.init.zeros_(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
-        if self.qat_bits:
-            w = torch.lerp(w, fake_quantize(w, self.qat_bits, self.clip_k), self.qat_on)
+        if self.qat_bits and self.qat_on:
+            w = fake_quantize(w, self.qat_bits, self.clip_k)
         return F.linear(x, w) if self.lora is None else F.linear(x, w) + lora_delta(x, *self.lora)
 
 
@@ -443,6 +474,9 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fa3) -> 
     return y.transpose(1, 2)
 
 
+GATE_CHANNELS = 12  # the attention gate reads this many input channels: the frontier records' sparse gate (#1787)
+
+
 class Attention(nn.Module):
     def __init__(self, hp: Hyperparameters, layer: int):
         super().__init__()
@@ -456,6 +490,9 @@ class Attention(nn.Module):
         self.c_v = CastedLinear(dim, self.kv_heads * self.head_dim, bits)
         self.proj = CastedLinear(dim, dim, bits, zero_init=True)
         self.q_gain = nn.Parameter(torch.full((self.heads,), hp.qk_gain_init))
+        # ATTN_GATE: each head's output times 2 sigmoid(a linear read of the block input's first GATE_CHANNELS), zero
+        # initialised, so it starts as the identity and lets a head quiet itself where its context does not help.
+        self.gate = nn.Parameter(torch.zeros(self.heads, GATE_CHANNELS)) if hp.attn_gate else None
         rope = hp.rope_dims or self.head_dim
         inv_freq = hp.rope_base ** (-torch.arange(0, rope, 2, dtype=torch.float32) / rope)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
@@ -479,6 +516,8 @@ class Attention(nn.Module):
             y = y.unflatten(2, (self.kv_heads, -1))
             v_hat = F.normalize(v, dim=-1).unsqueeze(3)
             y = (y - (y * v_hat).sum(-1, keepdim=True) * v_hat).flatten(2, 3)
+        if self.gate is not None:
+            y = y * (2 * torch.sigmoid(x[..., :GATE_CHANNELS] @ self.gate.to(x.dtype).T))[..., None]
         return self.proj(y.reshape(b, t, -1))
 
 
@@ -531,13 +570,16 @@ class GPT(nn.Module):
     def __init__(self, hp: Hyperparameters, bf16: bool = False, qat: bool = True):
         super().__init__()
         self.bf16 = bf16
-        self.softcap = hp.logit_softcap
+        self.softcap, self.softcap_neg = hp.logit_softcap, hp.logit_softcap_neg or hp.logit_softcap
         self.tok_emb = nn.Embedding(hp.vocab_size, hp.model_dim)
         nn.init.normal_(self.tok_emb.weight, std=0.005 if hp.tie_embeddings else 1.0)
         self.blocks = nn.ModuleList(Block(hp, i) for i in range(hp.num_layers))
         self.num_encoder = hp.num_layers // 2
         self.num_skips = min(self.num_encoder, hp.num_layers - self.num_encoder)
         self.skip_weights = nn.Parameter(torch.ones(self.num_skips, hp.model_dim))
+        # SKIP_GATES: a decoder block mixes its input with the weighted skip through a sigmoid gate per dimension
+        # (zero-initialised: an even mix) instead of adding it.
+        self.skip_gates = nn.Parameter(torch.zeros(self.num_skips, hp.model_dim)) if hp.skip_gates else None
         self.lm_head = None if hp.tie_embeddings else CastedLinear(hp.model_dim, hp.vocab_size, zero_init=True)
         # A plain attribute, not a buffer: compiled graphs guard on it, so flipping it re-traces.
         self.recur, self.recur_on = hp.recur_span(), False
@@ -559,7 +601,7 @@ class GPT(nn.Module):
     def set_qat(self, enabled: bool) -> None:
         for module in self.modules():
             if isinstance(module, CastedLinear):
-                module.qat_on.fill_(float(enabled))
+                module.qat_on = enabled
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Token embedding plus the optional bigram and smear terms. A document's first token (BOS) sees no
@@ -585,7 +627,9 @@ class GPT(nn.Module):
             skips = []
             for i, block in enumerate(self.blocks):
                 if i >= self.num_encoder and skips:
-                    x = x + self.skip_weights[i - self.num_encoder].to(x.dtype) * skips.pop()
+                    skip = self.skip_weights[i - self.num_encoder].to(x.dtype) * skips.pop()
+                    x = x + skip if self.skip_gates is None else torch.lerp(
+                        skip, x, torch.sigmoid(self.skip_gates[i - self.num_encoder]).to(x.dtype))
                 x = block(x, x0)
                 if i < self.num_encoder:
                     skips.append(x)
@@ -598,7 +642,11 @@ class GPT(nn.Module):
             logits = self.lm_head(x) if self.lm_head is not None else F.linear(x, self.tok_emb.weight)
             if self.lora is not None:
                 logits = logits + lora_delta(x, *self.lora)
-            return self.softcap * torch.tanh(logits.float() / self.softcap)
+            z = logits.float()
+            # LOGIT_SOFTCAP_NEG: its own cap for negative logits (how surely a token is ruled out).
+            cap = self.softcap if self.softcap_neg == self.softcap else torch.where(z > 0, self.softcap,
+                                                                                   self.softcap_neg)
+            return cap * torch.tanh(z / cap)
 
     def forward(self, input_ids: torch.Tensor, target_ids: torch.Tensor, per_token: bool = False) -> torch.Tensor:
         logits = self.logits(input_ids)
@@ -779,12 +827,15 @@ def quantize_rows(w: torch.Tensor, bits: int, clip_mode: str = "max", weight: to
     return codes, best_scale.squeeze(1).half()
 
 
-def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, bits: int, scale: torch.Tensor) -> torch.Tensor:
+def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, bits: int, scale: torch.Tensor,
+                  group: tuple[int, int, torch.Tensor] | None = None) -> torch.Tensor:
     """GPTQ int8 codes of w on the per-row grid `scale`: columns are rounded in order and each rounding error is
-    moved onto the columns not yet rounded through the inverse Hessian, so the output X W^T moves least."""
+    moved onto the columns not yet rounded through the inverse Hessian, so the output X W^T moves least. `group`
+    (first column, width, per-row scale) is a column group rounded at 8 bits on its own grid, in the same solve."""
     qmax = 2 ** (bits - 1) - 1
     w, h = w.float().clone(), hessian.float().clone().to(w.device)
     step = scale.float().to(w.device)
+    first, width, group_step = group if group else (0, 0, None)
     # An input that was always zero leaves its weights free: zero them, and give H a unit diagonal there.
     dead = h.diagonal() == 0
     h[dead, dead] = 1.0
@@ -797,8 +848,9 @@ def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, bits: int, scale: torc
         b1 = min(b0 + GPTQ_BLOCK, w.size(1))
         errs = torch.zeros(w.size(0), b1 - b0, device=w.device)
         for j in range(b0, b1):
-            codes[:, j] = (w[:, j] / step).round().clamp(-qmax, qmax)
-            errs[:, j - b0] = (w[:, j] - codes[:, j] * step) / u[j, j]
+            s, q = (group_step.float(), 127) if first <= j < first + width else (step, qmax)
+            codes[:, j] = (w[:, j] / s).round().clamp(-q, q)
+            errs[:, j - b0] = (w[:, j] - codes[:, j] * s) / u[j, j]
             w[:, j:b1] -= errs[:, j - b0, None] * u[None, j, j:b1]
         # Columns past the block take the whole block's errors in one matrix product: the point of blocking.
         w[:, b1:] -= errs @ u[b0:b1, b1:]
@@ -848,40 +900,139 @@ def export_bits(name: str, tensor: torch.Tensor, hp: Hyperparameters) -> int:
 
 
 @dataclasses.dataclass
+class QuantTensor:
+    """One tensor as the artifact stores it: fp16 `values` (bits 16), or int8 `codes` on a per-row grid `scale`,
+    with optionally a salient column group from `group` on, at 8 bits on its own per-row grid `group_scale`
+    (AWQ_GROUP), and low-rank factors of the quantisation error, W ~ codes * scale + lqer_a^T lqer_b (LQER)."""
+    name: str
+    shape: list
+    bits: int
+    values: torch.Tensor | None = None
+    codes: torch.Tensor | None = None
+    scale: torch.Tensor | None = None
+    group: int = -1
+    group_scale: torch.Tensor | None = None
+    lqer: tuple | None = None  # (a codes, a scale, b codes, b scale): rank x out and rank x in, 8-bit rows
+    cost: torch.Tensor | None = None  # per code: squared error of setting its weight to 0 (Hessian-weighted)
+
+    def dequantize(self) -> torch.Tensor:
+        if self.bits == 16:
+            return self.values.float().view(self.shape)
+        w = dequantize_rows(self.codes, self.scale)
+        if self.group >= 0:
+            width = self.group_scale.numel() and AWQ_WIDTH
+            w[:, self.group:self.group + width] = dequantize_rows(self.codes[:, self.group:self.group + width],
+                                                                 self.group_scale)
+        if self.lqer is not None:
+            a_codes, a_scale, b_codes, b_scale = self.lqer
+            w += dequantize_rows(a_codes, a_scale).T @ dequantize_rows(b_codes, b_scale)
+        return w
+
+
+AWQ_WIDTH = 64  # columns in a salient group: the frontier records' choice (PR #1908)
+
+
+def salient_group(w: torch.Tensor, hessian: torch.Tensor, width: int) -> int:
+    """First column of the aligned group of `width` input columns that matters most: activation RMS (the root of the
+    Hessian diagonal) times mean |w|, summed over the group."""
+    saliency = hessian.diagonal().clamp_min(0).sqrt() * w.abs().mean(dim=0)
+    return int(saliency[:saliency.numel() // width * width].view(-1, width).sum(1).argmax()) * width
+
+
+def quantize_tensor(name: str, tensor: torch.Tensor, bits: int, hp: Hyperparameters,
+                    hessian: torch.Tensor | None = None) -> QuantTensor:
+    """One tensor at `bits`: per-row clip search, then GPTQ where a Hessian was collected, with the salient column
+    group at 8 bits when AWQ_GROUP is on."""
+    if bits == 16:
+        return QuantTensor(name, list(tensor.shape), 16, values=tensor.detach().cpu().half().flatten())
+    w = tensor.detach().float().to(hessian.device if hessian is not None else "cpu")
+    weight = hessian.diagonal() if hessian is not None else torch.ones(w.size(1), device=w.device)
+    # The QAT k joins the search, so the grid training converged to is always on offer. Without the search block
+    # matrices keep exactly that grid, and k becomes the size lever: a wider clip means coarser steps, fewer distinct
+    # codes and a smaller artifact. Embeddings always search their own clip.
+    search = hp.clip_search or not name.startswith(("blocks.", "bigram_proj."))
+    codes, scale = quantize_rows(w, bits, hp.clip_mode, weight, STD_CLIP_KS * search + (hp.qat_clip_k,))
+    group, group_scale = -1, None
+    if hessian is not None:
+        if hp.awq_group and bits < 8 and w.size(1) >= 2 * AWQ_WIDTH:
+            group = salient_group(w, hessian, AWQ_WIDTH)
+            group_scale = fp16_scale(w[:, group:group + AWQ_WIDTH].abs().amax(dim=1), 127).half()
+        codes = gptq_quantize(w, hessian, bits, scale, (group, AWQ_WIDTH, group_scale) if group >= 0 else None)
+    return QuantTensor(name, list(w.shape), bits, codes=codes.cpu(), scale=scale.cpu(), group=group,
+                       group_scale=None if group_scale is None else group_scale.cpu(),
+                       cost=(w.square() * weight).cpu())
+
+
+def add_lqer(tensors: list[QuantTensor], state: dict[str, torch.Tensor], hessians: dict, hp: Hyperparameters) -> list:
+    """LQER: the LQER_TENSORS quantised matrices with the largest relative error (Hessian-weighted where a Hessian
+    was collected: tr(E H E^T) / tr(W H W^T), E the quantisation error) get a rank-LQER_RANK correction, the leading
+    singular directions of E, stored as two 8-bit factors and added back at load. Returns the names chosen."""
+    scored = []
+    for t in tensors:
+        if t.bits == 16 or t.lqer is not None:
+            continue
+        w = state[t.name].detach().float().cpu()
+        error, h = w - t.dequantize(), hessians.get(t.name)
+        relative = ((error @ h.cpu() * error).sum() / (w @ h.cpu() * w).sum() if h is not None
+                    else error.square().sum() / w.square().sum())
+        scored.append((float(relative), t, error))
+    chosen = sorted(scored, key=lambda item: -item[0])[:hp.lqer_tensors]
+    for _, t, error in chosen:
+        t.lqer = lqer_factors(error, hp.lqer_rank)
+    return [t.name for _, t, _ in chosen]
+
+
+def lqer_factors(error: torch.Tensor, rank: int) -> tuple:
+    """The leading `rank` singular directions of a quantisation error as two 8-bit factors (rank x out, rank x in),
+    each row on its own grid."""
+    u, sigma, vh = torch.linalg.svd(error, full_matrices=False)
+    a = (u[:, :rank] * sigma[:rank]).T.contiguous()
+    return (*quantize_rows(a, 8), *quantize_rows(vh[:rank].contiguous(), 8))
+
+
+@dataclasses.dataclass
 class Packed:
     """A quantised state before serialisation; codes and cost are aligned, so pruning is one index operation."""
-    table: list  # per tensor: name, shape, bits, [offset, count] of its codes and scales, or of its fp16 values
+    table: list  # per tensor: name, shape, bits, [offset, count] of its parts in `codes` and `halves`
     codes: np.ndarray  # int8, all quantised tensors back to back
     halves: np.ndarray  # fp16: per-row scales and the tensors kept in fp16
-    cost: np.ndarray  # per code: squared error of setting its weight to 0, weighted by the Hessian diagonal
+    cost: np.ndarray  # per code: squared error of setting its weight to 0; LQER factors are never pruned
+
+
+def pack(tensors: list[QuantTensor]) -> Packed:
+    table, codes, halves, cost = [], [], [], []
+
+    def put(parts: list, tensor: torch.Tensor) -> list:
+        parts.append(tensor.flatten())
+        return [sum(map(len, parts)) - tensor.numel(), tensor.numel()]
+
+    for t in tensors:
+        entry = dict(name=t.name, shape=t.shape, bits=t.bits)
+        if t.bits == 16:
+            entry["values"] = put(halves, t.values)
+        else:
+            entry.update(codes=put(codes, t.codes), scale=put(halves, t.scale))
+            cost.append(t.cost.flatten())
+            if t.group >= 0:
+                entry.update(group=t.group, group_scale=put(halves, t.group_scale))
+            if t.lqer is not None:
+                a_codes, a_scale, b_codes, b_scale = t.lqer
+                entry["lqer"] = [put(codes, a_codes), put(halves, a_scale), put(codes, b_codes), put(halves, b_scale),
+                                 list(a_codes.shape), list(b_codes.shape)]
+                cost.append(torch.full((a_codes.numel() + b_codes.numel(),), math.inf))
+        table.append(entry)
+    return Packed(table, torch.cat(codes).numpy(), torch.cat(halves).numpy(), torch.cat(cost).numpy())
 
 
 def quantize_state(state: dict[str, torch.Tensor], hp: Hyperparameters,
-                   hessians: dict[str, torch.Tensor] | None = None) -> Packed:
-    """Every tensor at its export_bits: per-row clip search, then GPTQ where a Hessian was collected."""
-    table, codes, halves, cost = [], [], [], []
-    for name, tensor in state.items():
-        bits, h = export_bits(name, tensor, hp), (hessians or {}).get(name)
-        entry = dict(name=name, shape=list(tensor.shape), bits=bits)
-        if bits < 16:
-            w = tensor.detach().float().to(h.device if h is not None else "cpu")
-            weight = h.diagonal() if h is not None else torch.ones(w.size(1))
-            # The QAT k joins the search, so the grid training converged to is always on offer. Without the search
-            # block matrices keep exactly that grid, and k becomes the size lever: a wider clip means coarser
-            # steps, fewer distinct codes and a smaller artifact. Embeddings always search their own clip.
-            search = hp.clip_search or not name.startswith(("blocks.", "bigram_proj."))
-            q, scale = quantize_rows(w, bits, hp.clip_mode, weight, STD_CLIP_KS * search + (hp.qat_clip_k,))
-            if h is not None:
-                q = gptq_quantize(w, h, bits, scale)
-            entry.update(codes=[sum(map(len, codes)), q.numel()], scale=[sum(map(len, halves)), scale.numel()])
-            codes.append(q.flatten().cpu())
-            halves.append(scale.cpu())
-            cost.append((w.square() * weight).flatten().cpu())
-        else:
-            entry.update(values=[sum(map(len, halves)), tensor.numel()])
-            halves.append(tensor.detach().cpu().half().flatten())
-        table.append(entry)
-    return Packed(table, torch.cat(codes).numpy(), torch.cat(halves).numpy(), torch.cat(cost).numpy())
+                   hessians: dict[str, torch.Tensor] | None = None) -> list[QuantTensor]:
+    """Every tensor at its export_bits, then LQER factors for the worst-quantised matrices (LQER_RANK > 0)."""
+    hessians = hessians or {}
+    tensors = [quantize_tensor(name, tensor, export_bits(name, tensor, hp), hp, hessians.get(name))
+               for name, tensor in state.items()]
+    if hp.lqer_rank:
+        add_lqer(tensors, state, hessians, hp)
+    return tensors
 
 
 def serialize(p: Packed, shuffle: bool = False) -> bytes:
@@ -906,20 +1057,32 @@ def unpack_state(payload: bytes) -> dict[str, torch.Tensor]:
         raw = np.frombuffer(payload, np.uint8, end - 4 - header["codes"], 4 + header["codes"])
         halves = (np.ascontiguousarray(raw.reshape(2, -1).T) if header["shuffle"] else raw).view(np.float16).ravel()
 
-        def read(array: np.ndarray, offset_count: list, count: int) -> torch.Tensor:
+        def read(array: np.ndarray, offset_count: list, shape: list) -> torch.Tensor:
             offset, stored = offset_count
+            count = math.prod(shape)
             if stored != count or not 0 <= offset <= array.size - count:
                 raise ValueError(f"{count} values expected at {offset}, {stored} declared, {array.size} stored")
-            return torch.from_numpy(array[offset:offset + count].copy())
+            return torch.from_numpy(array[offset:offset + count].copy()).view(shape)
 
         state = {}
-        for entry in header["tensors"]:
-            shape = [int(n) for n in entry["shape"]]
-            if entry["bits"] < 16:
-                state[entry["name"]] = dequantize_rows(read(codes, entry["codes"], math.prod(shape)).view(shape),
-                                                       read(halves, entry["scale"], shape[0]))
+        for e in header["tensors"]:
+            shape = [int(n) for n in e["shape"]]
+            t = QuantTensor(e["name"], shape, e["bits"])
+            if t.bits == 16:
+                t.values = read(halves, e["values"], shape)
             else:
-                state[entry["name"]] = read(halves, entry["values"], math.prod(shape)).float().view(shape)
+                t.codes, t.scale = read(codes, e["codes"], shape), read(halves, e["scale"], shape[:1])
+                if "group" in e:
+                    t.group, t.group_scale = int(e["group"]), read(halves, e["group_scale"], shape[:1])
+                    if not 0 <= t.group <= shape[1] - AWQ_WIDTH:
+                        raise ValueError(f"column group at {t.group} outside {shape}")
+                if "lqer" in e:
+                    a, a_scale, b, b_scale, a_shape, b_shape = e["lqer"]
+                    if a_shape[1] != shape[0] or b_shape[1] != shape[1] or a_shape[0] != b_shape[0]:
+                        raise ValueError(f"LQER factors {a_shape} x {b_shape} do not fit {shape}")
+                    t.lqer = (read(codes, a, a_shape), read(halves, a_scale, a_shape[:1]), read(codes, b, b_shape),
+                              read(halves, b_scale, b_shape[:1]))
+            state[t.name] = t.dequantize()
         return state
     except (ValueError, KeyError, TypeError, IndexError, RuntimeError) as e:
         raise UserError(f"artifact payload is malformed ({e}); it is truncated or not written by this script") from None
@@ -999,6 +1162,50 @@ def prune_to_fit(p: Packed, budget: float, method: str, shuffle: bool = False) -
             over_lo, over_hi = (over_lo / 2, over_hi) if fit else (over_lo, over_hi / 2)
         last_fit = fit
     return best, hi, len(blob)
+
+
+LADDER_MIN_BITS = 4  # FIT_TO_LIMIT never takes a matrix below this width
+
+
+def quantisation_error(w: torch.Tensor, bits: int, hp: Hyperparameters, hessian: torch.Tensor | None) -> float:
+    """Squared error of round-to-nearest at `bits`, columns weighted by the Hessian diagonal: a cheap stand-in for
+    the GPTQ error, good enough to rank which matrix should lose a bit."""
+    weight = hessian.diagonal().cpu() if hessian is not None else torch.ones(w.size(1))
+    codes, scale = quantize_rows(w, bits, hp.clip_mode, weight, STD_CLIP_KS + (hp.qat_clip_k,))
+    return float(((dequantize_rows(codes, scale) - w).square() * weight).sum())
+
+
+def fit_artifact(tensors: list[QuantTensor], state: dict[str, torch.Tensor], hessians: dict, hp: Hyperparameters,
+                 budget: float, log) -> bytes:
+    """The artifact, within `budget` bytes if it can be done (FIT_TO_LIMIT's ladder). First the cheapest +-1 codes
+    are zeroed (prune_to_fit). If zeroing all of them is not enough, matrices lose one bit at a time, least added
+    error per byte saved first (a bit is about numel / 8 bytes), until pruning can close the rest. With Hessians
+    only the matrices that have one compete, so errors are compared on one scale. Every step is logged."""
+    blob, zeroed, unpruned = prune_to_fit(pack(tensors), budget, hp.compressor, hp.byte_shuffle)
+    while len(blob) > budget:
+        matrices = [i for i, t in enumerate(tensors) if LADDER_MIN_BITS < t.bits < 16 and len(t.shape) == 2
+                    and (not hessians or t.name in hessians)]
+        if not matrices:
+            break
+        priced = []
+        for i in matrices:
+            t, w, h = tensors[i], state[tensors[i].name].detach().float().cpu(), hessians.get(tensors[i].name)
+            added = quantisation_error(w, t.bits - 1, hp, h) - quantisation_error(w, t.bits, hp, h)
+            priced.append((added / (w.numel() / 8), i))
+        saved, over = 0.0, len(blob) - budget
+        for _, i in sorted(priced):
+            old = tensors[i]
+            new = quantize_tensor(old.name, state[old.name], old.bits - 1, hp, hessians.get(old.name))
+            if old.lqer is not None:
+                new.lqer = lqer_factors(state[old.name].detach().float().cpu() - new.dequantize(), hp.lqer_rank)
+            tensors[i], saved = new, saved + new.codes.numel() / 8
+            log(f"fit_lower tensor:{old.name} bits:{old.bits}->{new.bits} est_saved:{new.codes.numel() // 8}")
+            if saved >= 1.1 * over:
+                break
+        blob, zeroed, unpruned = prune_to_fit(pack(tensors), budget, hp.compressor, hp.byte_shuffle)
+    if zeroed:
+        log(f"prune zeroed:{zeroed} bytes_before:{unpruned} bytes_after:{len(blob)}")
+    return blob
 
 
 def write_artifact(path: str, blob: bytes) -> int:
@@ -1459,12 +1666,14 @@ class Trainer:
         # Host-side scalars (the clock) are agreed over gloo so no rank waits on its GPU to decide.
         self.clock_group = dist.new_group(backend="gloo") if world_size > 1 and device.type == "cuda" else None
         self.hessians, self.hessian_ms, self.qat_on = {}, 0.0, False
+        self.schedule = hp.seq_schedule()
+        self.seq_len = self.schedule[0][0]
 
     def train_step(self, step: int) -> torch.Tensor:
         hp = self.hp
         total = torch.zeros((), device=self.device)
         for micro in range(self.accum):
-            x, y = self.loader.next_batch(self.local_tokens, hp.train_seq_len)
+            x, y = self.loader.next_batch(self.local_tokens, self.seq_len)
             if isinstance(self.step_model, DDP):
                 self.step_model.require_backward_grad_sync = micro == self.accum - 1
             loss = self.step_model(x, y)
@@ -1485,10 +1694,22 @@ class Trainer:
             for group in opt.param_groups:
                 group["lr"] = group["base_lr"] * multiplier
 
+    def training_states(self) -> list[tuple[int, bool, bool]]:
+        """(sequence length, recurrence on, QAT on) of each stretch of training, in order: each is its own graph."""
+        hp, recur = self.hp, bool(self.model.recur)
+        switches = {start for _, start in self.schedule} | {hp.qat_start_frac, hp.recur_start_frac if recur else 0.0}
+        states = []
+        for point in sorted(switches):
+            state = ([length for length, start in self.schedule if point >= start][-1],
+                     recur and point >= hp.recur_start_frac, point >= hp.qat_start_frac)
+            if point < 1.0 and state not in states:
+                states.append(state)
+        return states
+
     def warm_up_compile(self, tables: tuple) -> None:
         """Run WARMUP_STEPS real steps on training tokens so compilation happens before the clock starts, then
-        restore the model, optimizers and data stream exactly as they were. With RECUR_LAYERS, steps alternate
-        recurrence off and on so both graphs are compiled."""
+        restore the model, optimizers and data stream exactly as they were. The steps cycle through every state
+        training will pass through (sequence length, recurrence, QAT), so every graph is compiled."""
         if self.hp.warmup_steps <= 0:
             return
         model_state = {k: v.clone() for k, v in self.model.state_dict().items()}
@@ -1496,9 +1717,9 @@ class Trainer:
         for opt in self.optimizers:
             snapshots.append(io.BytesIO())
             torch.save(opt.state_dict(), snapshots[-1])
-        recur_states = (False, True) if self.model.recur else (False,)
-        for step in range(self.hp.warmup_steps):
-            self.model.recur_on = recur_states[step % len(recur_states)]
+        states = self.training_states()
+        for step in range(max(self.hp.warmup_steps, len(states))):  # at least one step in every state
+            self.set_state(*states[step % len(states)])
             self.train_step(step)
         self.model.load_state_dict(model_state)
         for snapshot, opt in zip(snapshots, self.optimizers):
@@ -1507,17 +1728,20 @@ class Trainer:
             opt.zero_grad(set_to_none=True)
         self.loader = TrainLoader(self.train_files, self.hp.vocab_size, self.rank, self.world_size, self.device)
         self.model.eval()
-        # Scoring graphs: the pre-export score runs at EVAL_SEQ_LEN with recurrence on (when set); validation during
-        # training (VAL_LOSS_EVERY) runs at TRAIN_SEQ_LEN, recurrence on or off.
-        shapes = {(bool(self.model.recur), self.hp.eval_seq_len)}
-        if self.hp.val_loss_every > 0:
-            shapes |= {(recur_on, self.hp.train_seq_len) for recur_on in recur_states}
-        for recur_on, seq_len in sorted(shapes):
-            self.model.recur_on = recur_on
+        # Scoring graphs: the pre-export score runs at EVAL_SEQ_LEN in the state training ends in (recurrence on when
+        # set); validation during training (VAL_LOSS_EVERY) runs at TRAIN_SEQ_LEN in any state.
+        final = (self.hp.eval_seq_len, bool(self.model.recur), states[-1][2])
+        shapes = {final} | ({(self.hp.train_seq_len, r, q) for _, r, q in states} if self.hp.val_loss_every else set())
+        for seq_len, recur_on, qat_on in sorted(shapes):
+            self.set_state(seq_len, recur_on, qat_on)
             warm_up_scorer(self.eval_model, self.hp, tables, seq_len, self.world_size, self.device)
-        self.model.recur_on = False
+        self.set_state(*states[0])
         self.model.train()
         self.sync()
+
+    def set_state(self, seq_len: int, recur_on: bool, qat_on: bool) -> None:
+        self.seq_len, self.model.recur_on, self.qat_on = seq_len, recur_on, qat_on
+        self.model.set_qat(qat_on)
 
     def sync(self) -> None:
         if self.device.type == "cuda":
@@ -1593,6 +1817,11 @@ class Trainer:
                 if out_of_time and step < hp.iterations:
                     log(f"stopping_early reason:wallclock step:{step}/{hp.iterations} train_time:{elapsed_ms:.0f}ms")
                 break
+            progress = training_progress(step, elapsed_ms, hp)
+            seq_len = [length for length, start in self.schedule if progress >= start][-1]
+            if seq_len != self.seq_len:
+                self.seq_len = seq_len
+                log(f"seq_len_changed step:{step} seq_len:{seq_len} train_time:{elapsed_ms:.0f}ms")
             if not self.qat_on and training_progress(step, elapsed_ms, hp) >= hp.qat_start_frac:
                 self.model.set_qat(True)
                 self.qat_on = True
@@ -1636,14 +1865,15 @@ def export(hp: Hyperparameters, trainer: Trainer, log: Logger) -> tuple[str, dic
     if trainer.rank == 0:
         try:
             t = time.perf_counter()
-            packed = quantize_state(trainer.model.state_dict(), hp, trainer.hessians)
+            state = trainer.model.state_dict()
+            tensors = quantize_state(state, hp, trainer.hessians)
             if hp.gptq:
                 log(f"gptq calib_batches:{hp.gptq_calib_batches} hessian_ms:{trainer.hessian_ms:.0f} "
                     f"quant_ms:{1000 * (time.perf_counter() - t):.0f}")
+            if hp.lqer_rank:
+                log(f"lqer rank:{hp.lqer_rank} tensors:{','.join(t.name for t in tensors if t.lqer is not None)}")
             budget = SIZE_LIMIT - sizes["bytes_code"] if hp.fit_to_limit else math.inf
-            blob, zeroed, unpruned = prune_to_fit(packed, budget, hp.compressor, hp.byte_shuffle)
-            if zeroed:
-                log(f"prune zeroed:{zeroed} bytes_before:{unpruned} bytes_after:{len(blob)}")
+            blob = fit_artifact(tensors, state, trainer.hessians, hp, budget, log)
             sizes["bytes_model"] = write_artifact(path, blob)
             sizes["bytes_total"] = sizes["bytes_model"] + sizes["bytes_code"]
             log(f"artifact path:{path} bytes_model:{sizes['bytes_model']} bytes_code:{sizes['bytes_code']} "

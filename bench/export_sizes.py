@@ -57,7 +57,7 @@ def main(specs: list[str]) -> None:
                                                        for _ in range(hp.gptq_calib_batches)))
             print(f"hessians batches:{hp.gptq_calib_batches} ms:{1000 * (time.perf_counter() - t):.0f}", flush=True)
         t = time.perf_counter()
-        packed = tg.quantize_state(state, hp_v, hessians if use_gptq else None)
+        packed = tg.pack(tg.quantize_state(state, hp_v, hessians if use_gptq else None))
         budget = tg.SIZE_LIMIT - code_bytes if "fit" in spec.split("+") else float("inf")
         blob, zeroed, _ = tg.prune_to_fit(packed, budget, hp_v.compressor, hp_v.byte_shuffle)
         export_ms = 1000 * (time.perf_counter() - t)

@@ -141,7 +141,8 @@ def test_every_tensor_survives_the_artifact_with_every_feature_on(tmp_path):
     hp = small_hp(**ALL_ON)
     model = randomised(tg.GPT(hp))
     state = model.state_dict()
-    tg.write_artifact(str(tmp_path / "m.pgz"), tg.encode_artifact(tg.quantize_state(state, hp), hp.compressor))
+    blob = tg.encode_artifact(tg.pack(tg.quantize_state(state, hp)), hp.compressor)
+    tg.write_artifact(str(tmp_path / "m.pgz"), blob)
     loaded = tg.read_artifact(str(tmp_path / "m.pgz"))
     assert list(loaded) == list(state) and {"bigram_emb.weight", "bigram_proj.weight", "smear_gate"} <= set(state)
     for name, tensor in state.items():

@@ -14,10 +14,10 @@ EVERY_OPTION = dict(NUM_LAYERS=2, MLP_MULT=1, ROPE_DIMS=8, LN_SCALE=1, QK_GAIN_I
                     PARALLEL_START=1, RECUR_LAYERS=1, RECUR_START_FRAC=0.3, SMEAR=1, BIGRAM_BUCKETS=256, BIGRAM_DIM=64,
                     MUON_NS="polar", MUON_ROW_NORM=1, GPTQ=1, GPTQ_CALIB_BATCHES=2, GPTQ_RESERVE_SECONDS=0,
                     CLIP_MODE="std", WARMUP_STEPS=2, ITERATIONS=30, TRAIN_LOG_EVERY=10)
-# Training: forward+backward with recurrence off and on. Scoring: the in-memory model with recurrence on, and the
-# model reloaded from the artifact (built without fake quantisation, so its graph differs). Newton-Schulz: one graph
-# per matrix shape.
-TRAIN_GRAPHS, NS_GRAPHS, SCORE_GRAPHS = 2, 2, 2
+# Training: forward+backward for each stretch of training, (recurrence, QAT) = (off, off), (on, off), (on, on).
+# Scoring: the in-memory model as training ends (recurrence and QAT on), and the model reloaded from the artifact
+# (no fake quantisation; one dynamic-shape graph for every window length). Newton-Schulz: one graph per matrix shape.
+TRAIN_GRAPHS, NS_GRAPHS, SCORE_GRAPHS = 3, 2, 2
 BF16_LOSS_TOLERANCE = 0.05  # nats: bf16 matmuls over 30 steps of a tiny model drift by a few hundredths at most
 
 

@@ -113,7 +113,7 @@ def test_hessian_weighted_clip_search_lowers_the_weighted_error():
 
 def test_byte_shuffle_is_lossless_and_stores_low_bytes_then_high_bytes():
     hp, state = small_state()
-    packed = tg.quantize_state(state, hp)
+    packed = tg.pack(tg.quantize_state(state, hp))
     shuffled = tg.serialize(packed, shuffle=True)
     restored, plain = tg.unpack_state(shuffled), tg.unpack_state(tg.serialize(packed))
     assert all(torch.equal(restored[k], plain[k]) for k in state)
@@ -123,7 +123,7 @@ def test_byte_shuffle_is_lossless_and_stores_low_bytes_then_high_bytes():
 
 def test_best_compressor_keeps_the_smallest_and_reads_back(tmp_path):
     hp, state = small_state()
-    packed = tg.quantize_state(state, hp)
+    packed = tg.pack(tg.quantize_state(state, hp))
     best = tg.encode_artifact(packed, "best", shuffle=True)
     tried = ["zstd", "lzma"] + ["brotli"] * tg.have_brotli()
     assert len(best) == min(len(tg.encode_artifact(packed, m, shuffle=True)) for m in tried)
@@ -146,7 +146,7 @@ def codes_of(blob: bytes) -> np.ndarray:
 
 def test_pruning_fits_the_budget_by_zeroing_only_the_cheapest_unit_codes():
     hp, state = small_state()
-    packed = tg.quantize_state(state, hp)
+    packed = tg.pack(tg.quantize_state(state, hp))
     unpruned = len(tg.encode_artifact(packed, "zlib"))
     blob, zeroed, before = tg.prune_to_fit(packed, unpruned - 300, "zlib")
     assert before == unpruned and len(blob) <= unpruned - 300
@@ -159,14 +159,14 @@ def test_pruning_fits_the_budget_by_zeroing_only_the_cheapest_unit_codes():
 
 def test_pruning_leaves_an_artifact_that_fits_untouched():
     hp, state = small_state()
-    packed = tg.quantize_state(state, hp)
+    packed = tg.pack(tg.quantize_state(state, hp))
     blob, zeroed, before = tg.prune_to_fit(packed, 16_000_000, "zlib")
     assert zeroed == 0 and blob == tg.encode_artifact(packed, "zlib") and before == len(blob)
 
 
 def test_pruning_gives_up_unpruned_when_even_every_unit_code_is_not_enough():
     hp, state = small_state()
-    packed = tg.quantize_state(state, hp)
+    packed = tg.pack(tg.quantize_state(state, hp))
     blob, zeroed, _ = tg.prune_to_fit(packed, 1000, "zlib")
     assert zeroed == 0 and blob == tg.encode_artifact(packed, "zlib")
 

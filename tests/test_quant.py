@@ -56,7 +56,7 @@ def small_state():
 
 def test_packing_is_lossless_for_codes_scales_and_fp16_tensors():
     hp, state = small_state()
-    restored = tg.unpack_state(tg.serialize(tg.quantize_state(state, hp)))
+    restored = tg.unpack_state(tg.serialize(tg.pack(tg.quantize_state(state, hp))))
     assert restored.keys() == state.keys()
     for name, tensor in state.items():
         bits = tg.export_bits(name, tensor, hp)
@@ -77,7 +77,7 @@ def test_artifact_roundtrip_through_disk(tmp_path, compressor):
     hp, state = small_state()
     hp.compressor = compressor
     path = tmp_path / "model.pgz"
-    packed = tg.quantize_state(state, hp)
+    packed = tg.pack(tg.quantize_state(state, hp))
     size = tg.write_artifact(str(path), tg.encode_artifact(packed, compressor))
     assert size == path.stat().st_size
     assert not list(tmp_path.glob("*.tmp*")), "temporary file left behind"
@@ -143,7 +143,7 @@ def test_std_mode_reaches_every_qat_layer():
 def test_without_clip_search_every_block_row_is_exported_on_the_qat_grid():
     hp, state = small_state()
     hp.clip_mode, hp.qat_clip_k, hp.clip_search = "std", 9.0, False
-    restored = tg.unpack_state(tg.serialize(tg.quantize_state(state, hp)))
+    restored = tg.unpack_state(tg.serialize(tg.pack(tg.quantize_state(state, hp))))
     for name, w in state.items():
         if name.startswith("blocks.") and name.endswith(".weight"):
             grid = tg.fake_quantize(w, tg.export_bits(name, w, hp), clip_k=9.0)
@@ -158,5 +158,5 @@ def test_a_wider_fixed_clip_makes_a_smaller_artifact():
     sizes = []
     for k in (3.0, 5.0, 8.0):
         hp.qat_clip_k = k
-        sizes.append(len(tg.encode_artifact(tg.quantize_state(state, hp), "lzma")))
+        sizes.append(len(tg.encode_artifact(tg.pack(tg.quantize_state(state, hp)), "lzma")))
     assert sizes[0] > sizes[1] > sizes[2]

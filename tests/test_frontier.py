@@ -1,0 +1,208 @@
+"""The frontier techniques issue 15 added: gated U-Net skips, the attention output gate, the asymmetric soft-cap, a
+growing training context, AWQ-style salient columns, LQER error factors, and the fit ladder."""
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import train_gpt as tg
+from conftest import parse_line, tiny_env
+from test_gptq import correlated_layer
+
+
+def small_hp(**kw):
+    base = dict(vocab_size=97, num_layers=4, model_dim=32, num_heads=4, num_kv_heads=2, mlp_mult=2)
+    return tg.Hyperparameters(**{**base, **kw})
+
+
+def randomised(model, seed=0):
+    torch.manual_seed(seed)
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    return model.eval()
+
+
+def logits(model, x):
+    with torch.no_grad():
+        return model.logits(x)
+
+
+X = torch.randint(0, 97, (2, 16), generator=torch.Generator().manual_seed(0))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Architecture
+# ----------------------------------------------------------------------------------------------------------
+
+
+def test_a_fully_open_skip_gate_ignores_the_skip_and_a_closed_one_takes_only_the_skip():
+    no_skip = randomised(tg.GPT(small_hp()))
+    gated = tg.GPT(small_hp(skip_gates=True)).eval()
+    gated.load_state_dict({**no_skip.state_dict(), "skip_gates": gated.skip_gates.detach()})
+    with torch.no_grad():
+        gated.skip_gates.fill_(40.0)  # sigmoid = 1: x stays as it is
+        no_skip.skip_weights.zero_()
+    assert torch.allclose(logits(gated, X), logits(no_skip, X), atol=1e-5)
+    with torch.no_grad():
+        gated.skip_gates.fill_(-40.0)  # sigmoid = 0: x becomes the weighted skip
+    assert not torch.allclose(logits(gated, X), logits(no_skip, X), atol=1e-3)
+
+
+def test_skip_gates_start_as_an_even_mix_and_learn():
+    model = tg.GPT(small_hp(skip_gates=True))
+    assert torch.equal(model.skip_gates, torch.zeros(2, 32))
+    model(X, X).backward()
+    assert model.skip_gates.grad is not None
+
+
+def test_the_attention_gate_starts_as_the_identity():
+    gated, plain = tg.GPT(small_hp(attn_gate=True)), tg.GPT(small_hp())
+    randomised(plain)
+    state = {**plain.state_dict(), **{k: v for k, v in gated.state_dict().items() if k.endswith(".attn.gate")}}
+    gated.load_state_dict(state)
+    assert torch.allclose(logits(gated.eval(), X), logits(plain, X), atol=1e-6)
+
+
+def test_the_attention_gate_reads_the_current_token_only_and_learns():
+    model = randomised(tg.GPT(small_hp(attn_gate=True)))
+    x2 = X.clone()
+    x2[:, 10] = (x2[:, 10] + 1) % 97
+    assert torch.allclose(logits(model, X)[:, :10], logits(model, x2)[:, :10], atol=1e-6)  # still causal
+    model.train()
+    model(X, X).backward()
+    assert all(block.attn.gate.grad.abs().sum() > 0 for block in model.blocks)
+
+
+def test_the_asymmetric_soft_cap_bounds_each_sign_by_its_own_cap():
+    model = tg.GPT(small_hp(logit_softcap=3.0, logit_softcap_neg=1.5))
+    with torch.no_grad():
+        model.tok_emb.weight.mul_(1e4)  # saturate both signs
+    out = logits(model.eval(), X)
+    assert out.max() <= 3.0 and out.min() >= -1.5 and out.max() > 2.9 and out.min() < -1.45
+
+
+def test_equal_caps_are_the_symmetric_soft_cap():
+    a, b = randomised(tg.GPT(small_hp())), randomised(tg.GPT(small_hp(logit_softcap_neg=30.0)))
+    assert torch.equal(logits(a, X), logits(b, X))
+
+
+@pytest.mark.parametrize("schedule", ["", "64@0,128@0.3", "32@0,64@0.2,128@0.7"])
+def test_a_valid_context_schedule_ends_at_the_training_length(schedule):
+    stages = tg.Hyperparameters(train_seq_len=128, train_seq_schedule=schedule).seq_schedule()
+    assert stages[0][1] == 0.0 and stages[-1][0] == 128
+
+
+@pytest.mark.parametrize("schedule", ["64@0.1,128@0.5", "64@0,128@0.5,256@0.9", "128@0,64@0.5", "64@0,128@0",
+                                      "64:0,128:0.5", "64@0,128@1.5"])
+def test_a_malformed_context_schedule_is_one_user_error(schedule):
+    with pytest.raises(tg.UserError, match="TRAIN_SEQ_SCHEDULE"):
+        tg.Hyperparameters(train_seq_len=128, train_seq_schedule=schedule).validate(1)
+
+
+def test_every_stretch_of_training_is_a_state_compiled_before_the_clock():
+    """Context 64 then 128 at 40%, recurrence from 30%, QAT from 85%: five stretches, five training graphs."""
+    hp = small_hp(train_seq_len=128, train_seq_schedule="64@0,128@0.4", recur_layers="1,2", recur_start_frac=0.3,
+                  qat_start_frac=0.85)
+    trainer = type("T", (), {"hp": hp, "schedule": hp.seq_schedule(), "model": tg.GPT(hp)})()
+    assert tg.Trainer.training_states(trainer) == [(64, False, False), (64, True, False), (128, True, False),
+                                                   (128, True, True)]
+
+
+def test_a_run_with_a_growing_context_switches_at_its_fraction(tiny_dataset, tmp_path):
+    from conftest import run_train
+    env = tiny_env(tiny_dataset, "grow", TRAIN_SEQ_SCHEDULE="32@0,64@0.5", ITERATIONS=20, EVAL_STRIDE=0,
+                   WARMUP_STEPS=2)
+    result = run_train(tmp_path, env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert parse_line(result.stdout, "seq_len_changed") == dict(step="10", seq_len="64",
+                                                                train_time=parse_line(result.stdout,
+                                                                                      "seq_len_changed")["train_time"])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Export
+# ----------------------------------------------------------------------------------------------------------
+
+
+def layer_with_a_loud_group(rows=48, cols=256):
+    """Correlated inputs with one 64-column group far louder than the rest, as activation outliers are."""
+    x, _ = correlated_layer(rows, cols)
+    x[:, 128:192] *= 8
+    w = torch.randn(rows, cols, generator=torch.Generator().manual_seed(2)) * 0.05
+    return x, w, x.T @ x / len(x)
+
+
+def test_the_salient_group_is_the_loudest_aligned_column_group():
+    _, w, h = layer_with_a_loud_group()
+    assert tg.salient_group(w, h, 64) == 128
+
+
+def test_awq_keeps_the_salient_group_at_8_bits_and_lowers_the_output_error():
+    x, w, h = layer_with_a_loud_group()
+    hp = tg.Hyperparameters(gptq=True)
+    plain = tg.quantize_tensor("blocks.0.mlp.fc.weight", w, 4, hp, h)
+    awq = tg.quantize_tensor("blocks.0.mlp.fc.weight", w, 4, tg.Hyperparameters(gptq=True, awq_group=True), h)
+    assert awq.group == 128 and awq.codes[:, 128:192].abs().max() > 7  # beyond the 4-bit range
+    err = lambda t: (x @ (w - t.dequantize()).T).norm()  # noqa: E731
+    assert err(awq) < 0.8 * err(plain)
+
+
+def test_lqer_corrects_the_worst_matrices_and_lowers_their_error():
+    hp = tg.Hyperparameters(vocab_size=64, num_layers=2, model_dim=32, num_heads=2, num_kv_heads=1, mlp_mult=2,
+                            qat_bits_mlp=4, lqer_rank=4, lqer_tensors=2)
+    state = randomised(tg.GPT(hp)).state_dict()
+    tensors = tg.quantize_state(state, tg.Hyperparameters(**{**hp.__dict__, "lqer_rank": 0}))
+    relative = {t.name: float((state[t.name] - t.dequantize()).square().sum() / state[t.name].square().sum())
+                for t in tensors if t.bits < 16}
+    chosen = tg.add_lqer(tensors, state, {}, hp)
+    assert sorted(chosen) == sorted(sorted(relative, key=relative.get)[-2:])
+    for t in tensors:
+        if t.name in chosen:
+            assert (state[t.name] - t.dequantize()).square().sum() < relative[t.name] * state[t.name].square().sum()
+
+
+def test_lqer_and_awq_survive_the_artifact_and_are_never_pruned():
+    x, w, h = layer_with_a_loud_group()
+    hp = tg.Hyperparameters(gptq=True, awq_group=True, lqer_rank=4, lqer_tensors=1)
+    t = tg.quantize_tensor("blocks.0.mlp.fc.weight", w, 5, hp, h)
+    tg.add_lqer([t], {t.name: w}, {t.name: h}, hp)
+    packed = tg.pack([t])
+    restored = tg.unpack_state(tg.serialize(packed))[t.name]
+    assert torch.equal(restored, t.dequantize())
+    factors = t.lqer[0].numel() + t.lqer[2].numel()
+    assert np.isinf(packed.cost[-factors:]).all() and not np.isinf(packed.cost[:-factors]).any()
+
+
+def test_the_fit_ladder_lowers_bits_when_pruning_cannot_fit_and_logs_each_step():
+    hp = tg.Hyperparameters(vocab_size=64, num_layers=2, model_dim=32, num_heads=2, num_kv_heads=1, mlp_mult=4,
+                            compressor="zlib")
+    state = randomised(tg.GPT(hp)).state_dict()
+    tensors = tg.quantize_state(state, hp)
+    full = len(tg.encode_artifact(tg.pack(tensors), "zlib"))
+    budget = int(full * 0.8)  # out of pruning's reach on near-Gaussian codes
+    lines = []
+    blob = tg.fit_artifact(tensors, state, {}, hp, budget, lines.append)
+    assert len(blob) <= budget
+    lowered = [parse_line(line, "fit_lower") for line in lines if line.startswith("fit_lower ")]
+    assert lowered and all(int(step["bits"][-1]) == int(step["bits"].split("->")[0]) - 1 for step in lowered)
+    assert tg.unpack_state(tg.serialize(tg.pack(tensors))).keys() == state.keys()
+
+
+def test_a_run_whose_model_cannot_fit_by_pruning_still_ends_with_a_score(tiny_dataset, tmp_path):
+    """The ladder makes the artifact fit a limit 20% below its natural size: no oversize stop, a final score."""
+    from conftest import run_train
+    env = tiny_env(tiny_dataset, "ladder", ITERATIONS=6, EVAL_STRIDE=0, COMPRESSOR="zlib")
+    natural = int(parse_line(run_train(tmp_path, env).stdout, "artifact")["bytes_model"])
+    source = Path(tg.__file__).read_text()
+    copy = tmp_path / "train_gpt.py"
+    limit = len(source.encode()) + int(0.8 * natural)
+    copy.write_text(source.replace("SIZE_LIMIT = 16_000_000", f"SIZE_LIMIT = {limit:_}"))
+    result = subprocess.run([sys.executable, str(copy)], cwd=tmp_path, env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    artifact = parse_line(result.stdout, "artifact")
+    assert int(artifact["bytes_total"]) <= int(artifact["limit"]) and "fit_lower " in result.stdout
+    assert float(parse_line(result.stdout, "final_submission")["val_bpb"]) > 0
