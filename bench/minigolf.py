@@ -415,6 +415,27 @@ def baseline_seconds(records: list[dict], host: dict, threads: int) -> float | N
     return statistics.fmean(seconds) if seconds else None
 
 
+def other_cores(action) -> float | None:
+    """Cores kept busy by processes other than this one and its children while `action` runs (from /proc/stat
+    and this process's child CPU time); None where /proc/stat is not available."""
+    def busy_seconds() -> float:
+        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        return (sum(fields) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")  # all but idle and iowait
+
+    def own_seconds() -> float:
+        t = os.times()
+        return t.user + t.system + t.children_user + t.children_system
+
+    try:
+        busy, own, start = busy_seconds(), own_seconds(), time.perf_counter()
+    except (OSError, ValueError, IndexError):
+        action()
+        return None
+    action()
+    wall = time.perf_counter() - start
+    return max(0.0, (busy_seconds() - busy) - (own_seconds() - own)) / wall if wall > 0 else None
+
+
 def execute(cmd: list[str], cwd: Path, env: dict, log: Path, timeout: float) -> tuple[int, float]:
     """Run one training process in its own session, so a timeout stops it and its children and nothing else."""
     start = time.perf_counter()
@@ -486,7 +507,14 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"[{i}/{len(plan)}] {r.name} seed {seed} ({r.script}, {r.budget}"
               f"{f', {wallclock:.1f} s' if wallclock else ''}): log {log}", flush=True)
         date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-        exit_code, wall = execute(cmd, cwd, {**inherited, **env}, log, args.timeout)
+        # Another job on the two cores can slow every step tenfold (OpenMP threads then wait on each other), so
+        # each record says how many cores other processes kept busy while it ran.
+        busy_before = other_cores(lambda: time.sleep(1.0))
+        if busy_before and busy_before > 0.3:
+            print(f"    note: other processes keep {busy_before:.1f} cores busy; timings may be inflated", flush=True)
+        ran: list = []
+        busy_during = other_cores(lambda: ran.extend(execute(cmd, cwd, {**inherited, **env}, log, args.timeout)))
+        exit_code, wall = ran
         text = log.read_text(encoding="utf-8", errors="replace")
         parsed = (parse_ours if r.script == "ours" else parse_baseline)(text)
         record = dict(
@@ -499,7 +527,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             exit_code=exit_code, error=error_line(text, exit_code, parsed) if exit_code != 124 else
             f"timeout after {args.timeout:.0f} s", val_tokens=parsed["val_tokens"], val_sha256=parsed["val_sha256"],
             **git_state(), packed=r.script == "ours" and not args.no_pack,
-            code_sha16=sha16(Path(cmd[-1])), date=date, machine=host, threads=args.threads, run_id=run_id,
+            code_sha16=sha16(Path(cmd[-1])), date=date, machine=host, threads=args.threads,
+            other_cores=None if busy_during is None else round(busy_during, 2), run_id=run_id,
             log=str(log), env=env)
         if not args.smoke and log.stat().st_size <= LOG_COPY_MAX_BYTES:
             LOG_COPIES.mkdir(parents=True, exist_ok=True)
@@ -745,6 +774,9 @@ def main(argv: list[str] | None = None) -> int:
     except HarnessError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("error: interrupted (the run in progress was stopped and not recorded)", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

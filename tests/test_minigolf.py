@@ -239,3 +239,10 @@ def test_bad_input_is_one_error_line_and_exit_2(capsys):
 def test_missing_shared_folder_is_an_error(tmp_path, capsys):
     assert mg.main(["prepare", "--shared", str(tmp_path / "nowhere"), "--work", str(tmp_path / "w")]) == 2
     assert capsys.readouterr().err.startswith("error: ") and not (tmp_path / "w").exists()
+
+
+@pytest.mark.skipif(not Path("/proc/stat").exists(), reason="needs /proc/stat")
+def test_other_cores_is_a_share_of_the_machine():
+    import time
+    busy = mg.other_cores(lambda: time.sleep(0.2))
+    assert 0.0 <= busy <= (mg.os.cpu_count() or 1) + 0.5
