@@ -184,8 +184,8 @@ def build_sp8192_train(shared: Path, work: Path, threads: int) -> list[Path]:
     if not sorted(out.glob("fineweb_train_*.bin")) or not (out / "manifest.json").exists():
         print(f"building the sp8192 train shard in {out} (about 40 s, once)", flush=True)
         cmd = [sys.executable, str(REPO / "data" / "prepare.py"), "--input", str(proxy / "docs_val.jsonl.gz"),
-               str(proxy / "docs_train.jsonl.gz"), "--val-docs", "2500", "--tokenizer", str(tokenizer(shared, "sp8192")),
-               "--out", str(out), "--threads", str(threads)]
+               str(proxy / "docs_train.jsonl.gz"), "--val-docs", "2500",
+               "--tokenizer", str(tokenizer(shared, "sp8192")), "--out", str(out), "--threads", str(threads)]
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode != 0:
             raise HarnessError(f"data/prepare.py failed: {last_line(done.stderr + done.stdout)}")
@@ -463,8 +463,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     shared = need_shared(args.shared)
     work = args.work
     results = args.results or (work / "smoke_runs.jsonl" if args.smoke else DEFAULT_RESULTS)
-    warmup = args.warmup_steps if args.warmup_steps is not None else (2 if args.compile else 0)
     host, plan = machine(), schedule(rows, args.seeds)
+    timed = any(r.budget == "time" for r in rows) and args.wallclock == "auto"
+    if timed and not args.dry_run and not any(r.name == "baseline" for r in rows) and \
+            baseline_seconds(read_results(results), host, args.threads) is None:
+        raise HarnessError(f"no baseline run from this machine in this sitting at {args.threads} threads in "
+                           f"{results}: add the `baseline` row or pass --wallclock SECONDS")
     if args.dry_run:
         scripts = dict(ours=work / "code" / ("train_gpt_capped.py" if args.no_pack else "train_gpt_packed.py"),
                        baseline=work / "code" / "baseline_cpu.py")
@@ -479,6 +483,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             print(f"data {variant}: {info['val_docs']} val docs, {info['val_tokens']:,} val tokens "
                   f"(sha {info['val_sha16']}), {info['train_tokens']:,} train tokens", flush=True)
     inherited = {k: v for k, v in os.environ.items() if k not in setting_names(shared)}
+    warmup = args.warmup_steps if args.warmup_steps is not None else (2 if args.compile else 0)
     failed = 0
     for i, (r, seed) in enumerate(plan, 1):
         wallclock = None
@@ -486,13 +491,12 @@ def cmd_run(args: argparse.Namespace) -> int:
             wallclock = args.wallclock if args.wallclock != "auto" else baseline_seconds(
                 read_results(results), host, args.threads)
             if wallclock is None and not args.dry_run:
-                raise HarnessError(f"{r.name}: no baseline run on this machine at {args.threads} threads in "
-                                   f"{results}; run `baseline` first or pass --wallclock SECONDS")
+                raise HarnessError(f"{r.name} seed {seed}: every baseline run of this sitting failed, so there is no "
+                                   f"wall clock to give it; pass --wallclock SECONDS")
         stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
         run_id = f"{r.name}_s{seed}_{stamp}"
-        data = data_dir(work, r.data, args.smoke)
-        env = row_env(r, seed, run_id, data, shared, args.threads, args.compile, warmup, args.smoke, args.iterations,
-                      wallclock if wallclock is not None else math.nan)
+        env = row_env(r, seed, run_id, data_dir(work, r.data, args.smoke), shared, args.threads, args.compile, warmup,
+                      args.smoke, args.iterations, wallclock if wallclock is not None else math.nan)
         cmd = [sys.executable, str(scripts[r.script])]
         if args.dry_run:
             shown = " ".join(f"{k}={v}" for k, v in env.items())
@@ -501,53 +505,61 @@ def cmd_run(args: argparse.Namespace) -> int:
             print(f"# [{i}/{len(plan)}] {r.name} seed {seed}\ncd {work / 'runs' / run_id} && env {shown} "
                   f"{' '.join(cmd)}")
             continue
-        cwd = work / "runs" / run_id
-        cwd.mkdir(parents=True, exist_ok=True)
-        log = cwd / "output.txt"
-        print(f"[{i}/{len(plan)}] {r.name} seed {seed} ({r.script}, {r.budget}"
-              f"{f', {wallclock:.1f} s' if wallclock else ''}): log {log}", flush=True)
-        date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-        # Another job on the two cores can slow every step tenfold (OpenMP threads then wait on each other), so
-        # each record says how many cores other processes kept busy while it ran.
-        busy_before = other_cores(lambda: time.sleep(1.0))
-        if busy_before and busy_before > 0.3:
-            print(f"    note: other processes keep {busy_before:.1f} cores busy; timings may be inflated", flush=True)
-        ran: list = []
-        busy_during = other_cores(lambda: ran.extend(execute(cmd, cwd, {**inherited, **env}, log, args.timeout)))
-        exit_code, wall = ran
-        text = log.read_text(encoding="utf-8", errors="replace")
-        parsed = (parse_ours if r.script == "ours" else parse_baseline)(text)
-        record = dict(
-            row=r.name, seed=seed, script=r.script, budget=r.budget, data=r.data, smoke=args.smoke,
-            val_bpb=parsed["val_bpb"], val_loss=parsed["val_loss"], bytes_code=parsed["bytes_code"],
-            bytes_model=parsed["bytes_model"], bytes_total=parsed["bytes_total"],
-            fits=None if parsed["bytes_total"] is None else parsed["bytes_total"] <= CAP, steps=parsed["steps"],
-            s_per_step=parsed["train_s"] / parsed["steps"] if parsed["train_s"] and parsed["steps"] else None,
-            train_s=parsed["train_s"], eval_s=parsed["eval_s"], wall_s=round(wall, 1), wallclock_s=wallclock,
-            exit_code=exit_code, error=error_line(text, exit_code, parsed) if exit_code != 124 else
-            f"timeout after {args.timeout:.0f} s", val_tokens=parsed["val_tokens"], val_sha256=parsed["val_sha256"],
-            **git_state(), packed=r.script == "ours" and not args.no_pack,
-            code_sha16=sha16(Path(cmd[-1])), date=date, machine=host, threads=args.threads,
-            other_cores=None if busy_during is None else round(busy_during, 2), run_id=run_id,
-            log=str(log), env=env)
-        if not args.smoke and log.stat().st_size <= LOG_COPY_MAX_BYTES:
-            LOG_COPIES.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(log, LOG_COPIES / f"{run_id}.txt")
-            record["log"] = str((LOG_COPIES / f"{run_id}.txt").relative_to(REPO))
+        budget = f"{r.budget}, {wallclock:.1f} s" if wallclock else r.budget
+        print(f"[{i}/{len(plan)}] {r.name} seed {seed} ({r.script}, {budget}): "
+              f"log {work / 'runs' / run_id / 'output.txt'}", flush=True)
+        record = run_one(r, seed, cmd, work / "runs" / run_id, {**inherited, **env}, env, args)
+        record.update(wallclock_s=wallclock, machine=host)
         results.parent.mkdir(parents=True, exist_ok=True)
         with open(results, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
         if record["error"]:
             failed += 1
-            print(f"    FAILED exit {exit_code}: {record['error']}", flush=True)
+            print(f"    FAILED exit {record['exit_code']}: {record['error']}", flush=True)
         else:
             print(f"    val_bpb {record['val_bpb']:.6f}  bytes {record['bytes_total']:,}"
                   f"{'' if record['fits'] else ' OVER CAP'}  steps {record['steps']}  "
                   f"{record['s_per_step']:.3f} s/step  train {record['train_s']:.1f} s  "
-                  f"eval {record['eval_s']:.1f} s  wall {wall:.1f} s", flush=True)
+                  f"eval {record['eval_s']:.1f} s  wall {record['wall_s']:.1f} s", flush=True)
     if not args.dry_run:
         print(f"{len(plan) - failed}/{len(plan)} runs recorded in {results}")
     return 1 if failed else 0
+
+
+def run_one(r: Row, seed: int, cmd: list[str], cwd: Path, full_env: dict, env: dict,
+            args: argparse.Namespace) -> dict:
+    """Run one row/seed in its own folder and turn its output into a record."""
+    cwd.mkdir(parents=True, exist_ok=True)
+    log = cwd / "output.txt"
+    date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    # Another job on the two cores can slow every step tenfold (OpenMP threads then wait on each other), so
+    # each record says how many cores other processes kept busy while it ran.
+    busy_before = other_cores(lambda: time.sleep(1.0))
+    if busy_before and busy_before > 0.3:
+        print(f"    note: other processes keep {busy_before:.1f} cores busy; timings may be inflated", flush=True)
+    ran: list = []
+    busy_during = other_cores(lambda: ran.extend(execute(cmd, cwd, full_env, log, args.timeout)))
+    exit_code, wall = ran
+    text = log.read_text(encoding="utf-8", errors="replace")
+    parsed = (parse_ours if r.script == "ours" else parse_baseline)(text)
+    record = dict(
+        row=r.name, seed=seed, script=r.script, budget=r.budget, data=r.data, smoke=args.smoke,
+        val_bpb=parsed["val_bpb"], val_loss=parsed["val_loss"], bytes_code=parsed["bytes_code"],
+        bytes_model=parsed["bytes_model"], bytes_total=parsed["bytes_total"],
+        fits=None if parsed["bytes_total"] is None else parsed["bytes_total"] <= CAP, steps=parsed["steps"],
+        s_per_step=parsed["train_s"] / parsed["steps"] if parsed["train_s"] and parsed["steps"] else None,
+        train_s=parsed["train_s"], eval_s=parsed["eval_s"], wall_s=round(wall, 1), wallclock_s=None,
+        exit_code=exit_code,
+        error=f"timeout after {args.timeout:.0f} s" if exit_code == 124 else error_line(text, exit_code, parsed),
+        val_tokens=parsed["val_tokens"], val_sha256=parsed["val_sha256"], **git_state(),
+        packed=r.script == "ours" and not args.no_pack, code_sha16=sha16(Path(cmd[-1])), date=date, machine=None,
+        threads=args.threads, other_cores=None if busy_during is None else round(busy_during, 2),
+        run_id=cwd.name, log=str(log), env=env)
+    if not args.smoke and log.stat().st_size <= LOG_COPY_MAX_BYTES:
+        LOG_COPIES.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(log, LOG_COPIES / f"{cwd.name}.txt")
+        record["log"] = str((LOG_COPIES / f"{cwd.name}.txt").relative_to(REPO))
+    return record
 
 
 def resolve_rows(names: list[str]) -> list[Row]:
@@ -569,8 +581,9 @@ def mean_std(values: list[float]) -> tuple[float, float | None]:
 def delta(values: list[float], reference: list[float]) -> tuple[float, float | None]:
     """Difference of means and its standard error, sqrt(s_a^2/n_a + s_b^2/n_b); None while either side has one run."""
     (m, s), (m_ref, s_ref) = mean_std(values), mean_std(reference)
-    noise = math.sqrt(s ** 2 / len(values) + s_ref ** 2 / len(reference)) if s is not None and s_ref is not None else None
-    return m - m_ref, noise
+    if s is None or s_ref is None:
+        return m - m_ref, None
+    return m - m_ref, math.sqrt(s ** 2 / len(values) + s_ref ** 2 / len(reference))
 
 
 def summarize(records: list[dict]) -> list[dict]:
@@ -612,7 +625,8 @@ def render_table(summary: list[dict], records: list[dict]) -> str:
              "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for s in summary:
         n = f"{s['n']}" + (f" (+{s['failed']} failed)" if s["failed"] else "")
-        score = "" if s["mean"] is None else f"{s['mean']:.4f}" + (f" ± {s['std']:.4f}" if s["std"] is not None else "")
+        score = "" if s["mean"] is None else f"{s['mean']:.4f}" + (
+            f" ± {s['std']:.4f}" if s["std"] is not None else "")
         size = "" if s["bytes_total"] is None else f"{s['bytes_total']:,}" + ("" if s["fits"] else " OVER")
         lines.append(f"| {s['row']} | {s['script']} | {s['budget']} | {s['data']} | {n} | {score} | "
                      f"{diff(s['vs_ours'])} | {diff(s['vs_baseline'])} | {size} | {num(s['s_per_step'], '.3f')} | "
@@ -735,7 +749,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--warmup-steps", type=int, default=None, help="WARMUP_STEPS (default 2 with --compile 1, else 0)")
     run.add_argument("--no-pack", action="store_true", help="run the capped copy of train_gpt.py without packing it")
     run.add_argument("--results", type=Path, default=None,
-                     help=f"JSON lines file (default {DEFAULT_RESULTS.relative_to(REPO)}; with --smoke WORK/smoke_runs.jsonl)")
+                     help=f"JSON lines file (default {DEFAULT_RESULTS.relative_to(REPO)}; "
+                          "with --smoke WORK/smoke_runs.jsonl)")
     run.add_argument("--timeout", type=float, default=1800, help="seconds before a run is stopped")
     run.add_argument("--smoke", action="store_true",
                      help=f"harness check: {SMOKE_ITERATIONS} steps, {SMOKE_VAL_DOCS} val docs, separate results file")
@@ -770,7 +785,8 @@ def main(argv: list[str] | None = None) -> int:
                 raise HarnessError("--iterations must be at least 1")
         if args.command == "sizes" and any("=" not in kv for kv in args.set):
             raise HarnessError("--set takes K=V pairs")
-        return dict(prepare=cmd_prepare, run=cmd_run, table=cmd_table, rows=cmd_rows, sizes=cmd_sizes)[args.command](args)
+        commands = dict(prepare=cmd_prepare, run=cmd_run, table=cmd_table, rows=cmd_rows, sizes=cmd_sizes)
+        return commands[args.command](args)
     except HarnessError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
