@@ -1,0 +1,799 @@
+#!/usr/bin/env python3
+"""Mini-golf: the Parameter Golf challenge scaled down to a 2-core CPU, ours side by side with the official baseline.
+
+    python3 bench/minigolf.py prepare                          # data in bench/.minigolf/ (sp8192 train: ~40 s, once)
+    python3 bench/minigolf.py rows                             # the registry of named rows
+    python3 bench/minigolf.py run baseline ours --seeds 1337 42 2025
+    python3 bench/minigolf.py run ours_time --seeds 1337 --wallclock auto
+    python3 bench/minigolf.py table                            # markdown table; updates results/MINIGOLF.md
+    python3 bench/minigolf.py sizes shape_6x144 --set MLP_MULT=4   # Gaussian-weight size estimate, no training
+    python3 bench/minigolf.py run baseline ours --seeds 1 --smoke  # minutes, not hours: checks the harness
+
+The rules, the val cut, the cap and why each setting is what it is: bench/README.md (Mini-golf).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import hashlib
+import json
+import math
+import os
+import platform
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_SHARED = REPO.parent / "shared"
+DEFAULT_WORK = REPO / "bench" / ".minigolf"
+DEFAULT_RESULTS = REPO / "results" / "minigolf" / "runs.jsonl"
+LOG_COPIES = REPO / "results" / "minigolf" / "logs"
+TABLE_DOC = REPO / "results" / "MINIGOLF.md"
+TABLE_BEGIN, TABLE_END = "<!-- minigolf-table:begin -->", "<!-- minigolf-table:end -->"
+
+CAP = 1_000_000
+LIMIT_LINE, CAPPED_LINE = "SIZE_LIMIT = 16_000_000", f"SIZE_LIMIT = {CAP:_}"
+# The largest number of whole sp1024 val documents holding at most 500,000 tokens (499,476); the sp8192 cut
+# keeps the same documents, so both vocabularies are scored on the same text and their bits per byte compare.
+VAL_DOCS, VAL_TOKEN_BUDGET = 713, 500_000
+SMOKE_VAL_DOCS = 40
+SMOKE_ITERATIONS = 8
+BOS = 1
+SHARD_MAGIC, SHARD_VERSION, HEADER_INTS = 20240520, 1, 256
+LOG_COPY_MAX_BYTES = 64_000  # stdout without the embedded source; anything bigger stays in the work folder
+VOCABS = {"sp1024": 1024, "sp8192": 8192}
+
+# The starting shape, applied to both scripts (same variable names in both).
+SHAPE = dict(NUM_LAYERS=4, MODEL_DIM=128, NUM_HEADS=4, NUM_KV_HEADS=2, TRAIN_SEQ_LEN=512, TRAIN_BATCH_TOKENS=8192,
+             ITERATIONS=600, WARMDOWN_ITERS=200, MUON_MOMENTUM_WARMUP_STEPS=100, VAL_LOSS_EVERY=0,
+             MAX_WALLCLOCK_SECONDS=0, TRAIN_LOG_EVERY=50)
+# Ours only; the measured eval costs behind both numbers are in bench/README.md. VAL_BATCH_SIZE changes no score
+# (every window is scored exactly once), only speed: 8 windows a batch keep a CPU's caches warm and score the val
+# cut in about half the time of 128. EVAL_STRIDE 256 costs two passes more than no sliding; 128 would cost four.
+OURS_BASE = dict(EVAL_SEQ_LEN=512, EVAL_STRIDE=256, VAL_BATCH_SIZE=4096)
+TIME_ITERATIONS = 1_000_000  # equal-wall-clock rows stop on the clock, never on the step count
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+    name: str
+    about: str
+    script: str = "ours"  # "ours" or "baseline"
+    budget: str = "steps"  # "steps": ITERATIONS, no wall clock; "time": the baseline's measured train seconds
+    data: str = "sp1024"
+    env: dict = dataclasses.field(default_factory=dict)
+
+
+def row(name: str, about: str, script: str = "ours", budget: str = "steps", data: str = "sp1024", **env) -> Row:
+    return Row(name, about, script, budget, data, {k: str(v) for k, v in env.items()})
+
+
+_L = SHAPE["NUM_LAYERS"]
+# One line per row; technique rows are `ours` plus one change.
+ROWS = {r.name: r for r in (
+    row("baseline", "official baseline (CPU copy): MLP 2x, int8+zlib, equal steps", script="baseline"),
+    row("ours", "our defaults at the mini shape, equal steps"),
+    row("ours_time", "ours, training wall clock = the baseline's measured train seconds", budget="time"),
+    row("optim", "+ Polar Express NS, MuonEq-R, Muon WD 0.085, LR floor 0.05",
+        MUON_NS="polar", MUON_ROW_NORM=1, MIN_LR_FRAC=0.05, MUON_WD=0.085),
+    row("rope_ln_qk", "+ partial RoPE (16 dims), LN scale, QK gain 5", ROPE_DIMS=16, LN_SCALE=1, QK_GAIN_INIT=5),
+    row("xsa", f"+ XSA in all {_L} blocks", XSA_LAST_N=_L),
+    row("parallel", f"+ parallel attention/MLP from block {_L // 2}", PARALLEL_START=_L // 2),
+    row("recur", "+ depth recurrence of blocks 1,2 from 35% of training", RECUR_LAYERS="1,2", RECUR_START_FRAC=0.35),
+    row("smear", "+ SmearGate", SMEAR=1),
+    row("bigram", "+ BigramHash, 2048 buckets x 64", BIGRAM_BUCKETS=2048, BIGRAM_DIM=64),
+    row("qat_bits", "+ int6 MLP (QAT and export) instead of int5", QAT_BITS_MLP=6),
+    # 6 s is the official 12 s reserve scaled by 300/600 (mini train seconds / official); only a wall clock uses it.
+    row("gptq", "+ full-Hessian GPTQ, std clip, byte-shuffle", GPTQ=1, CLIP_MODE="std", BYTE_SHUFFLE=1,
+        GPTQ_RESERVE_SECONDS=6),
+    # A chunk of 16 eval sequences, as the official 32,768 tokens are 16 x 2,048: 61 chunks over the val cut.
+    # Adaptation stops after 150 s of evaluation, so the row ends within about 10 minutes.
+    row("ttt", "+ score-first TTT, chunks of 16 x 512 tokens", TTT=1, TTT_CHUNK_TOKENS=16 * OURS_BASE["EVAL_SEQ_LEN"],
+        TTT_MAX_SECONDS=150),
+    # At dim 128 the 8192-row embedding alone (1.05 M weights) would overrun the cap: dim 96 at 6 bits fits.
+    row("sp8192", "sp8192 data, dim 96, int6 embedding", data="sp8192", MODEL_DIM=96, EMBED_BITS=6),
+    # Ours leaves ~420 kB of the cap unused at the starting shape (`sizes`); these spend it (estimates in README).
+    row("shape_8x128", "8 layers", NUM_LAYERS=8),
+    row("shape_6x144", "6 layers, dim 144", NUM_LAYERS=6, MODEL_DIM=144),
+    row("shape_5x160", "5 layers, dim 160", NUM_LAYERS=5, MODEL_DIM=160),
+    row("shape_6x128_mlp4", "6 layers, MLP 4x", NUM_LAYERS=6, MLP_MULT=4),
+)}
+
+
+class HarnessError(Exception):
+    """Reported as one `error: ...` line, exit status 2."""
+
+
+# ------------------------------------------------------------------------------------------ shards and the val cut
+
+
+def read_shard(path: Path) -> np.ndarray:
+    header = np.fromfile(path, "<i4", HEADER_INTS)
+    if header.size != HEADER_INTS or header[0] != SHARD_MAGIC or header[1] != SHARD_VERSION:
+        raise HarnessError(f"{path} is not a shard (bad header)")
+    if path.stat().st_size != 4 * HEADER_INTS + 2 * int(header[2]):
+        raise HarnessError(f"{path}: size does not match its header's token count {header[2]}")
+    return np.fromfile(path, "<u2", offset=4 * HEADER_INTS)
+
+
+def write_shard(path: Path, tokens: np.ndarray) -> None:
+    header = np.zeros(HEADER_INTS, "<i4")
+    header[:3] = (SHARD_MAGIC, SHARD_VERSION, tokens.size)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(header.tobytes() + tokens.astype("<u2").tobytes())
+    tmp.replace(path)
+
+
+def doc_ends(tokens: np.ndarray) -> np.ndarray:
+    """End offset (exclusive) of each document; every document starts with BOS."""
+    if tokens.size == 0 or tokens[0] != BOS:
+        raise HarnessError("the val shard does not start with BOS, so it cannot be cut at documents")
+    starts = np.flatnonzero(tokens == BOS)
+    return np.append(starts[1:], tokens.size)
+
+
+def whole_docs_within(tokens: np.ndarray, max_tokens: int) -> int:
+    """How many leading whole documents fit in max_tokens."""
+    return int(np.searchsorted(doc_ends(tokens), max_tokens, side="right"))
+
+
+def cut_docs(tokens: np.ndarray, n_docs: int) -> np.ndarray:
+    """The first n_docs whole documents."""
+    ends = doc_ends(tokens)
+    if not 0 < n_docs <= ends.size:
+        raise HarnessError(f"cannot keep {n_docs} documents of a split that has {ends.size}")
+    return tokens[:ends[n_docs - 1]]
+
+
+def sha16(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+
+
+# ------------------------------------------------------------------------------------------ data in the work folder
+
+
+def need_shared(shared: Path) -> Path:
+    if not (shared / "data" / "proxy" / "sp1024").is_dir() or not (shared / "anchors").is_dir():
+        raise HarnessError(f"{shared} (the shared proxy data and anchors) not found; pass --shared DIR")
+    return shared
+
+
+def data_dir(work: Path, variant: str, smoke: bool) -> Path:
+    return work / (f"{variant}_smoke" if smoke else variant)
+
+
+def tokenizer(shared: Path, variant: str) -> Path:
+    return shared / "tokenizers" / f"fineweb_{VOCABS[variant]}_bpe.model"
+
+
+def build_sp8192_train(shared: Path, work: Path, threads: int) -> list[Path]:
+    """The sp8192 train shard is not shipped; data/prepare.py rebuilds it once from the documents. Its val shard must
+    come out byte-identical to the shipped one, or the two would not be the same split."""
+    out, proxy = work / "sp8192_build", shared / "data" / "proxy"
+    shipped = proxy / "sp8192" / "fineweb_val_000000.bin"
+    if not sorted(out.glob("fineweb_train_*.bin")) or not (out / "manifest.json").exists():
+        print(f"building the sp8192 train shard in {out} (about 40 s, once)", flush=True)
+        cmd = [sys.executable, str(REPO / "data" / "prepare.py"), "--input", str(proxy / "docs_val.jsonl.gz"),
+               str(proxy / "docs_train.jsonl.gz"), "--val-docs", "2500",
+               "--tokenizer", str(tokenizer(shared, "sp8192")), "--out", str(out), "--threads", str(threads)]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise HarnessError(f"data/prepare.py failed: {last_line(done.stderr + done.stdout)}")
+    if (out / "fineweb_val_000000.bin").read_bytes() != shipped.read_bytes():
+        raise HarnessError(f"{out}/fineweb_val_000000.bin differs from {shipped}: delete {out} and rerun prepare")
+    return sorted(out.glob("fineweb_train_*.bin"))
+
+
+def ensure_data(shared: Path, work: Path, variant: str, smoke: bool, threads: int) -> dict:
+    """Cut val shard + links to the train shards, rewritten each time (cheap) so the folder always matches the rules."""
+    folder = data_dir(work, variant, smoke)
+    folder.mkdir(parents=True, exist_ok=True)
+    proxy = shared / "data" / "proxy"
+    train = (sorted((proxy / "sp1024").glob("fineweb_train_*.bin")) if variant == "sp1024"
+             else build_sp8192_train(shared, work, threads))
+    if not train:
+        raise HarnessError(f"no {variant} train shard found")
+    for old in folder.glob("fineweb_train_*.bin"):
+        old.unlink()
+    for shard in train:
+        (folder / shard.name).symlink_to(shard.resolve())
+    full = read_shard(proxy / variant / "fineweb_val_000000.bin")
+    if variant == "sp1024" and whole_docs_within(full, VAL_TOKEN_BUDGET) != VAL_DOCS:
+        raise HarnessError(f"the proxy val split changed: {whole_docs_within(full, VAL_TOKEN_BUDGET)} whole documents "
+                           f"fit in {VAL_TOKEN_BUDGET:,} sp1024 tokens, VAL_DOCS says {VAL_DOCS}")
+    val = cut_docs(full, SMOKE_VAL_DOCS if smoke else VAL_DOCS)
+    write_shard(folder / "fineweb_val_000000.bin", val)
+    return dict(variant=variant, smoke=smoke, path=str(folder), val_docs=SMOKE_VAL_DOCS if smoke else VAL_DOCS,
+                val_tokens=int(val.size), val_sha16=sha16(folder / "fineweb_val_000000.bin"),
+                train_tokens=int(sum((s.stat().st_size - 4 * HEADER_INTS) // 2 for s in train)))
+
+
+# ------------------------------------------------------------------------------------------ the two scripts
+
+
+def cap_source(source: str) -> str:
+    """train_gpt.py with the mini-golf size limit: its prune-to-fit and oversize check then work against CAP."""
+    pattern = re.compile(rf"^{re.escape(LIMIT_LINE)}$", re.M)
+    capped, count = pattern.subn(CAPPED_LINE, source)
+    if count != 1:
+        raise HarnessError(f"expected exactly one line '{LIMIT_LINE}' in train_gpt.py, found {count}")
+    return capped
+
+
+def prepare_ours(work: Path, pack: bool) -> Path:
+    code = work / "code"
+    code.mkdir(parents=True, exist_ok=True)
+    capped = code / "train_gpt_capped.py"
+    capped.write_text(cap_source((REPO / "train_gpt.py").read_text(encoding="utf-8")), encoding="utf-8")
+    if not pack:
+        return capped
+    packer = REPO / "tools" / "pack_code.py"
+    if not packer.exists():
+        raise HarnessError("tools/pack_code.py not found: pass --no-pack to run the unpacked copy")
+    packed = code / "train_gpt_packed.py"
+    done = subprocess.run([sys.executable, str(packer), str(capped), "-o", str(packed)], capture_output=True, text=True)
+    if done.returncode != 0 or not packed.exists():
+        raise HarnessError(f"tools/pack_code.py failed: {last_line(done.stderr + done.stdout)}")
+    return packed
+
+
+def prepare_baseline(shared: Path, work: Path) -> Path:
+    code = work / "code"
+    code.mkdir(parents=True, exist_ok=True)
+    out = code / "baseline_cpu.py"
+    done = subprocess.run([sys.executable, str(shared / "anchors" / "cpu_baseline.py"),
+                           str(shared / "anchors" / "official_baseline_train_gpt.py"), str(out)],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        raise HarnessError(f"cpu_baseline.py failed: {last_line(done.stderr + done.stdout)}")
+    return out
+
+
+def setting_names(shared: Path | None) -> set[str]:
+    """Every environment variable either script reads as a setting, so none leaks in from the caller's shell."""
+    source = (REPO / "train_gpt.py").read_text(encoding="utf-8")
+    block = source[source.index("class Hyperparameters"):source.index("def from_env")]
+    names = {m.upper() for m in re.findall(r"^    (\w+): \w+ = ", block, re.M)}
+    baseline = shared / "anchors" / "official_baseline_train_gpt.py" if shared else None
+    if baseline and baseline.exists():
+        names |= set(re.findall(r'os\.environ\.get\(\s*"([A-Z0-9_]+)"', baseline.read_text(encoding="utf-8")))
+    return names - {"RANK", "WORLD_SIZE", "LOCAL_RANK"}
+
+
+# ------------------------------------------------------------------------------------------ plan
+
+
+def schedule(rows: list[Row], seeds: list[int]) -> list[tuple[Row, int]]:
+    """Seed by seed, baseline rows first: machine noise then hits every row of a seed alike, and an equal-wall-clock
+    row of a seed can use the baseline time measured just before it."""
+    ordered = [r for r in rows if r.script == "baseline"] + [r for r in rows if r.script != "baseline"]
+    return [(r, seed) for seed in seeds for r in ordered]
+
+
+def row_env(r: Row, seed: int, run_id: str, data: Path, shared: Path, threads: int, compile_: int,
+            warmup: int, smoke: bool, iterations: int | None, wallclock: float | None) -> dict:
+    env = {k: str(v) for k, v in SHAPE.items()}
+    if r.script == "ours":
+        env.update({k: str(v) for k, v in OURS_BASE.items()}, COMPILE=str(compile_))
+    env.update(WARMUP_STEPS=str(warmup), DATA_PATH=str(data), TOKENIZER_PATH=str(tokenizer(shared, r.data)),
+               VOCAB_SIZE=str(VOCABS[r.data]), RUN_ID=run_id, SEED=str(seed),
+               OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    if smoke:
+        n = iterations or SMOKE_ITERATIONS
+        env.update(ITERATIONS=str(n), WARMDOWN_ITERS=str(max(1, n // 3)),
+                   MUON_MOMENTUM_WARMUP_STEPS=str(max(1, n // 6)))
+    env.update(r.env)
+    if r.budget == "time":
+        env.update(ITERATIONS=str(TIME_ITERATIONS), MAX_WALLCLOCK_SECONDS=f"{wallclock:.1f}")
+    return env
+
+
+# ------------------------------------------------------------------------------------------ log parsers
+
+
+def last_line(text: str) -> str:
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[-1] if lines else "(no output)"
+
+
+def _pairs(line: str) -> dict:
+    return dict(tok.split(":", 1) for tok in line.split() if ":" in tok)
+
+
+def _last(text: str, prefix: str) -> dict | None:
+    found = [line for line in text.splitlines() if line.startswith(prefix + " ")]
+    return _pairs(found[-1]) if found else None
+
+
+def _ms(value: str | None) -> float | None:
+    return None if value is None else float(value.removesuffix("ms")) / 1000
+
+
+def parse_ours(text: str) -> dict:
+    """Score and bytes from `final_submission` (the reloaded artifact's score); bytes also from `artifact`, which an
+    oversize run still logs before it stops."""
+    out = dict(val_bpb=None, val_loss=None, bytes_code=None, bytes_model=None, bytes_total=None, steps=None,
+               train_s=None, eval_s=None, val_tokens=None, val_sha256=None)
+    if art := _last(text, "artifact"):
+        out.update({k: int(art[k]) for k in ("bytes_code", "bytes_model", "bytes_total")})
+    if done := _last(text, "train_done"):
+        out.update(steps=int(done["step"]), train_s=_ms(done["train_time"]))
+    if comp := _last(text, "compliance"):
+        out.update(val_tokens=int(comp["val_tokens"]), val_sha256=comp["val_sha256"])
+    if final := _last(text, "final_submission"):
+        out.update(val_bpb=float(final["val_bpb"]), val_loss=float(final["val_loss"]),
+                   train_s=_ms(final["train_time_ms"]), eval_s=_ms(final["eval_time_ms"]),
+                   **{k: int(final[k]) for k in ("bytes_code", "bytes_model", "bytes_total")})
+    return out
+
+
+def parse_baseline(text: str) -> dict:
+    """The baseline's score is `final_int8_zlib_roundtrip_exact` (its reloaded int8+zlib artifact); its last
+    `step:N/M ...` line carries the training time (the final pre-export validation excluded)."""
+    out = dict(val_bpb=None, val_loss=None, bytes_code=None, bytes_model=None, bytes_total=None, steps=None,
+               train_s=None, eval_s=None, val_tokens=None, val_sha256=None)
+    steps = re.findall(r"^step:(\d+)/\d+ .*?train_time:(\d+)ms", text, re.M)
+    if steps:
+        out.update(steps=int(steps[-1][0]), train_s=int(steps[-1][1]) / 1000)
+    for key, pattern in (("bytes_model", r"^Serialized model int8\+zlib: (\d+) bytes"),
+                         ("bytes_code", r"^Code size: (\d+) bytes"),
+                         ("bytes_total", r"^Total submission size int8\+zlib: (\d+) bytes"),
+                         ("val_tokens", r"^val_loader:.* tokens:(\d+)")):
+        if found := re.findall(pattern, text, re.M):
+            out[key] = int(found[-1])
+    if final := _last(text, "final_int8_zlib_roundtrip_exact"):
+        out.update(val_bpb=float(final["val_bpb"]), val_loss=float(final["val_loss"]))
+    if rt := _last(text, "final_int8_zlib_roundtrip"):
+        out["eval_s"] = _ms(rt.get("eval_time"))
+    return out
+
+
+def error_line(text: str, exit_code: int, parsed: dict) -> str | None:
+    errors = [line.strip() for line in text.splitlines() if line.startswith("error: ")]
+    if errors:
+        return errors[-1]
+    if exit_code != 0:
+        return last_line(text)
+    return None if parsed["val_bpb"] is not None else "no final score line in the output"
+
+
+# ------------------------------------------------------------------------------------------ running
+
+
+def machine() -> dict:
+    cpu = platform.processor() or "unknown"
+    try:
+        names = re.findall(r"^model name\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(), re.M)
+        cpu = names[0].strip() if names else cpu
+    except OSError:
+        pass
+    # Hostnames of these VMs are all alike; the boot id tells one sitting on one machine from the next.
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        boot = None
+    return dict(cpu=cpu, cores=os.cpu_count(), hostname=socket.gethostname(), boot_id=boot)
+
+
+def git_state() -> dict:
+    def git(*args: str) -> str:
+        done = subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, text=True)
+        return done.stdout.strip() if done.returncode == 0 else ""
+
+    # Only the files that change what runs; the results file itself is written during a sitting.
+    dirty = git("status", "--porcelain", "--", "train_gpt.py", "tools/pack_code.py", "bench/minigolf.py")
+    return dict(commit=git("rev-parse", "HEAD") or None, dirty=bool(dirty))
+
+
+def read_results(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    records = []
+    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                raise HarnessError(f"{path}:{i} is not a JSON line") from None
+    return records
+
+
+def baseline_seconds(records: list[dict], host: dict, threads: int) -> float | None:
+    """Mean train seconds of the successful baseline runs on this machine at this thread count."""
+    seconds = [r["train_s"] for r in records if r.get("row") == "baseline" and r.get("exit_code") == 0
+               and r.get("val_bpb") is not None and r.get("machine") == host and r.get("threads") == threads]
+    return statistics.fmean(seconds) if seconds else None
+
+
+def other_cores(action) -> float | None:
+    """Cores kept busy by processes other than this one and its children while `action` runs (from /proc/stat
+    and this process's child CPU time); None where /proc/stat is not available."""
+    def busy_seconds() -> float:
+        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        return (sum(fields) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")  # all but idle and iowait
+
+    def own_seconds() -> float:
+        t = os.times()
+        return t.user + t.system + t.children_user + t.children_system
+
+    try:
+        busy, own, start = busy_seconds(), own_seconds(), time.perf_counter()
+    except (OSError, ValueError, IndexError):
+        action()
+        return None
+    action()
+    wall = time.perf_counter() - start
+    return max(0.0, (busy_seconds() - busy) - (own_seconds() - own)) / wall if wall > 0 else None
+
+
+def execute(cmd: list[str], cwd: Path, env: dict, log: Path, timeout: float) -> tuple[int, float]:
+    """Run one training process in its own session, so a timeout stops it and its children and nothing else."""
+    start = time.perf_counter()
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            code = proc.wait(timeout=timeout)
+        except (subprocess.TimeoutExpired, KeyboardInterrupt) as e:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+            if isinstance(e, KeyboardInterrupt):
+                raise
+            code = 124
+    return code, time.perf_counter() - start
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    rows = resolve_rows(args.rows)
+    if args.iterations is not None and not args.smoke:
+        raise HarnessError("--iterations only goes with --smoke (a shortened run is not a mini-golf result)")
+    shared = need_shared(args.shared)
+    work = args.work
+    results = args.results or (work / "smoke_runs.jsonl" if args.smoke else DEFAULT_RESULTS)
+    host, plan = machine(), schedule(rows, args.seeds)
+    timed = any(r.budget == "time" for r in rows) and args.wallclock == "auto"
+    if timed and not args.dry_run and not any(r.name == "baseline" for r in rows) and \
+            baseline_seconds(read_results(results), host, args.threads) is None:
+        raise HarnessError(f"no baseline run from this machine in this sitting at {args.threads} threads in "
+                           f"{results}: add the `baseline` row or pass --wallclock SECONDS")
+    if args.dry_run:
+        scripts = dict(ours=work / "code" / ("train_gpt_capped.py" if args.no_pack else "train_gpt_packed.py"),
+                       baseline=work / "code" / "baseline_cpu.py")
+    else:
+        scripts = {}
+        if any(r.script == "ours" for r in rows):
+            scripts["ours"] = prepare_ours(work, pack=not args.no_pack)
+        if any(r.script == "baseline" for r in rows):
+            scripts["baseline"] = prepare_baseline(shared, work)
+        for variant in sorted({r.data for r in rows}):
+            info = ensure_data(shared, work, variant, args.smoke, args.threads)
+            print(f"data {variant}: {info['val_docs']} val docs, {info['val_tokens']:,} val tokens "
+                  f"(sha {info['val_sha16']}), {info['train_tokens']:,} train tokens", flush=True)
+    inherited = {k: v for k, v in os.environ.items() if k not in setting_names(shared)}
+    warmup = args.warmup_steps if args.warmup_steps is not None else (2 if args.compile else 0)
+    failed = 0
+    for i, (r, seed) in enumerate(plan, 1):
+        wallclock = None
+        if r.budget == "time":
+            wallclock = args.wallclock if args.wallclock != "auto" else baseline_seconds(
+                read_results(results), host, args.threads)
+            if wallclock is None and not args.dry_run:
+                raise HarnessError(f"{r.name} seed {seed}: every baseline run of this sitting failed, so there is no "
+                                   f"wall clock to give it; pass --wallclock SECONDS")
+        stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+        run_id = f"{r.name}_s{seed}_{stamp}"
+        env = row_env(r, seed, run_id, data_dir(work, r.data, args.smoke), shared, args.threads, args.compile, warmup,
+                      args.smoke, args.iterations, wallclock if wallclock is not None else math.nan)
+        cmd = [sys.executable, str(scripts[r.script])]
+        if args.dry_run:
+            shown = " ".join(f"{k}={v}" for k, v in env.items())
+            if wallclock is None and r.budget == "time":
+                shown = shown.replace("MAX_WALLCLOCK_SECONDS=nan", "MAX_WALLCLOCK_SECONDS=<mean baseline train s>")
+            print(f"# [{i}/{len(plan)}] {r.name} seed {seed}\ncd {work / 'runs' / run_id} && env {shown} "
+                  f"{' '.join(cmd)}")
+            continue
+        budget = f"{r.budget}, {wallclock:.1f} s" if wallclock else r.budget
+        print(f"[{i}/{len(plan)}] {r.name} seed {seed} ({r.script}, {budget}): "
+              f"log {work / 'runs' / run_id / 'output.txt'}", flush=True)
+        record = run_one(r, seed, cmd, work / "runs" / run_id, {**inherited, **env}, env, args)
+        record.update(wallclock_s=wallclock, machine=host)
+        results.parent.mkdir(parents=True, exist_ok=True)
+        with open(results, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+        if record["error"]:
+            failed += 1
+            print(f"    FAILED exit {record['exit_code']}: {record['error']}", flush=True)
+        else:
+            print(f"    val_bpb {record['val_bpb']:.6f}  bytes {record['bytes_total']:,}"
+                  f"{'' if record['fits'] else ' OVER CAP'}  steps {record['steps']}  "
+                  f"{record['s_per_step']:.3f} s/step  train {record['train_s']:.1f} s  "
+                  f"eval {record['eval_s']:.1f} s  wall {record['wall_s']:.1f} s", flush=True)
+    if not args.dry_run:
+        print(f"{len(plan) - failed}/{len(plan)} runs recorded in {results}")
+    return 1 if failed else 0
+
+
+def run_one(r: Row, seed: int, cmd: list[str], cwd: Path, full_env: dict, env: dict,
+            args: argparse.Namespace) -> dict:
+    """Run one row/seed in its own folder and turn its output into a record."""
+    cwd.mkdir(parents=True, exist_ok=True)
+    log = cwd / "output.txt"
+    date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    # Another job on the two cores can slow every step tenfold (OpenMP threads then wait on each other), so
+    # each record says how many cores other processes kept busy while it ran.
+    busy_before = other_cores(lambda: time.sleep(1.0))
+    if busy_before and busy_before > 0.3:
+        print(f"    note: other processes keep {busy_before:.1f} cores busy; timings may be inflated", flush=True)
+    ran: list = []
+    busy_during = other_cores(lambda: ran.extend(execute(cmd, cwd, full_env, log, args.timeout)))
+    exit_code, wall = ran
+    text = log.read_text(encoding="utf-8", errors="replace")
+    parsed = (parse_ours if r.script == "ours" else parse_baseline)(text)
+    record = dict(
+        row=r.name, seed=seed, script=r.script, budget=r.budget, data=r.data, smoke=args.smoke,
+        val_bpb=parsed["val_bpb"], val_loss=parsed["val_loss"], bytes_code=parsed["bytes_code"],
+        bytes_model=parsed["bytes_model"], bytes_total=parsed["bytes_total"],
+        fits=None if parsed["bytes_total"] is None else parsed["bytes_total"] <= CAP, steps=parsed["steps"],
+        s_per_step=parsed["train_s"] / parsed["steps"] if parsed["train_s"] and parsed["steps"] else None,
+        train_s=parsed["train_s"], eval_s=parsed["eval_s"], wall_s=round(wall, 1), wallclock_s=None,
+        exit_code=exit_code,
+        error=f"timeout after {args.timeout:.0f} s" if exit_code == 124 else error_line(text, exit_code, parsed),
+        val_tokens=parsed["val_tokens"], val_sha256=parsed["val_sha256"], **git_state(),
+        packed=r.script == "ours" and not args.no_pack, code_sha16=sha16(Path(cmd[-1])), date=date, machine=None,
+        threads=args.threads, other_cores=None if busy_during is None else round(busy_during, 2),
+        run_id=cwd.name, log=str(log), env=env)
+    if not args.smoke and log.stat().st_size <= LOG_COPY_MAX_BYTES:
+        LOG_COPIES.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(log, LOG_COPIES / f"{cwd.name}.txt")
+        record["log"] = str((LOG_COPIES / f"{cwd.name}.txt").relative_to(REPO))
+    return record
+
+
+def resolve_rows(names: list[str]) -> list[Row]:
+    if names == ["all"]:
+        return list(ROWS.values())
+    unknown = [n for n in names if n not in ROWS]
+    if unknown:
+        raise HarnessError(f"unknown row(s) {', '.join(unknown)}; known: {', '.join(ROWS)}")
+    return [ROWS[n] for n in dict.fromkeys(names)]
+
+
+# ------------------------------------------------------------------------------------------ table
+
+
+def mean_std(values: list[float]) -> tuple[float, float | None]:
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None
+
+
+def delta(values: list[float], reference: list[float]) -> tuple[float, float | None]:
+    """Difference of means and its standard error, sqrt(s_a^2/n_a + s_b^2/n_b); None while either side has one run."""
+    (m, s), (m_ref, s_ref) = mean_std(values), mean_std(reference)
+    if s is None or s_ref is None:
+        return m - m_ref, None
+    return m - m_ref, math.sqrt(s ** 2 / len(values) + s_ref ** 2 / len(reference))
+
+
+def summarize(records: list[dict]) -> list[dict]:
+    groups: dict[str, list[dict]] = {}
+    for rec in records:
+        groups.setdefault(rec["row"], []).append(rec)
+    order = sorted(groups, key=lambda n: (list(ROWS).index(n) if n in ROWS else len(ROWS), n))
+    ok = {n: [r for r in groups[n] if r.get("exit_code") == 0 and r.get("val_bpb") is not None] for n in order}
+    scores = {n: [r["val_bpb"] for r in ok[n]] for n in order}
+    out = []
+    for n in order:
+        runs, first = ok[n], groups[n][0]
+        line = dict(row=n, script=first["script"], budget=first["budget"], data=first["data"], n=len(runs),
+                    failed=len(groups[n]) - len(runs), mean=None, std=None, vs_ours=None, vs_baseline=None,
+                    bytes_total=None, fits=None, s_per_step=None, train_s=None, eval_s=None)
+        if runs:
+            line["mean"], line["std"] = mean_std(scores[n])
+            for ref, key in (("ours", "vs_ours"), ("baseline", "vs_baseline")):
+                if ref != n and scores.get(ref):
+                    line[key] = delta(scores[n], scores[ref])
+            line["bytes_total"] = max(r["bytes_total"] for r in runs)
+            line["fits"] = all(r["fits"] for r in runs)
+            for key in ("s_per_step", "train_s", "eval_s"):
+                values = [r[key] for r in runs if r.get(key) is not None]
+                line[key] = statistics.fmean(values) if values else None
+        out.append(line)
+    return out
+
+
+def render_table(summary: list[dict], records: list[dict]) -> str:
+    def num(x, fmt):
+        return "" if x is None else format(x, fmt)
+
+    def diff(d):
+        return "" if d is None else f"{d[0]:+.4f}" + (f" ± {d[1]:.4f}" if d[1] is not None else "")
+
+    lines = ["| row | script | budget | data | n | val_bpb mean ± std | Δ vs ours | Δ vs baseline | bytes_total "
+             f"(cap {CAP:,}) | s/step | train s | eval s |",
+             "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for s in summary:
+        n = f"{s['n']}" + (f" (+{s['failed']} failed)" if s["failed"] else "")
+        score = "" if s["mean"] is None else f"{s['mean']:.4f}" + (
+            f" ± {s['std']:.4f}" if s["std"] is not None else "")
+        size = "" if s["bytes_total"] is None else f"{s['bytes_total']:,}" + ("" if s["fits"] else " OVER")
+        lines.append(f"| {s['row']} | {s['script']} | {s['budget']} | {s['data']} | {n} | {score} | "
+                     f"{diff(s['vs_ours'])} | {diff(s['vs_baseline'])} | {size} | {num(s['s_per_step'], '.3f')} | "
+                     f"{num(s['train_s'], '.1f')} | {num(s['eval_s'], '.1f')} |")
+    hosts = sorted({f"{r['machine']['cpu']} x{r['machine']['cores']} ({r['machine']['hostname']}), "
+                    f"{r['threads']} threads" for r in records})
+    lines += ["", "Δ: difference of means ± its standard error (sqrt(s²/n + s_ref²/n_ref)); blank noise = one run. "
+              "Machines: " + "; ".join(hosts) + "."]
+    return "\n".join(lines)
+
+
+def replace_section(doc: str, table: str) -> str:
+    """The document with the text between the table markers replaced (markers appended when absent)."""
+    block = f"{TABLE_BEGIN}\n{table}\n{TABLE_END}"
+    if TABLE_BEGIN in doc and TABLE_END in doc:
+        head, rest = doc.split(TABLE_BEGIN, 1)
+        return head + block + rest.split(TABLE_END, 1)[1]
+    return doc.rstrip("\n") + ("\n\n" if doc.strip() else "") + block + "\n"
+
+
+def cmd_table(args: argparse.Namespace) -> int:
+    results = args.results or DEFAULT_RESULTS
+    records = [r for r in read_results(results) if not r.get("smoke") or args.results]
+    if not records:
+        raise HarnessError(f"no runs recorded in {results}")
+    table = render_table(summarize(records), records)
+    print(table)
+    if args.write:
+        doc = args.doc.read_text(encoding="utf-8") if args.doc.exists() else (
+            "# Mini-golf results\n\nThe Parameter Golf rules scaled down to a 2-core CPU (bench/README.md, Mini-golf): "
+            f"code + model <= {CAP:,} bytes, proxy data, the official baseline run side by side. Written by "
+            "`python3 bench/minigolf.py table` from results/minigolf/runs.jsonl.\n")
+        args.doc.write_text(replace_section(doc, table), encoding="utf-8")
+        print(f"updated {args.doc}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------ rows and sizes
+
+
+def cmd_rows(args: argparse.Namespace) -> int:
+    for r in ROWS.values():
+        env = " ".join(f"{k}={v}" for k, v in r.env.items())
+        print(f"{r.name:<18} {r.script:<8} {r.budget:<5} {r.data:<6} {r.about}" + (f"\n{'':<40} {env}" if env else ""))
+    print(f"\nshape (both scripts): {' '.join(f'{k}={v}' for k, v in SHAPE.items())}")
+    print(f"ours also: {' '.join(f'{k}={v}' for k, v in OURS_BASE.items())} COMPILE=<--compile>")
+    return 0
+
+
+def cmd_sizes(args: argparse.Namespace) -> int:
+    """Artifact size with every weight Gaussian: near the size of a briefly trained model (NOTES.md: trained
+    17.52 MB against 18.11 MB Gaussian at the default shape), so an estimate that errs on the large side."""
+    rows = resolve_rows(args.rows or [n for n, r in ROWS.items() if r.script == "ours"])
+    extra = dict(kv.split("=", 1) for kv in args.set)
+    code = prepare_ours(args.work, pack=not args.no_pack)
+    code_bytes = code.stat().st_size
+    sys.path.insert(0, str(REPO))
+    import torch
+    import train_gpt as tg
+    torch.manual_seed(0)
+    print(f"code bytes {code_bytes:,} ({code.name}); cap {CAP:,}")
+    for r in rows:
+        if r.script != "ours":
+            continue
+        env = {**{k: str(v) for k, v in {**SHAPE, **OURS_BASE}.items()}, "VOCAB_SIZE": str(VOCABS[r.data]), **r.env,
+               **extra}
+        saved = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)
+        try:
+            hp = tg.Hyperparameters.from_env()
+            hp.validate(1)
+        except tg.UserError as e:
+            raise HarnessError(f"{r.name}: {e}") from None
+        finally:
+            for k, v in saved.items():
+                os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+        model = tg.GPT(hp)
+        state = {k: torch.randn_like(v) if v.is_floating_point() else v for k, v in model.state_dict().items()}
+        model_bytes = len(tg.encode_artifact(tg.quantize_state(state, hp), hp.compressor, hp.byte_shuffle))
+        total = model_bytes + code_bytes
+        params = sum(p.numel() for p in model.parameters())
+        print(f"{r.name:<18} params {params:>9,}  model ~{model_bytes:>9,}  total ~{total:>9,}  "
+              f"{'fits' if total <= CAP else 'OVER'} ({CAP - total:+,})", flush=True)
+    return 0
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    shared = need_shared(args.shared)
+    infos = [ensure_data(shared, args.work, v, smoke, args.threads) for v in VOCABS for smoke in (False, True)]
+    for info in infos:
+        print(f"{info['path']}: {info['val_docs']} docs, {info['val_tokens']:,} val tokens (sha {info['val_sha16']}), "
+              f"train {info['train_tokens']:,} tokens")
+    (args.work / "data.json").write_text(json.dumps(infos, indent=1) + "\n")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------ command line
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message: str):
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = Parser(prog="bench/minigolf.py", description="Parameter Golf scaled down to a CPU (bench/README.md).")
+    common = Parser(add_help=False)
+    common.add_argument("--work", type=Path, default=DEFAULT_WORK, help="work folder (data, code copies, runs)")
+    common.add_argument("--shared", type=Path, default=DEFAULT_SHARED, help="the shared folder (proxy data, anchors)")
+    common.add_argument("--threads", type=int, default=2, help="OMP/MKL threads of every run and data build")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
+    sub.add_parser("prepare", parents=[common], help="build and check the data in the work folder")
+    run = sub.add_parser("run", parents=[common], help="run rows x seeds, interleaved; append to the results")
+    run.add_argument("rows", nargs="+", metavar="ROW", help="row names (see `rows`), or `all`")
+    run.add_argument("--seeds", nargs="+", type=int, default=[1337])
+    run.add_argument("--wallclock", default="auto", metavar="S|auto",
+                     help="train seconds of equal-wall-clock rows; auto = mean baseline train s on this machine")
+    run.add_argument("--compile", type=int, choices=(0, 1), default=0, help="COMPILE for ours (default 0)")
+    run.add_argument("--warmup-steps", type=int, default=None, help="WARMUP_STEPS (default 2 with --compile 1, else 0)")
+    run.add_argument("--no-pack", action="store_true", help="run the capped copy of train_gpt.py without packing it")
+    run.add_argument("--results", type=Path, default=None,
+                     help=f"JSON lines file (default {DEFAULT_RESULTS.relative_to(REPO)}; "
+                          "with --smoke WORK/smoke_runs.jsonl)")
+    run.add_argument("--timeout", type=float, default=1800, help="seconds before a run is stopped")
+    run.add_argument("--smoke", action="store_true",
+                     help=f"harness check: {SMOKE_ITERATIONS} steps, {SMOKE_VAL_DOCS} val docs, separate results file")
+    run.add_argument("--iterations", type=int, default=None, help="with --smoke: steps instead of the default")
+    run.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
+    table = sub.add_parser("table", help="markdown table of the results; updates results/MINIGOLF.md")
+    table.add_argument("--results", type=Path, default=None, help=f"default {DEFAULT_RESULTS.relative_to(REPO)}")
+    table.add_argument("--doc", type=Path, default=TABLE_DOC, help="document whose marked section is replaced")
+    table.add_argument("--no-write", dest="write", action="store_false", help="print only")
+    sub.add_parser("rows", help="list the registry")
+    sizes = sub.add_parser("sizes", parents=[common], help="estimated bytes of rows' models (Gaussian weights)")
+    sizes.add_argument("rows", nargs="*", metavar="ROW")
+    sizes.add_argument("--set", nargs="*", default=[], metavar="K=V", help="settings on top of each row")
+    sizes.add_argument("--no-pack", action="store_true", help="count the unpacked capped copy as the code")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if getattr(args, "threads", 1) < 1:
+            raise HarnessError("--threads must be at least 1")
+        if args.command == "run":
+            if args.wallclock != "auto":
+                try:
+                    args.wallclock = float(args.wallclock)
+                except ValueError:
+                    raise HarnessError(f"--wallclock must be seconds or auto, got {args.wallclock!r}") from None
+                if args.wallclock <= 0:
+                    raise HarnessError("--wallclock must be positive")
+            if args.iterations is not None and args.iterations < 1:
+                raise HarnessError("--iterations must be at least 1")
+        if args.command == "sizes" and any("=" not in kv for kv in args.set):
+            raise HarnessError("--set takes K=V pairs")
+        commands = dict(prepare=cmd_prepare, run=cmd_run, table=cmd_table, rows=cmd_rows, sizes=cmd_sizes)
+        return commands[args.command](args)
+    except HarnessError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted (the run in progress was stopped and not recorded)", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

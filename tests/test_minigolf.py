@@ -1,0 +1,248 @@
+"""bench/minigolf.py: the pure parts (val cut, run order, log parsers, statistics, the size-limit rewrite)."""
+import math
+import statistics
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+import minigolf as mg  # noqa: E402
+
+# Real lines of both scripts (an 8-step run of each on the proxy), trimmed to what the parsers read or must skip.
+OURS_LOG = """\
+hparam NUM_LAYERS:4
+hparam SIZE_LIMIT_IS_NOT_A_SETTING:0
+model params:723216 layers:4 dim:128 heads:4 kv_heads:2 grad_accum:8 local_batch_tokens:1024 val_tokens:31891 compile:False
+qat_enabled step:7 train_time:5155ms
+step:8/8 train_loss:6.0062 train_time:5979ms step_avg:747.40ms tok_s:10961 eta:0s
+train_done step:8 train_time:5980ms peak_mem_mib:0
+pre_export_exact val_loss:6.88848923 val_bpb:3.95352508
+artifact path:artifacts/ours_s1337.pgz bytes_model:524709 bytes_code:73453 bytes_total:598162 limit:1000000 compressor:zstd export_ms:111
+final_roundtrip_exact val_loss:6.88849643 val_bpb:3.95352921 eval_time_ms:5213
+final_sliding_exact val_loss:6.88849681 val_bpb:3.95352943 stride:128 eval_time_ms:14563
+compliance bytes_total:598162 bytes_limit:1000000 bytes_ok:1 train_s:6.0 train_ok:1 eval_s:14.6 eval_ok:1 ttt:off val_tokens:31891 val_sha256:8761217c9767cd58
+final_submission val_loss:6.88849681 val_bpb:3.95352943 bytes_total:598162 bytes_model:524709 bytes_code:73453 train_time_ms:5980 eval_time_ms:14563
+"""
+
+BASELINE_LOG = """\
+logs/baseline_s1337.txt
+val_loader:shards pattern=/w/sp1024_smoke/fineweb_val_*.bin tokens:31744
+model_params:592144
+step:1/8 train_loss:6.9251 train_time:612ms step_avg:612.21ms
+step:8/8 train_loss:6.0347 train_time:4545ms step_avg:568.10ms
+step:8/8 val_loss:5.8413 val_bpb:3.3528 train_time:4545ms step_avg:568.12ms
+peak memory allocated: 0 MiB reserved: 0 MiB
+Serialized model: 2121637 bytes
+Code size: 47237 bytes
+Total submission size: 2168874 bytes
+Serialized model int8+zlib: 953110 bytes (payload:1059904 raw_torch:1073378 payload_ratio:1.99x)
+Total submission size int8+zlib: 1000347 bytes
+final_int8_zlib_roundtrip val_loss:5.8410 val_bpb:3.3526 eval_time:839ms
+final_int8_zlib_roundtrip_exact val_loss:5.84095716 val_bpb:3.35256486
+"""
+
+
+def docs(*lengths: int) -> np.ndarray:
+    """Documents of the given lengths, each [BOS] + tokens that are never BOS."""
+    return np.concatenate([[mg.BOS] + [7] * (n - 1) for n in lengths]).astype(np.uint16)
+
+
+# ---------------------------------------------------------------------------- val cut
+
+
+def test_cut_keeps_whole_documents_and_ends_at_a_boundary(tmp_path):
+    shard = tmp_path / "fineweb_val_000000.bin"
+    mg.write_shard(shard, docs(5, 3, 8, 4, 6))
+    tokens = mg.read_shard(shard)
+    assert mg.whole_docs_within(tokens, 16) == 3  # 5 + 3 + 8 = 16 fits exactly
+    assert mg.whole_docs_within(tokens, 15) == 2  # the third document may not be cut in half
+    cut = mg.cut_docs(tokens, 3)
+    assert cut.size == 16 and tokens[cut.size] == mg.BOS
+    assert np.array_equal(cut, tokens[:16]) and np.count_nonzero(cut == mg.BOS) == 3
+    assert mg.cut_docs(tokens, 5).size == tokens.size  # all documents: the whole shard, tail included
+
+
+def test_cut_refuses_what_it_cannot_do():
+    with pytest.raises(mg.HarnessError, match="cannot keep 6 documents"):
+        mg.cut_docs(docs(5, 3, 8, 4, 6), 6)
+    with pytest.raises(mg.HarnessError, match="does not start with BOS"):
+        mg.cut_docs(docs(5, 3)[1:], 1)
+
+
+def test_shard_round_trip_and_bad_header(tmp_path):
+    path = tmp_path / "s.bin"
+    mg.write_shard(path, docs(3, 2))
+    assert mg.read_shard(path).tolist() == [1, 7, 7, 1, 7]
+    path.write_bytes(path.read_bytes()[:-2])
+    with pytest.raises(mg.HarnessError, match="size does not match"):
+        mg.read_shard(path)
+
+
+# ---------------------------------------------------------------------------- plan
+
+
+def test_interleaving_runs_seed_by_seed_with_baseline_rows_first():
+    rows = [mg.ROWS["ours"], mg.ROWS["xsa"], mg.ROWS["baseline"]]
+    plan = [(r.name, seed) for r, seed in mg.schedule(rows, [1337, 42])]
+    assert plan == [("baseline", 1337), ("ours", 1337), ("xsa", 1337), ("baseline", 42), ("ours", 42), ("xsa", 42)]
+
+
+def test_row_env_budgets_and_per_script_settings(tmp_path):
+    kw = dict(run_id="r", data=tmp_path, shared=tmp_path, threads=2, compile_=0, warmup=0, smoke=False,
+              iterations=None)
+    base = mg.row_env(mg.ROWS["baseline"], 1, wallclock=None, **kw)
+    assert "EVAL_STRIDE" not in base and "COMPILE" not in base and "MLP_MULT" not in base
+    assert base["ITERATIONS"] == "600" and base["MAX_WALLCLOCK_SECONDS"] == "0" and base["OMP_NUM_THREADS"] == "2"
+    timed = mg.row_env(mg.ROWS["ours_time"], 1, wallclock=287.04, **kw)
+    assert timed["MAX_WALLCLOCK_SECONDS"] == "287.0"
+    assert int(timed["ITERATIONS"]) >= 100_000 and timed["COMPILE"] == "0"
+    sp = mg.row_env(mg.ROWS["sp8192"], 1, wallclock=None, **kw)
+    assert sp["VOCAB_SIZE"] == "8192" and sp["TOKENIZER_PATH"].endswith("fineweb_8192_bpe.model")
+
+
+def test_every_row_is_well_formed():
+    for r in mg.ROWS.values():
+        assert r.script in ("ours", "baseline") and r.budget in ("steps", "time") and r.data in mg.VOCABS, r.name
+        assert all(k.isupper() for k in r.env), r.name
+
+
+def test_caller_settings_are_stripped_from_the_inherited_environment():
+    names = mg.setting_names(None)
+    assert {"NUM_LAYERS", "EVAL_STRIDE", "MAX_WALLCLOCK_SECONDS", "TTT_CHUNK_TOKENS"} <= names
+    assert "PATH" not in names and "RANK" not in names
+
+
+# ---------------------------------------------------------------------------- size limit
+
+
+def test_size_limit_is_rewritten_exactly_once():
+    source = (mg.REPO / "train_gpt.py").read_text()
+    capped = mg.cap_source(source)
+    assert "\nSIZE_LIMIT = 1_000_000\n" in capped and mg.LIMIT_LINE not in capped
+    assert len(capped) == len(source) - 1
+
+
+def test_size_limit_rewrite_fails_loudly_when_the_line_is_gone():
+    with pytest.raises(mg.HarnessError, match="found 0"):
+        mg.cap_source("SIZE_LIMIT = 16000000\n")
+    with pytest.raises(mg.HarnessError, match="found 2"):
+        mg.cap_source(f"{mg.LIMIT_LINE}\n{mg.LIMIT_LINE}\n")
+
+
+# ---------------------------------------------------------------------------- parsers
+
+
+def test_parse_ours_takes_the_submission_line():
+    p = mg.parse_ours(OURS_LOG)
+    assert p["val_bpb"] == 3.95352943 and p["val_loss"] == 6.88849681  # the sliding score, not pre-export
+    assert (p["bytes_code"], p["bytes_model"], p["bytes_total"]) == (73453, 524709, 598162)
+    assert p["steps"] == 8 and p["train_s"] == 5.98 and p["eval_s"] == 14.563
+    assert p["val_tokens"] == 31891 and p["val_sha256"] == "8761217c9767cd58"
+    assert mg.error_line(OURS_LOG, 0, p) is None
+
+
+def test_parse_ours_keeps_the_bytes_of_an_oversize_run_and_its_error():
+    text = OURS_LOG.split("final_roundtrip")[0] + "error: artifact total 1100000 bytes is over the 1000000-byte limit\n"
+    p = mg.parse_ours(text)
+    assert p["val_bpb"] is None and p["bytes_total"] == 598162 and p["steps"] == 8
+    assert mg.error_line(text, 2, p).startswith("error: artifact total")
+
+
+def test_parse_baseline():
+    p = mg.parse_baseline(BASELINE_LOG)
+    assert p["val_bpb"] == 3.35256486 and p["val_loss"] == 5.84095716  # the _exact roundtrip line
+    assert (p["bytes_code"], p["bytes_model"], p["bytes_total"]) == (47237, 953110, 1000347)
+    assert p["steps"] == 8 and p["train_s"] == 4.545 and p["eval_s"] == 0.839 and p["val_tokens"] == 31744
+
+
+def test_parse_baseline_wallclock_stop_and_crash():
+    text = BASELINE_LOG.replace("step:8/8 val_loss", "stopping_early: wallclock_cap train_time:4545ms step:8/600\n"
+                                "step:8/8 val_loss")
+    assert mg.parse_baseline(text)["steps"] == 8
+    crashed = "step:1/8 train_loss:6.9 train_time:612ms step_avg:612.21ms\nTraceback (most recent call last):\n" \
+              "RuntimeError: boom\n"
+    p = mg.parse_baseline(crashed)
+    assert p["val_bpb"] is None and mg.error_line(crashed, 1, p) == "RuntimeError: boom"
+
+
+# ---------------------------------------------------------------------------- statistics and table
+
+
+def record(row, bpb, script="ours", **kw):
+    rec = dict(row=row, script=script, budget="steps", data="sp1024", exit_code=0, val_bpb=bpb, bytes_total=900_000,
+               fits=True, s_per_step=0.5, train_s=300.0, eval_s=60.0, threads=2,
+               machine=dict(cpu="cpu", cores=2, hostname="vm", boot_id="b"))
+    rec.update(kw)
+    return rec
+
+
+def test_mean_std_and_delta_noise():
+    assert mg.mean_std([2.0]) == (2.0, None)
+    m, s = mg.mean_std([2.0, 2.2, 2.4])
+    assert m == pytest.approx(2.2) and s == pytest.approx(0.2)  # ddof = 1
+    d, noise = mg.delta([2.0, 2.2, 2.4], [2.3, 2.5])
+    assert d == pytest.approx(-0.2)
+    assert noise == pytest.approx(math.sqrt(0.2 ** 2 / 3 + statistics.stdev([2.3, 2.5]) ** 2 / 2))
+    assert mg.delta([2.0], [2.3, 2.5])[1] is None
+
+
+def test_summary_rows_deltas_and_failures():
+    records = [record("baseline", 2.12, "baseline", bytes_total=988_291), record("baseline", 2.10, "baseline"),
+               record("ours", 2.00), record("ours", 2.02), record("xsa", 1.99), record("xsa", 1.97),
+               record("xsa", None, exit_code=2, error="error: x"),
+               record("shape_6x128", 1.9, bytes_total=1_000_001, fits=False)]
+    lines = {s["row"]: s for s in mg.summarize(records)}
+    assert list(lines) == ["baseline", "ours", "xsa", "shape_6x128"]  # registry order
+    assert lines["xsa"]["n"] == 2 and lines["xsa"]["failed"] == 1
+    assert lines["xsa"]["vs_ours"][0] == pytest.approx(-0.03) and lines["xsa"]["vs_baseline"][0] == pytest.approx(-0.13)
+    assert lines["ours"]["vs_ours"] is None and lines["baseline"]["vs_baseline"] is None
+    assert lines["baseline"]["bytes_total"] == 988_291 and lines["shape_6x128"]["fits"] is False
+    table = mg.render_table(mg.summarize(records), records)
+    assert "| xsa | ours | steps | sp1024 | 2 (+1 failed) | 1.9800 ± 0.0141 | -0.0300 ± " in table
+    assert "1,000,001 OVER" in table
+
+
+def test_table_section_is_replaced_between_markers_only():
+    doc = f"# Title\n\nintro\n\n{mg.TABLE_BEGIN}\nold\n{mg.TABLE_END}\n\nnotes stay\n"
+    new = mg.replace_section(doc, "| new |")
+    assert new == f"# Title\n\nintro\n\n{mg.TABLE_BEGIN}\n| new |\n{mg.TABLE_END}\n\nnotes stay\n"
+    assert mg.replace_section("# T\n", "| t |") == f"# T\n\n{mg.TABLE_BEGIN}\n| t |\n{mg.TABLE_END}\n"
+
+
+def test_auto_wallclock_uses_this_sitting_only():
+    here = dict(cpu="cpu", cores=2, hostname="vm", boot_id="b")
+    records = [record("baseline", 2.1, "baseline", train_s=300.0, machine=here),
+               record("baseline", 2.1, "baseline", train_s=310.0, machine=here),
+               record("baseline", 2.1, "baseline", train_s=900.0, machine={**here, "boot_id": "other"}),
+               record("baseline", None, "baseline", train_s=10.0, machine=here, exit_code=1),
+               record("ours", 2.0, train_s=1.0, machine=here)]
+    assert mg.baseline_seconds(records, here, 2) == 305.0
+    assert mg.baseline_seconds(records, here, 1) is None
+
+
+# ---------------------------------------------------------------------------- command line
+
+
+def test_bad_input_is_one_error_line_and_exit_2(capsys):
+    assert mg.main(["run", "no_such_row", "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: unknown row(s) no_such_row") and err.count("\n") == 1
+    assert mg.main(["run", "ours", "--wallclock", "soon"]) == 2
+    assert capsys.readouterr().err.startswith("error: --wallclock must be seconds or auto")
+    with pytest.raises(SystemExit) as stop:
+        mg.main(["run", "ours", "--seeds", "x"])
+    assert stop.value.code == 2 and capsys.readouterr().err.count("\n") == 1
+
+
+def test_missing_shared_folder_is_an_error(tmp_path, capsys):
+    assert mg.main(["prepare", "--shared", str(tmp_path / "nowhere"), "--work", str(tmp_path / "w")]) == 2
+    assert capsys.readouterr().err.startswith("error: ") and not (tmp_path / "w").exists()
+
+
+@pytest.mark.skipif(not Path("/proc/stat").exists(), reason="needs /proc/stat")
+def test_other_cores_is_a_share_of_the_machine():
+    import time
+    busy = mg.other_cores(lambda: time.sleep(0.2))
+    assert 0.0 <= busy <= (mg.os.cpu_count() or 1) + 0.5
