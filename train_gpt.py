@@ -18,6 +18,7 @@ import math
 import os
 import platform
 import re
+import shutil
 import sys
 import tempfile
 import time
@@ -1611,6 +1612,14 @@ def check_writable(folder: str) -> None:
         raise UserError(f"ARTIFACT_DIR={folder} is not a writable folder ({e.strerror})") from None
 
 
+def check_compiler(hp: Hyperparameters) -> None:
+    """torch.compile on a CPU builds C++ kernels: without a compiler it would fail at the first step, so say so now."""
+    if hp.compile and not torch.cuda.is_available() and not any(
+            shutil.which(c) for c in (os.environ.get("CXX", "g++"), "g++", "clang++")):
+        raise UserError("COMPILE=1 on a CPU needs a C++ compiler (g++ or clang++) for torch.compile: install one "
+                        "or set COMPILE=0")
+
+
 def uses_bf16(hp: Hyperparameters, device: torch.device) -> bool:
     # CUDA always computes in bf16. On a CPU, COMPILE=1 rehearses the GPU path (inductor and bf16); COMPILE=0 is the
     # plain fp32 eager path.
@@ -2027,6 +2036,7 @@ def main() -> None:
         hp = Hyperparameters.from_env()
         hp.validate(int(os.environ.get("WORLD_SIZE", 1)))
         check_writable(hp.artifact_dir)
+        check_compiler(hp)
         log = Logger(hp.run_id, int(os.environ.get("RANK", 0)) == 0)
         rank, world_size, device = setup_distributed()
         log_setup(hp, log, world_size, device)
