@@ -64,6 +64,21 @@ def tiny_dataset(tmp_path_factory):
                                  n_val=n_val)
 
 
+def small_hp(**overrides):
+    """A model small enough to build and run in milliseconds, with GQA and a U-Net of two skips."""
+    import train_gpt as tg
+    base = dict(vocab_size=97, num_layers=5, model_dim=32, num_heads=4, num_kv_heads=2, mlp_mult=2)
+    return tg.Hyperparameters(**{**base, **overrides})
+
+
+def randomised(model, seed=0):
+    """The model with every parameter redrawn at a scale where each part visibly matters, in eval mode."""
+    torch.manual_seed(seed)
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    return model.eval()
+
+
 def byte_tables(vocab: int) -> tuple:
     """Byte tables where every token is one byte and nothing is a boundary: bpb = loss / ln 2 per token."""
     return (torch.ones(vocab, dtype=torch.int16), torch.zeros(vocab, dtype=torch.bool),

@@ -8,22 +8,12 @@ import torch
 import torch.nn.functional as F
 
 import train_gpt as tg
-from conftest import parse_line, run_train, tiny_env
+from conftest import parse_line, randomised, run_train, small_hp, tiny_env
 
 ALL_ON = dict(rope_dims=4, ln_scale=True, xsa_last_n=2, parallel_start=3, recur_layers="1,2", smear=True,
               bigram_buckets=64, bigram_dim=16)
 
 
-def small_hp(**kw):
-    base = dict(vocab_size=97, num_layers=5, model_dim=32, num_heads=4, num_kv_heads=2, mlp_mult=2)
-    return tg.Hyperparameters(**{**base, **kw})
-
-
-def randomised(model, seed=0):
-    torch.manual_seed(seed)
-    for p in model.parameters():
-        torch.nn.init.normal_(p, std=0.3)
-    return model.eval()
 
 
 def test_changing_a_future_token_leaves_earlier_logits_unchanged_with_every_feature_on():

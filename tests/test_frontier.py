@@ -9,20 +9,10 @@ import pytest
 import torch
 
 import train_gpt as tg
-from conftest import parse_line, tiny_env
+from conftest import parse_line, randomised, run_train, small_hp, tiny_env
 from test_gptq import correlated_layer
 
 
-def small_hp(**kw):
-    base = dict(vocab_size=97, num_layers=4, model_dim=32, num_heads=4, num_kv_heads=2, mlp_mult=2)
-    return tg.Hyperparameters(**{**base, **kw})
-
-
-def randomised(model, seed=0):
-    torch.manual_seed(seed)
-    for p in model.parameters():
-        torch.nn.init.normal_(p, std=0.3)
-    return model.eval()
 
 
 def logits(model, x):
@@ -112,7 +102,6 @@ def test_every_stretch_of_training_is_a_state_compiled_before_the_clock():
 
 
 def test_a_run_with_a_growing_context_switches_at_its_fraction(tiny_dataset, tmp_path):
-    from conftest import run_train
     env = tiny_env(tiny_dataset, "grow", TRAIN_SEQ_SCHEDULE="32@0,64@0.5", ITERATIONS=20, EVAL_STRIDE=0,
                    WARMUP_STEPS=2)
     result = run_train(tmp_path, env)
@@ -193,7 +182,6 @@ def test_the_fit_ladder_lowers_bits_when_pruning_cannot_fit_and_logs_each_step()
 
 def test_a_run_whose_model_cannot_fit_by_pruning_still_ends_with_a_score(tiny_dataset, tmp_path):
     """The ladder makes the artifact fit a limit 20% below its natural size: no oversize stop, a final score."""
-    from conftest import run_train
     env = tiny_env(tiny_dataset, "ladder", ITERATIONS=6, EVAL_STRIDE=0, COMPRESSOR="zlib")
     natural = int(parse_line(run_train(tmp_path, env).stdout, "artifact")["bytes_model"])
     source = Path(tg.__file__).read_text()

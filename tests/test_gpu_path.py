@@ -13,21 +13,11 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import train_gpt as tg
-from conftest import parse_line, run_train, tiny_env, write_shard
+from conftest import parse_line, randomised, run_train, small_hp, tiny_env, write_shard
 
 STANDIN = Path(__file__).parent / "fa3_standin"
 
 
-def small_hp(**kw):
-    base = dict(vocab_size=97, num_layers=4, model_dim=32, num_heads=4, num_kv_heads=2, mlp_mult=2)
-    return tg.Hyperparameters(**{**base, **kw})
-
-
-def randomised(model, seed=0):
-    torch.manual_seed(seed)
-    for p in model.parameters():
-        torch.nn.init.normal_(p, std=0.3)
-    return model.eval()
 
 
 @pytest.fixture()
@@ -74,7 +64,7 @@ def test_bf16_model_keeps_its_residual_stream_in_bf16_and_its_parameters_in_fp32
         block.register_forward_hook(lambda m, i, out: stream.append(out.dtype))
     with torch.no_grad():
         logits = model.logits(torch.randint(0, 97, (2, 16)))
-    assert stream == [torch.bfloat16] * 4 and logits.dtype == torch.float32
+    assert stream == [torch.bfloat16] * 5 and logits.dtype == torch.float32
     assert {p.dtype for p in model.parameters()} == {torch.float32}
 
 
