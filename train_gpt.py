@@ -1663,7 +1663,7 @@ class Trainer:
         self.model = GPT(hp, bf16=uses_bf16(hp, device)).to(device)
         compiled = torch.compile(self.model, dynamic=False, fullgraph=True) if hp.compile else self.model
         ddp_devices = [device.index] if device.type == "cuda" else None
-        # Buffers (rotary frequencies, the QAT switch) are equal on every rank: broadcasting them each step is waste.
+        # The only buffers (rotary frequencies) are equal on every rank: broadcasting them each step is waste.
         self.step_model = (DDP(compiled, device_ids=ddp_devices, broadcast_buffers=False) if world_size > 1
                            else compiled)
         self.eval_model = compiled

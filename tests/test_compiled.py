@@ -12,12 +12,16 @@ from conftest import parse_line, run_train, tiny_env
 # projections 64 x 64, so Muon's Newton-Schulz compiles for two shapes only.
 EVERY_OPTION = dict(NUM_LAYERS=2, MLP_MULT=1, ROPE_DIMS=8, LN_SCALE=1, QK_GAIN_INIT=5, XSA_LAST_N=2,
                     PARALLEL_START=1, RECUR_LAYERS=1, RECUR_START_FRAC=0.3, SMEAR=1, BIGRAM_BUCKETS=256, BIGRAM_DIM=64,
+                    SKIP_GATES=1, ATTN_GATE=1, LOGIT_SOFTCAP_NEG=20, TRAIN_SEQ_SCHEDULE="32@0,64@0.2",
                     MUON_NS="polar", MUON_ROW_NORM=1, GPTQ=1, GPTQ_CALIB_BATCHES=2, GPTQ_RESERVE_SECONDS=0,
-                    CLIP_MODE="std", WARMUP_STEPS=2, ITERATIONS=30, TRAIN_LOG_EVERY=10)
-# Training: forward+backward for each stretch of training, (recurrence, QAT) = (off, off), (on, off), (on, on).
-# Scoring: the in-memory model as training ends (recurrence and QAT on), and the model reloaded from the artifact
-# (no fake quantisation; one dynamic-shape graph for every window length). Newton-Schulz: one graph per matrix shape.
-TRAIN_GRAPHS, NS_GRAPHS, SCORE_GRAPHS = 3, 2, 2
+                    CLIP_MODE="std", AWQ_GROUP=1, LQER_RANK=2, TTT=1, TTT_LORA_RANK=4, TTT_CHUNK_TOKENS=16,
+                    TTT_BATCH_DOCS=8, TTT_PREFIX_DOCS=16, TTT_PHASES=1, WARMUP_STEPS=2, ITERATIONS=30,
+                    TRAIN_LOG_EVERY=10)
+# Training: forward+backward for each stretch of training, (context, recurrence, QAT) = (32, off, off),
+# (64, off, off), (64, on, off), (64, on, on). Scoring: the in-memory model as training ends, and the model reloaded
+# from the artifact, with dynamic shapes (one graph for every window length) in each of its three modes: scoring,
+# adapting LoRA, and the global TTT phase. Newton-Schulz: one graph per matrix shape.
+TRAIN_GRAPHS, NS_GRAPHS, SCORE_GRAPHS = 4, 2, 4
 BF16_LOSS_TOLERANCE = 0.05  # nats: bf16 matmuls over 30 steps of a tiny model drift by a few hundredths at most
 
 
@@ -47,9 +51,11 @@ def test_compiled_run_builds_exactly_the_expected_graphs_and_breaks_none(runs):
 
 def test_compiled_run_switches_recurrence_and_qat_on_and_scores_the_artifact(runs):
     out = runs["compiled"]
-    assert int(parse_line(out, "recurrence_enabled")["step"]) < int(parse_line(out, "qat_enabled")["step"]) < 30
+    assert (int(parse_line(out, "seq_len_changed")["step"]) < int(parse_line(out, "recurrence_enabled")["step"])
+            < int(parse_line(out, "qat_enabled")["step"]) < 30)
     assert parse_line(out, "pre_export_exact")["fake_quant"] == "1"
-    assert float(parse_line(out, "final_submission")["val_bpb"]) == float(parse_line(out, "final_sliding_exact")["val_bpb"])
+    assert float(parse_line(out, "final_submission")["val_bpb"]) == float(parse_line(out, "final_ttt_exact")["val_bpb"])
+    assert parse_line(out, "seq_len_changed")["seq_len"] == "64" and "fit_lower" not in out
 
 
 def test_eager_run_stays_fp32_and_compiles_nothing(runs):
@@ -63,7 +69,7 @@ def test_compiled_bf16_losses_match_the_eager_fp32_run(runs):
     assert compiled.keys() == eager.keys() == {10, 20, 30}
     for step in compiled:
         assert compiled[step] == pytest.approx(eager[step], abs=BF16_LOSS_TOLERANCE)
-    for event in ("pre_export_exact", "final_roundtrip_exact", "final_sliding_exact"):
+    for event in ("pre_export_exact", "final_roundtrip_exact", "final_ttt_exact"):
         assert float(parse_line(runs["compiled"], event)["val_loss"]) == pytest.approx(
             float(parse_line(runs["eager"], event)["val_loss"]), abs=BF16_LOSS_TOLERANCE)
 
@@ -82,6 +88,6 @@ def test_two_rank_compiled_run_trains_the_compiled_model_under_ddp(tiny_dataset,
     rank0_muon = tg.build_optimizers(tg.GPT(hp), hp, 0, 2, fused=False)[0]
     assert int(parse_line(out, "compile")["graphs"]) == TRAIN_GRAPHS + len(rank0_muon.owned) + SCORE_GRAPHS
     # Same global batches, so the same model up to reduction order (train_loss is rank 0's half: not comparable).
-    for event in ("pre_export_exact", "final_sliding_exact"):
+    for event in ("pre_export_exact", "final_ttt_exact"):
         assert float(parse_line(out, event)["val_loss"]) == pytest.approx(
             float(parse_line(runs["compiled"], event)["val_loss"]), abs=BF16_LOSS_TOLERANCE)
