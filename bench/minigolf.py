@@ -93,6 +93,8 @@ ROWS = {r.name: r for r in (
     row("optim", "+ Polar Express NS, MuonEq-R, Muon WD 0.095, LR floor 0.1",
         MUON_NS="polar", MUON_ROW_NORM=1, MIN_LR_FRAC=0.1, MUON_WD=0.095),
     row("rope_ln_qk", "+ partial RoPE (8 of 32 dims), LN scale, QK gain 5", ROPE_DIMS=8, LN_SCALE=1, QK_GAIN_INIT=5),
+    row("rope_ln", "+ partial RoPE (8 of 32 dims), LN scale (the pair measured together in the records)",
+        ROPE_DIMS=8, LN_SCALE=1),
     row("rope", "+ partial RoPE (8 of 32 dims)", ROPE_DIMS=8),
     row("ln_scale", "+ LN scale 1/sqrt(layer+1)", LN_SCALE=1),
     row("qk_gain5", "+ QK gain 5", QK_GAIN_INIT=5),
