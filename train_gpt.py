@@ -60,7 +60,7 @@ class Hyperparameters:
     rope_base: float = 10000.0
     logit_softcap: float = 30.0
     logit_softcap_neg: float = 0.0
-    qk_gain_init: float = 1.5
+    qk_gain_init: float = 5.0
     rope_dims: int = 0
     ln_scale: bool = False
     xsa_last_n: int = 11
@@ -103,18 +103,18 @@ class Hyperparameters:
     grad_clip_norm: float = 0.3
     ema_decay: float = 0.9965
     # Quantisation and export.
-    qat_start_frac: float = 0.85
+    qat_start_frac: float = 1.0
     qat_bits_attn: int = 6
     qat_bits_mlp: int = 6
     embed_bits: int = 7
-    clip_mode: str = "max"
+    clip_mode: str = "std"
     qat_clip_k: float = 6.0
     clip_search: bool = True
-    gptq: bool = False
+    gptq: bool = True
     gptq_calib_batches: int = 32
     gptq_reserve_seconds: float = 12.0
     compressor: str = "zstd"
-    byte_shuffle: bool = False
+    byte_shuffle: bool = True
     awq_group: bool = False
     lqer_rank: int = 0
     lqer_tensors: int = 3
@@ -127,11 +127,11 @@ class Hyperparameters:
     train_log_every: int = 100
     eval_seq_len: int = 0
     eval_stride: int = 64
-    doc_eval: bool = False
+    doc_eval: bool = True
     eval_seconds: float = 570.0
     compile: bool = True
     # Score-first test-time training: per-document LoRA, then optional global phases (TTT=0: off).
-    ttt: bool = False
+    ttt: bool = True
     ttt_lora_rank: int = 80
     ttt_lora_targets: str = "q,k,v,o,mlp,head"
     ttt_lr: float = 1e-4
