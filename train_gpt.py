@@ -45,33 +45,33 @@ class UserError(Exception):
 @dataclasses.dataclass
 class Hyperparameters:
     # Each field is read from the environment variable of the same name in upper case.
-    data_path: str = "./data/datasets/fineweb10B_sp1024"
-    tokenizer_path: str = "./data/tokenizers/fineweb_1024_bpe.model"
+    data_path: str = "./data/datasets/fineweb10B_sp8192"
+    tokenizer_path: str = "./data/tokenizers/fineweb_8192_bpe.model"
     run_id: str = ""
     seed: int = 1337
     # Model.
-    vocab_size: int = 1024
+    vocab_size: int = 8192
     num_layers: int = 11
     model_dim: int = 512
     num_heads: int = 8
     num_kv_heads: int = 4
-    mlp_mult: float = 3.0
+    mlp_mult: float = 4.0
     tie_embeddings: bool = True
     rope_base: float = 10000.0
     logit_softcap: float = 30.0
     logit_softcap_neg: float = 0.0
-    qk_gain_init: float = 1.5
+    qk_gain_init: float = 5.0
     rope_dims: int = 0
     ln_scale: bool = False
-    xsa_last_n: int = 0
-    parallel_start: int = -1
-    recur_layers: str = ""
-    recur_start_frac: float = 0.5
-    smear: bool = False
+    xsa_last_n: int = 11
+    parallel_start: int = 8
+    recur_layers: str = "3,4,5"
+    recur_start_frac: float = 0.35
+    smear: bool = True
     bigram_buckets: int = 0
     bigram_dim: int = 128
-    skip_gates: bool = False
-    attn_gate: bool = False
+    skip_gates: bool = True
+    attn_gate: bool = True
     # Schedule.
     iterations: int = 20000
     max_wallclock_seconds: float = 600.0
@@ -82,7 +82,7 @@ class Hyperparameters:
     warmup_steps: int = 20
     lr_warmup_steps: int = 0
     warmdown_iters: int = 3500
-    min_lr_frac: float = 0.0
+    min_lr_frac: float = 0.1
     # Optimizers.
     matrix_lr: float = 0.025
     scalar_lr: float = 0.025
@@ -93,28 +93,28 @@ class Hyperparameters:
     muon_momentum_warmup_start: float = 0.92
     muon_momentum_warmup_steps: int = 1500
     muon_backend_steps: int = 5
-    muon_ns: str = "classic"
-    muon_row_norm: bool = False
-    muon_wd: float = 0.04
+    muon_ns: str = "polar"
+    muon_row_norm: bool = True
+    muon_wd: float = 0.095
     adam_wd: float = 0.04
     beta1: float = 0.9
     beta2: float = 0.95
     adam_eps: float = 1e-8
     grad_clip_norm: float = 0.3
-    ema_decay: float = 0.997
+    ema_decay: float = 0.9965
     # Quantisation and export.
-    qat_start_frac: float = 0.85
+    qat_start_frac: float = 1.0
     qat_bits_attn: int = 6
-    qat_bits_mlp: int = 5
-    embed_bits: int = 8
-    clip_mode: str = "max"
+    qat_bits_mlp: int = 6
+    embed_bits: int = 7
+    clip_mode: str = "std"
     qat_clip_k: float = 6.0
     clip_search: bool = True
-    gptq: bool = False
+    gptq: bool = True
     gptq_calib_batches: int = 32
     gptq_reserve_seconds: float = 12.0
     compressor: str = "zstd"
-    byte_shuffle: bool = False
+    byte_shuffle: bool = True
     awq_group: bool = False
     lqer_rank: int = 0
     lqer_tensors: int = 3
@@ -127,11 +127,11 @@ class Hyperparameters:
     train_log_every: int = 100
     eval_seq_len: int = 0
     eval_stride: int = 64
-    doc_eval: bool = False
+    doc_eval: bool = True
     eval_seconds: float = 570.0
     compile: bool = True
     # Score-first test-time training: per-document LoRA, then optional global phases (TTT=0: off).
-    ttt: bool = False
+    ttt: bool = True
     ttt_lora_rank: int = 80
     ttt_lora_targets: str = "q,k,v,o,mlp,head"
     ttt_lr: float = 1e-4
@@ -146,10 +146,9 @@ class Hyperparameters:
     def from_env(cls) -> "Hyperparameters":
         values = {}
         for f in dataclasses.fields(cls):
-            name, raw = f.name.upper(), os.environ.get(f.name.upper(), "")
-            if raw == "":
+            name, raw, kind = f.name.upper(), os.environ.get(f.name.upper()), type(f.default)
+            if raw is None or (raw == "" and kind is not str):  # set but empty: a text setting's "off"
                 continue
-            kind = type(f.default)
             try:
                 if kind is bool:
                     if raw.lower() not in ("0", "1", "true", "false"):
@@ -1863,7 +1862,7 @@ class Trainer:
         # A diverged run must stop here, before export: one error line, no artifact, a non-zero exit.
         if not (finite.item() and all(bool(p.isfinite().all()) for p in params)):
             raise diverged(step)
-        return step, train_ms()
+        return step, self.agreed(train_ms())  # the slowest rank's clock, as the stop decision used
 
 
 def export(hp: Hyperparameters, trainer: Trainer, log: Logger) -> tuple[str, dict]:

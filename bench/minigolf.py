@@ -6,7 +6,7 @@
     python3 bench/minigolf.py run baseline ours --seeds 1337 42 2025
     python3 bench/minigolf.py run ours_time --seeds 1337 --wallclock auto
     python3 bench/minigolf.py table                            # markdown table; updates results/MINIGOLF.md
-    python3 bench/minigolf.py sizes shape_6x144 --set MLP_MULT=4   # Gaussian-weight size estimate, no training
+    python3 bench/minigolf.py sizes ours shape_8x96             # Gaussian-weight size estimate, no training
     python3 bench/minigolf.py run baseline ours --seeds 1 --smoke  # minutes, not hours: checks the harness
 
 The rules, the val cut, the cap and why each setting is what it is: bench/README.md (Mini-golf).
@@ -60,7 +60,24 @@ SHAPE = dict(NUM_LAYERS=4, MODEL_DIM=128, NUM_HEADS=4, NUM_KV_HEADS=2, TRAIN_SEQ
 # Ours only; the measured eval costs behind both numbers are in bench/README.md. VAL_BATCH_SIZE changes no score
 # (every window is scored exactly once), only speed: 8 windows a batch keep a CPU's caches warm and score the val
 # cut in about half the time of 128. EVAL_STRIDE 256 costs two passes more than no sliding; 128 would cost four.
-OURS_BASE = dict(EVAL_SEQ_LEN=512, EVAL_STRIDE=256, VAL_BATCH_SIZE=4096)
+# The default recipe's block indices scaled to 4 blocks (the frontier: XSA in all 11, recurrence of 3 middle
+# blocks, parallel lanes in the top 3), and its evaluation scaled like the training: TTT over 713 documents
+# instead of 50,000 (prefix ~5% in the records, 200 documents here so the phases see enough) and LoRA rank scaled
+# with the width (80 at 512 -> 16 at 128; the update scale is alpha/rank, so its size does not depend on the rank).
+# The evaluation budget stays the script's 570 s: with 300 s a CPU spent half of it compiling and had no time left
+# to adapt a single document (ttt_phases, first run).
+# The `ours` rows leave TTT off (TTT=0, document-aware scoring instead): on this CPU it adds ~7 minutes of evaluation
+# to each 8-minute row, which the session could not afford for 4 runs; its gain is the ttt_phases row's.
+OURS_BASE = dict(EVAL_SEQ_LEN=512, EVAL_STRIDE=256, VAL_BATCH_SIZE=4096, XSA_LAST_N=4, PARALLEL_START=2,
+                 RECUR_LAYERS="1,2", TTT_LORA_RANK=16, TTT_PREFIX_DOCS=200)
+OURS_NO_TTT = dict(TTT=0)
+# `plain`: ours before the decision table (the defaults of commit 2ece065), the base of every technique row, so
+# each row still measures one change against the same thing after the defaults moved.
+PLAIN = dict(MLP_MULT=3, XSA_LAST_N=0, PARALLEL_START=-1, RECUR_LAYERS="", RECUR_START_FRAC=0.5, SMEAR=0,
+             SKIP_GATES=0, ATTN_GATE=0, MUON_NS="classic", MUON_ROW_NORM=0, MUON_WD=0.04, MIN_LR_FRAC=0,
+             EMA_DECAY=0.997, QAT_BITS_MLP=5, EMBED_BITS=8, QAT_START_FRAC=0.85, LOGIT_SOFTCAP_NEG=0, ROPE_DIMS=0,
+             LN_SCALE=0, QK_GAIN_INIT=1.5, GPTQ=0, CLIP_MODE="max", BYTE_SHUFFLE=0, AWQ_GROUP=0, LQER_RANK=0,
+             DOC_EVAL=0, TTT=0)
 TIME_ITERATIONS = 1_000_000  # equal-wall-clock rows stop on the clock, never on the step count
 
 
@@ -72,24 +89,26 @@ class Row:
     budget: str = "steps"  # "steps": ITERATIONS, no wall clock; "time": the baseline's measured train seconds
     data: str = "sp1024"
     env: dict = dataclasses.field(default_factory=dict)
+    base: str | None = "plain"  # the row its delta is measured against (and, for "plain", the settings it adds)
 
 
-def row(name: str, about: str, script: str = "ours", budget: str = "steps", data: str = "sp1024", **env) -> Row:
-    return Row(name, about, script, budget, data, {k: str(v) for k, v in env.items()})
+def row(name: str, about: str, script: str = "ours", budget: str = "steps", data: str = "sp1024",
+        base: str | None = "plain", **env) -> Row:
+    return Row(name, about, script, budget, data, {k: str(v) for k, v in env.items()}, base)
 
 
 _L = SHAPE["NUM_LAYERS"]
-# Mini-scale settings of the frontier's values: TTT over 713 documents instead of 50,000 (prefix ~5% in the
-# records, 200 documents here so the phases see enough), LoRA rank scaled with the width (80 at 512 -> 16 at 128;
-# the output scale is alpha/rank, so the update size does not depend on the rank), and an evaluation budget scaled
-# like the training (600 s -> 300 s).
-TTT = dict(TTT=1, TTT_LORA_RANK=16)  # evaluation budget: the default 570 s (300 s left TTT no time on a CPU)
 GPTQ = dict(GPTQ=1, CLIP_MODE="std", BYTE_SHUFFLE=1, GPTQ_RESERVE_SECONDS=6)
-# One line per row; technique rows are `ours` plus one change (export rows: plus GPTQ, which they need).
+# One line per row; technique rows are `plain` plus one change (export rows: plus GPTQ, which they need).
 ROWS = {r.name: r for r in (
-    row("baseline", "official baseline (CPU copy): MLP 2x, int8+zlib, equal steps", script="baseline"),
-    row("ours", "our defaults at the mini shape, equal steps"),
-    row("ours_time", "ours, training wall clock = the baseline's measured train seconds", budget="time"),
+    row("baseline", "official baseline (CPU copy): MLP 2x, int8+zlib, equal steps", script="baseline", base=None),
+    # The default vocabulary is 8192: at dim 128 its embedding alone would overrun the cap, hence dim 96 and 6 bits
+    # (as the sp8192 row).
+    row("ours", "our defaults (the decision table's recipe) at the mini shape, sp8192, dim 96, int6 embedding",
+        data="sp8192", MODEL_DIM=96, EMBED_BITS=6),
+    row("ours_time", "ours, training wall clock = the baseline's measured train seconds", budget="time", base="ours",
+        data="sp8192", MODEL_DIM=96, EMBED_BITS=6),
+    row("plain", "ours before the decision table: every technique below off, MLP 3x", base=None),
     row("optim", "+ Polar Express NS, MuonEq-R, Muon WD 0.095, LR floor 0.1",
         MUON_NS="polar", MUON_ROW_NORM=1, MIN_LR_FRAC=0.1, MUON_WD=0.095),
     row("rope_ln_qk", "+ partial RoPE (8 of 32 dims), LN scale, QK gain 5", ROPE_DIMS=8, LN_SCALE=1, QK_GAIN_INIT=5),
@@ -116,16 +135,15 @@ ROWS = {r.name: r for r in (
     row("lqer", "+ GPTQ + LQER rank 4 on the 3 worst matrices", **GPTQ, LQER_RANK=4, LQER_TENSORS=3),
     row("doc_eval", "+ document-aware scoring (stride 256 inside long documents)", DOC_EVAL=1),
     row("eval_ctx", "+ evaluation context 1024 (trained at 512)", EVAL_SEQ_LEN=1024, EVAL_STRIDE=512),
-    row("ttt", "+ score-first LoRA TTT per document (rank 16, chunks of 48), no phases", **TTT, TTT_PHASES=0),
-    row("ttt_phases", "+ LoRA TTT with 3 global SGD phases over the first 200 documents", **TTT,
-        TTT_PREFIX_DOCS=200, TTT_PHASES=3),
+    row("ttt", "+ score-first LoRA TTT per document (rank 16, chunks of 48), no phases", TTT=1, TTT_PHASES=0),
+    row("ttt_phases", "+ LoRA TTT with 3 global SGD phases over the first 200 documents", TTT=1, TTT_PHASES=3),
     # At dim 128 the 8192-row embedding alone (1.05 M weights) would overrun the cap: dim 96 at 6 bits fits.
     row("sp8192", "sp8192 data, dim 96, int6 embedding", data="sp8192", MODEL_DIM=96, EMBED_BITS=6),
-    # Ours leaves ~420 kB of the cap unused at the starting shape (`sizes`); these spend it (estimates in README).
-    row("shape_8x128", "8 layers", NUM_LAYERS=8),
-    row("shape_6x144", "6 layers, dim 144", NUM_LAYERS=6, MODEL_DIM=144),
-    row("shape_5x160", "5 layers, dim 160", NUM_LAYERS=5, MODEL_DIM=160),
-    row("shape_6x128_mlp4", "6 layers, MLP 4x", NUM_LAYERS=6, MLP_MULT=4),
+    # The best shape under the cap, on top of the recipe (`sizes` estimates the bytes; block indices rescaled).
+    row("shape_6x96", "ours with 6 layers", base="ours", data="sp8192", MODEL_DIM=96, EMBED_BITS=6, NUM_LAYERS=6,
+        XSA_LAST_N=6, PARALLEL_START=4, RECUR_LAYERS="2,3"),
+    row("shape_8x96", "ours with 8 layers", base="ours", data="sp8192", MODEL_DIM=96, EMBED_BITS=6, NUM_LAYERS=8,
+        XSA_LAST_N=8, PARALLEL_START=5, RECUR_LAYERS="3,4"),
 )}
 
 
@@ -299,11 +317,16 @@ def schedule(rows: list[Row], seeds: list[int]) -> list[tuple[Row, int]]:
     return [(r, seed) for seed in seeds for r in ordered]
 
 
+def ours_settings(r: Row) -> dict:
+    base = PLAIN if r.name == "plain" or r.base == "plain" else OURS_NO_TTT
+    return {k: str(v) for k, v in {**OURS_BASE, **base}.items()}
+
+
 def row_env(r: Row, seed: int, run_id: str, data: Path, shared: Path, threads: int, compile_: int,
             warmup: int, smoke: bool, iterations: int | None, wallclock: float | None) -> dict:
     env = {k: str(v) for k, v in SHAPE.items()}
     if r.script == "ours":
-        env.update({k: str(v) for k, v in OURS_BASE.items()}, COMPILE=str(compile_))
+        env.update(ours_settings(r), COMPILE=str(compile_))
     env.update(WARMUP_STEPS=str(warmup), DATA_PATH=str(data), TOKENIZER_PATH=str(tokenizer(shared, r.data)),
                VOCAB_SIZE=str(VOCABS[r.data]), RUN_ID=run_id, SEED=str(seed),
                OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
@@ -616,12 +639,13 @@ def summarize(records: list[dict]) -> list[dict]:
     for n in order:
         runs, first = ok[n], groups[n][0]
         line = dict(row=n, script=first["script"], budget=first["budget"], data=first["data"], n=len(runs),
-                    failed=len(groups[n]) - len(runs), mean=None, std=None, vs_ours=None, vs_baseline=None,
+                    failed=len(groups[n]) - len(runs), mean=None, std=None, base=None, vs_base=None, vs_baseline=None,
                     bytes_total=None, fits=None, s_per_step=None, train_s=None, eval_s=None)
         if runs:
             line["mean"], line["std"] = mean_std(scores[n])
-            for ref, key in (("ours", "vs_ours"), ("baseline", "vs_baseline")):
-                if ref != n and scores.get(ref):
+            line["base"] = ROWS[n].base if n in ROWS else None
+            for ref, key in ((line["base"], "vs_base"), ("baseline", "vs_baseline")):
+                if ref and ref != n and scores.get(ref):
                     line[key] = delta(scores[n], scores[ref])
             line["bytes_total"] = max(r["bytes_total"] for r in runs)
             line["fits"] = all(r["fits"] for r in runs)
@@ -639,7 +663,7 @@ def render_table(summary: list[dict], records: list[dict]) -> str:
     def diff(d):
         return "" if d is None else f"{d[0]:+.4f}" + (f" ± {d[1]:.4f}" if d[1] is not None else "")
 
-    lines = ["| row | script | budget | data | n | val_bpb mean ± std | Δ vs ours | Δ vs baseline | bytes_total "
+    lines = ["| row | script | budget | data | n | val_bpb mean ± std | Δ vs base | Δ vs baseline | bytes_total "
              f"(cap {CAP:,}) | s/step | train s | eval s |",
              "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for s in summary:
@@ -648,7 +672,7 @@ def render_table(summary: list[dict], records: list[dict]) -> str:
             f" ± {s['std']:.4f}" if s["std"] is not None else "")
         size = "" if s["bytes_total"] is None else f"{s['bytes_total']:,}" + ("" if s["fits"] else " OVER")
         lines.append(f"| {s['row']} | {s['script']} | {s['budget']} | {s['data']} | {n} | {score} | "
-                     f"{diff(s['vs_ours'])} | {diff(s['vs_baseline'])} | {size} | {num(s['s_per_step'], '.3f')} | "
+                     f"{diff(s['vs_base'])}{' (' + s['base'] + ')' if s['vs_base'] else ''} | {diff(s['vs_baseline'])} | {size} | {num(s['s_per_step'], '.3f')} | "
                      f"{num(s['train_s'], '.1f')} | {num(s['eval_s'], '.1f')} |")
     hosts = sorted({f"{r['machine']['cpu']} x{r['machine']['cores']} ({r['machine']['hostname']}), "
                     f"{r['threads']} threads" for r in records})
@@ -710,8 +734,8 @@ def cmd_sizes(args: argparse.Namespace) -> int:
     for r in rows:
         if r.script != "ours":
             continue
-        env = {**{k: str(v) for k, v in {**SHAPE, **OURS_BASE}.items()}, "VOCAB_SIZE": str(VOCABS[r.data]), **r.env,
-               **extra}
+        env = {**{k: str(v) for k, v in SHAPE.items()}, **ours_settings(r), "VOCAB_SIZE": str(VOCABS[r.data]),
+               **r.env, **extra}
         saved = {k: os.environ.get(k) for k in env}
         os.environ.update(env)
         try:

@@ -64,11 +64,28 @@ def tiny_dataset(tmp_path_factory):
                                  n_val=n_val)
 
 
+# The plain model: every technique of the default recipe off, so a test sees only what it switches on (and the
+# recipe's block indices, e.g. RECUR_LAYERS=3,4,5, need not fit its few layers). test_default_recipe.py runs the
+# recipe itself.
+PLAIN = dict(xsa_last_n=0, parallel_start=-1, recur_layers="", smear=False, skip_gates=False, attn_gate=False,
+             muon_ns="classic", muon_row_norm=False, muon_wd=0.04, min_lr_frac=0.0, qat_bits_mlp=5,
+             embed_bits=8, clip_mode="max", gptq=False, byte_shuffle=False, doc_eval=False, ttt=False,
+             qat_start_frac=0.85, qk_gain_init=1.5)
+
+
+def plain_env() -> dict:
+    return {k.upper(): str(int(v) if isinstance(v, bool) else v) for k, v in PLAIN.items()}
+
+
+def plain_hp(**overrides):
+    import train_gpt as tg
+    return tg.Hyperparameters(**{**PLAIN, **overrides})
+
+
 def small_hp(**overrides):
     """A model small enough to build and run in milliseconds, with GQA and a U-Net of two skips."""
-    import train_gpt as tg
     base = dict(vocab_size=97, num_layers=5, model_dim=32, num_heads=4, num_kv_heads=2, mlp_mult=2)
-    return tg.Hyperparameters(**{**base, **overrides})
+    return plain_hp(**{**base, **overrides})
 
 
 def randomised(model, seed=0):
@@ -87,7 +104,7 @@ def byte_tables(vocab: int) -> tuple:
 
 def tiny_env(dataset, run_id: str, **overrides) -> dict:
     """Environment for a CPU run of train_gpt.py with a model small enough for tests."""
-    env = dict(os.environ, DATA_PATH=str(dataset.path), TOKENIZER_PATH=str(dataset.tokenizer),
+    env = dict(os.environ, **plain_env(), DATA_PATH=str(dataset.path), TOKENIZER_PATH=str(dataset.tokenizer),
                VOCAB_SIZE=str(dataset.vocab_size), NUM_LAYERS="4", MODEL_DIM="64", NUM_HEADS="4", NUM_KV_HEADS="2",
                MLP_MULT="2", TRAIN_SEQ_LEN="64", TRAIN_BATCH_TOKENS="2048", ITERATIONS="40", WARMUP_STEPS="0",
                WARMDOWN_ITERS="10", VAL_BATCH_SIZE="8192", TRAIN_LOG_EVERY="10", MAX_WALLCLOCK_SECONDS="0",

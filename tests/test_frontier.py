@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import train_gpt as tg
-from conftest import parse_line, randomised, run_train, small_hp, tiny_env
+from conftest import plain_hp, parse_line, randomised, run_train, small_hp, tiny_env
 from test_gptq import correlated_layer
 
 
@@ -81,7 +81,7 @@ def test_equal_caps_are_the_symmetric_soft_cap():
 
 @pytest.mark.parametrize("schedule", ["", "64@0,128@0.3", "32@0,64@0.2,128@0.7"])
 def test_a_valid_context_schedule_ends_at_the_training_length(schedule):
-    stages = tg.Hyperparameters(train_seq_len=128, train_seq_schedule=schedule).seq_schedule()
+    stages = plain_hp(train_seq_len=128, train_seq_schedule=schedule).seq_schedule()
     assert stages[0][1] == 0.0 and stages[-1][0] == 128
 
 
@@ -89,7 +89,7 @@ def test_a_valid_context_schedule_ends_at_the_training_length(schedule):
                                       "64:0,128:0.5", "64@0,128@1.5"])
 def test_a_malformed_context_schedule_is_one_user_error(schedule):
     with pytest.raises(tg.UserError, match="TRAIN_SEQ_SCHEDULE"):
-        tg.Hyperparameters(train_seq_len=128, train_seq_schedule=schedule).validate(1)
+        plain_hp(train_seq_len=128, train_seq_schedule=schedule).validate(1)
 
 
 def test_every_stretch_of_training_is_a_state_compiled_before_the_clock():
@@ -131,19 +131,19 @@ def test_the_salient_group_is_the_loudest_aligned_column_group():
 
 def test_awq_keeps_the_salient_group_at_8_bits_and_lowers_the_output_error():
     x, w, h = layer_with_a_loud_group()
-    hp = tg.Hyperparameters(gptq=True)
+    hp = plain_hp(gptq=True)
     plain = tg.quantize_tensor("blocks.0.mlp.fc.weight", w, 4, hp, h)
-    awq = tg.quantize_tensor("blocks.0.mlp.fc.weight", w, 4, tg.Hyperparameters(gptq=True, awq_group=True), h)
+    awq = tg.quantize_tensor("blocks.0.mlp.fc.weight", w, 4, plain_hp(gptq=True, awq_group=True), h)
     assert awq.group == 128 and awq.codes[:, 128:192].abs().max() > 7  # beyond the 4-bit range
     err = lambda t: (x @ (w - t.dequantize()).T).norm()  # noqa: E731
     assert err(awq) < 0.8 * err(plain)
 
 
 def test_lqer_corrects_the_worst_matrices_and_lowers_their_error():
-    hp = tg.Hyperparameters(vocab_size=64, num_layers=2, model_dim=32, num_heads=2, num_kv_heads=1, mlp_mult=2,
+    hp = plain_hp(vocab_size=64, num_layers=2, model_dim=32, num_heads=2, num_kv_heads=1, mlp_mult=2,
                             qat_bits_mlp=4, lqer_rank=4, lqer_tensors=2)
     state = randomised(tg.GPT(hp)).state_dict()
-    tensors = tg.quantize_state(state, tg.Hyperparameters(**{**hp.__dict__, "lqer_rank": 0}))
+    tensors = tg.quantize_state(state, plain_hp(**{**hp.__dict__, "lqer_rank": 0}))
     relative = {t.name: float((state[t.name] - t.dequantize()).square().sum() / state[t.name].square().sum())
                 for t in tensors if t.bits < 16}
     chosen = tg.add_lqer(tensors, state, {}, hp)
@@ -155,7 +155,7 @@ def test_lqer_corrects_the_worst_matrices_and_lowers_their_error():
 
 def test_lqer_and_awq_survive_the_artifact_and_are_never_pruned():
     x, w, h = layer_with_a_loud_group()
-    hp = tg.Hyperparameters(gptq=True, awq_group=True, lqer_rank=4, lqer_tensors=1)
+    hp = plain_hp(gptq=True, awq_group=True, lqer_rank=4, lqer_tensors=1)
     t = tg.quantize_tensor("blocks.0.mlp.fc.weight", w, 5, hp, h)
     tg.add_lqer([t], {t.name: w}, {t.name: h}, hp)
     packed = tg.pack([t])
@@ -166,7 +166,7 @@ def test_lqer_and_awq_survive_the_artifact_and_are_never_pruned():
 
 
 def test_the_fit_ladder_lowers_bits_when_pruning_cannot_fit_and_logs_each_step():
-    hp = tg.Hyperparameters(vocab_size=64, num_layers=2, model_dim=32, num_heads=2, num_kv_heads=1, mlp_mult=4,
+    hp = plain_hp(vocab_size=64, num_layers=2, model_dim=32, num_heads=2, num_kv_heads=1, mlp_mult=4,
                             compressor="zlib")
     state = randomised(tg.GPT(hp)).state_dict()
     tensors = tg.quantize_state(state, hp)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import train_gpt as tg
-from conftest import parse_line, run_train, tiny_env
+from conftest import plain_hp, parse_line, run_train, tiny_env
 from test_quant import small_state
 
 
@@ -61,7 +61,7 @@ def test_dead_inputs_get_zero_codes_and_no_nan():
 
 
 def tiny_model():
-    hp = tg.Hyperparameters(vocab_size=64, num_layers=2, model_dim=32, num_heads=2, num_kv_heads=1, mlp_mult=2)
+    hp = plain_hp(vocab_size=64, num_layers=2, model_dim=32, num_heads=2, num_kv_heads=1, mlp_mult=2)
     torch.manual_seed(0)
     return hp, tg.GPT(hp)
 
@@ -135,7 +135,7 @@ def test_best_compressor_keeps_the_smallest_and_reads_back(tmp_path):
 @pytest.mark.skipif(tg.have_brotli(), reason="brotli is installed here")
 def test_asking_for_brotli_without_the_package_is_a_user_error():
     with pytest.raises(tg.UserError, match="COMPRESSOR must be.*brotli"):
-        tg.Hyperparameters(compressor="brotli").validate(1)
+        plain_hp(compressor="brotli").validate(1)
 
 
 def codes_of(blob: bytes) -> np.ndarray:
@@ -172,11 +172,11 @@ def test_pruning_gives_up_unpruned_when_even_every_unit_code_is_not_enough():
 
 
 def test_the_loop_leaves_the_reserve_for_hessian_collection():
-    hp = tg.Hyperparameters(gptq=True, max_wallclock_seconds=100, gptq_reserve_seconds=10, iterations=10**6,
+    hp = plain_hp(gptq=True, max_wallclock_seconds=100, gptq_reserve_seconds=10, iterations=10**6,
                             warmdown_iters=100)
     assert hp.train_seconds == 90
     assert tg.lr_multiplier(9000, 90_000.0, hp) == 0.0 and tg.training_progress(0, 90_000.0, hp) == 1.0
-    assert tg.Hyperparameters(max_wallclock_seconds=100, gptq_reserve_seconds=10).train_seconds == 100
+    assert plain_hp(max_wallclock_seconds=100, gptq_reserve_seconds=10).train_seconds == 100
 
 
 ROUNDTRIP_TOLERANCE_BPB = 0.02  # as for the round-to-nearest export in test_train_e2e.py

@@ -13,7 +13,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import train_gpt as tg
-from conftest import parse_line, randomised, run_train, small_hp, tiny_env, write_shard
+from conftest import plain_hp, parse_line, randomised, run_train, small_hp, tiny_env, write_shard
 
 STANDIN = Path(__file__).parent / "fa3_standin"
 
@@ -176,7 +176,7 @@ def test_two_ranks_split_the_work_and_reach_the_one_rank_result_exactly(tmp_path
 
 def _ddp_trainer(rank, init_file, dataset_path, tokenizer, out_dir):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
-    hp = tg.Hyperparameters(data_path=dataset_path, tokenizer_path=tokenizer, vocab_size=512, num_layers=2,
+    hp = plain_hp(data_path=dataset_path, tokenizer_path=tokenizer, vocab_size=512, num_layers=2,
                             model_dim=32, num_heads=2, num_kv_heads=1, train_seq_len=16, train_batch_tokens=256,
                             compile=False)
     trainer = tg.Trainer(hp, rank, 2, torch.device("cpu"), tg.Logger("unused", False))

@@ -190,17 +190,17 @@ def test_mean_std_and_delta_noise():
 
 def test_summary_rows_deltas_and_failures():
     records = [record("baseline", 2.12, "baseline", bytes_total=988_291), record("baseline", 2.10, "baseline"),
-               record("ours", 2.00), record("ours", 2.02), record("xsa", 1.99), record("xsa", 1.97),
+               record("plain", 2.00), record("plain", 2.02), record("xsa", 1.99), record("xsa", 1.97),
                record("xsa", None, exit_code=2, error="error: x"),
-               record("shape_6x128", 1.9, bytes_total=1_000_001, fits=False)]
+               record("shape_6x96", 1.9, bytes_total=1_000_001, fits=False)]
     lines = {s["row"]: s for s in mg.summarize(records)}
-    assert list(lines) == ["baseline", "ours", "xsa", "shape_6x128"]  # registry order
+    assert list(lines) == ["baseline", "plain", "xsa", "shape_6x96"]  # registry order
     assert lines["xsa"]["n"] == 2 and lines["xsa"]["failed"] == 1
-    assert lines["xsa"]["vs_ours"][0] == pytest.approx(-0.03) and lines["xsa"]["vs_baseline"][0] == pytest.approx(-0.13)
-    assert lines["ours"]["vs_ours"] is None and lines["baseline"]["vs_baseline"] is None
-    assert lines["baseline"]["bytes_total"] == 988_291 and lines["shape_6x128"]["fits"] is False
+    assert lines["xsa"]["vs_base"][0] == pytest.approx(-0.03) and lines["xsa"]["vs_baseline"][0] == pytest.approx(-0.13)
+    assert lines["plain"]["vs_base"] is None and lines["baseline"]["vs_baseline"] is None
+    assert lines["baseline"]["bytes_total"] == 988_291 and lines["shape_6x96"]["fits"] is False
     table = mg.render_table(mg.summarize(records), records)
-    assert "| xsa | ours | steps | sp1024 | 2 (+1 failed) | 1.9800 ± 0.0141 | -0.0300 ± " in table
+    assert "| xsa | ours | steps | sp1024 | 2 (+1 failed) | 1.9800 ± 0.0141 | -0.0300 ± 0.0141 (plain) | " in table
     assert "1,000,001 OVER" in table
 
 

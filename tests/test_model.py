@@ -3,11 +3,7 @@ import pytest
 import torch
 
 import train_gpt as tg
-
-
-def small_hp(**kw):
-    base = dict(vocab_size=97, num_layers=5, model_dim=32, num_heads=4, num_kv_heads=2, mlp_mult=2)
-    return tg.Hyperparameters(**{**base, **kw})
+from conftest import small_hp
 
 
 def randomised(model):

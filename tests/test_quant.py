@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import train_gpt as tg
+from conftest import plain_hp
 
 
 def trained_like(rows=64, cols=96, seed=0):
@@ -45,7 +46,7 @@ def test_relative_reconstruction_error_shrinks_with_bits(bits, rel_rmse):
 
 
 def small_state():
-    hp = tg.Hyperparameters(vocab_size=128, num_layers=3, model_dim=32, num_heads=2, num_kv_heads=1, mlp_mult=2,
+    hp = plain_hp(vocab_size=128, num_layers=3, model_dim=32, num_heads=2, num_kv_heads=1, mlp_mult=2,
                             qat_bits_attn=6, qat_bits_mlp=5, embed_bits=8)
     torch.manual_seed(0)
     model = tg.GPT(hp)

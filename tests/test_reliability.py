@@ -13,7 +13,7 @@ import torch
 import zstandard
 
 import train_gpt as tg
-from conftest import parse_line, run_train, tiny_env, write_shard
+from conftest import plain_hp, parse_line, run_train, tiny_env, write_shard
 
 REPO = Path(tg.__file__).resolve().parent
 
@@ -143,7 +143,7 @@ def test_a_failed_artifact_write_leaves_no_file_behind(tmp_path, monkeypatch):
 
 
 def small_artifact() -> bytes:
-    hp = tg.Hyperparameters(vocab_size=64, num_layers=2, model_dim=32, num_heads=2, num_kv_heads=1, mlp_mult=2)
+    hp = plain_hp(vocab_size=64, num_layers=2, model_dim=32, num_heads=2, num_kv_heads=1, mlp_mult=2)
     return tg.encode_artifact(tg.pack(tg.quantize_state(tg.GPT(hp).state_dict(), hp)), "zstd")
 
 
@@ -173,7 +173,7 @@ def test_a_small_artifact_that_inflates_to_a_gibibyte_is_stopped_at_its_declared
 
 @pytest.mark.parametrize("damage", ["truncated", "bad_json", "impossible_shape", "bad_offset"])
 def test_a_malformed_payload_is_one_user_error(tmp_path, damage):
-    hp = tg.Hyperparameters(vocab_size=64, num_layers=2, model_dim=32, num_heads=2, num_kv_heads=1, mlp_mult=2)
+    hp = plain_hp(vocab_size=64, num_layers=2, model_dim=32, num_heads=2, num_kv_heads=1, mlp_mult=2)
     packed = tg.pack(tg.quantize_state(tg.GPT(hp).state_dict(), hp))
     if damage == "impossible_shape":
         packed.table[0]["shape"] = [10 ** 6, 10 ** 6]
@@ -191,7 +191,7 @@ def test_a_malformed_payload_is_one_user_error(tmp_path, damage):
 def test_an_artifact_of_another_configuration_is_one_user_error(tmp_path):
     path = tmp_path / "m.pgz"
     path.write_bytes(small_artifact())
-    other = tg.Hyperparameters(vocab_size=64, num_layers=3, model_dim=32, num_heads=2, num_kv_heads=1, mlp_mult=2)
+    other = plain_hp(vocab_size=64, num_layers=3, model_dim=32, num_heads=2, num_kv_heads=1, mlp_mult=2)
     with pytest.raises(tg.UserError, match="does not fit this configuration"):
         tg.load_artifact_model(other, str(path), torch.device("cpu"))
 

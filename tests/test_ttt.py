@@ -10,7 +10,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import train_gpt as tg
-from conftest import byte_tables
+from conftest import plain_hp, byte_tables
 
 VOCAB, SEQ_LEN, STRIDE, CHUNK = 64, 32, 8, 8
 
@@ -21,7 +21,7 @@ def hp(**overrides):
                   ttt_batch_docs=3, ttt_prefix_docs=4, ttt_phases=2, ttt_lr=0.01, ttt_phase_lr=0.05,
                   val_batch_size=4 * SEQ_LEN)
     values.update(overrides)
-    return tg.Hyperparameters(**values)
+    return plain_hp(**values)
 
 
 def fresh_model(seed=0):

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import train_gpt as tg
-from conftest import byte_tables
+from conftest import plain_hp, byte_tables
 
 
 @pytest.mark.parametrize("num_targets", [1, 5, 63, 64, 65, 127, 128, 129, 1000, 4097])
@@ -59,7 +59,7 @@ def test_ranks_split_the_windows_without_overlap():
 
 def random_model(seed):
     torch.manual_seed(seed)
-    hp = tg.Hyperparameters(vocab_size=64, num_layers=2, model_dim=32, num_heads=2, num_kv_heads=1, mlp_mult=2)
+    hp = plain_hp(vocab_size=64, num_layers=2, model_dim=32, num_heads=2, num_kv_heads=1, mlp_mult=2)
     model = tg.GPT(hp).eval()
     for p in model.parameters():
         torch.nn.init.normal_(p, std=0.2)
