@@ -102,6 +102,15 @@ def test_row_env_budgets_and_per_script_settings(tmp_path):
     assert sp["VOCAB_SIZE"] == "8192" and sp["TOKENIZER_PATH"].endswith("fineweb_8192_bpe.model")
 
 
+def test_ours_runs_the_defaults_and_technique_rows_run_plain_plus_one_change(tmp_path):
+    kw = dict(run_id="r", data=tmp_path, shared=tmp_path, threads=2, compile_=0, warmup=0, smoke=False,
+              iterations=None, wallclock=None)
+    ours, plain, smear = (mg.row_env(mg.ROWS[n], 1, **kw) for n in ("ours", "plain", "smear"))
+    assert "SMEAR" not in ours and ours["TTT"] == "0" and ours["VOCAB_SIZE"] == "8192"
+    assert plain["SMEAR"] == "0" and plain["MLP_MULT"] == "3" and plain["VOCAB_SIZE"] == "1024"
+    assert {k: v for k, v in smear.items() if plain.get(k) != v and k != "RUN_ID"} == {"SMEAR": "1"}
+
+
 def test_every_row_is_well_formed():
     for r in mg.ROWS.values():
         assert r.script in ("ours", "baseline") and r.budget in ("steps", "time") and r.data in mg.VOCABS, r.name
