@@ -104,7 +104,8 @@ def byte_tables(vocab: int) -> tuple:
 
 def tiny_env(dataset, run_id: str, **overrides) -> dict:
     """Environment for a CPU run of train_gpt.py with a model small enough for tests."""
-    env = dict(os.environ, **plain_env(), DATA_PATH=str(dataset.path), TOKENIZER_PATH=str(dataset.tokenizer),
+    env = {**os.environ, **plain_env()}
+    env.update(DATA_PATH=str(dataset.path), TOKENIZER_PATH=str(dataset.tokenizer),
                VOCAB_SIZE=str(dataset.vocab_size), NUM_LAYERS="4", MODEL_DIM="64", NUM_HEADS="4", NUM_KV_HEADS="2",
                MLP_MULT="2", TRAIN_SEQ_LEN="64", TRAIN_BATCH_TOKENS="2048", ITERATIONS="40", WARMUP_STEPS="0",
                WARMDOWN_ITERS="10", VAL_BATCH_SIZE="8192", TRAIN_LOG_EVERY="10", MAX_WALLCLOCK_SECONDS="0",
