@@ -1924,6 +1924,9 @@ def score_artifact(hp: Hyperparameters, trainer: Trainer, path: str, val_tokens:
     clock = EvalClock(hp.eval_seconds, trainer.agreed)
     model = load_artifact_model(hp, path, device).requires_grad_(False)
     # Document windows and TTT chunks come in every length: one dynamic-shape graph per mode, not one per length.
+    # Sizes 0 and 1 stay specialised even so (a batch of one document, a one-token chunk: a graph each), so the
+    # default limit of 8 graphs per function, a hard failure under fullgraph, is raised.
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     scorer = torch.compile(model, dynamic=True, fullgraph=True) if hp.compile else model
     rates = warm_up_evaluation(model, scorer, hp, tables, world_size, device)
     seq, stride, batch = hp.eval_seq_len, hp.eval_stride or hp.eval_seq_len, hp.val_batch_size // world_size
