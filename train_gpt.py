@@ -115,8 +115,8 @@ class Hyperparameters:
     gptq_reserve_seconds: float = 12.0
     compressor: str = "zstd"
     byte_shuffle: bool = True
-    awq_group: bool = False
-    lqer_rank: int = 0
+    awq_group: bool = True
+    lqer_rank: int = 4
     lqer_tensors: int = 3
     artifact_dir: str = "artifacts"
     fit_to_limit: bool = True
