@@ -213,6 +213,9 @@ class Hyperparameters:
              f"EVAL_STRIDE={self.eval_stride} must be in 0..EVAL_SEQ_LEN={self.eval_seq_len} (0 disables sliding)")
         for name in ("ttt_lora_rank", "ttt_chunk_tokens", "ttt_batch_docs", "eval_seconds"):
             need(getattr(self, name) > 0, f"{name.upper()} must be positive, got {getattr(self, name)}")
+        need(not self.ttt or self.ttt_chunk_tokens <= self.eval_seq_len,
+             f"TTT_CHUNK_TOKENS={self.ttt_chunk_tokens} must be at most EVAL_SEQ_LEN={self.eval_seq_len}: a chunk is "
+             f"scored by one window, so a longer one would leave targets unscored")
         need(self.ttt_prefix_docs >= 0 and self.ttt_phases >= 0,
              f"TTT_PREFIX_DOCS and TTT_PHASES must be >= 0, got {self.ttt_prefix_docs}, {self.ttt_phases}")
         targets = self.ttt_lora_targets.split(",")
@@ -1130,38 +1133,57 @@ def method_name(blob: bytes) -> str:
     return next(name for name, (method_id, *_) in COMPRESSORS.items() if method_id == blob[12])
 
 
+def quick_size(p: Packed, shuffle: bool = False) -> int:
+    """The payload's size under zstd level 3: some 100x faster than the real compressors, and it falls the same way
+    when codes are zeroed, so scaled by the real/quick ratio of one payload it steers the fit's searches. Only a
+    real encode ever decides that an artifact fits."""
+    return len(package("zstandard").ZstdCompressor(level=3).compress(serialize(p, shuffle)))
+
+
 def prune_to_fit(p: Packed, budget: float, method: str, shuffle: bool = False) -> tuple[bytes, int, int]:
-    """The artifact, fitted into `budget` bytes by zeroing the cheapest +-1 codes (p.cost), as few as a search on
-    the compressed size finds (within 1%). Returns it, the count zeroed and the unpruned size; nothing is zeroed
-    when it fits already or when zeroing every +-1 code is not enough (the caller reports the size)."""
+    """The artifact, fitted into `budget` bytes by zeroing the cheapest +-1 codes (p.cost), as few as the search
+    finds. Returns it, the count zeroed and the unpruned size; nothing is zeroed when it fits already or when
+    zeroing every +-1 code is not enough (the caller reports the size). The search runs on quick_size mapped to the
+    real compressor by the line through the last two payloads encoded both ways (the first: the unpruned one and
+    zero); each real encode that still comes out over the budget becomes a point of that line, so it takes a few
+    real encodes in all, where each is about a minute for zstd-22 at full size."""
     blob = encode_artifact(p, method, shuffle)
-    method = method_name(blob)  # `best` is settled once; every probe reuses the winner
+    if len(blob) <= budget:
+        return blob, 0, len(blob)
+    method = method_name(blob)  # `best` is settled once; every encode below reuses the winner
     ones = np.flatnonzero(np.abs(p.codes) == 1)
     order = ones[np.argsort(p.cost[ones], kind="stable")]
+    if order.size == 0:
+        return blob, 0, len(blob)
 
-    def pruned(n: int) -> bytes:
+    def zeroed(n: int) -> Packed:
         codes = p.codes.copy()
         codes[order[:n]] = 0
-        return encode_artifact(dataclasses.replace(p, codes=codes), method, shuffle)
+        return dataclasses.replace(p, codes=codes)
 
-    if len(blob) <= budget or len(best := pruned(order.size)) > budget:
-        return blob, 0, len(blob)
-    lo, hi, over_lo, over_hi, last_fit = 0, order.size, len(blob) - budget, len(best) - budget, None
-    while hi - lo > max(1, hi // 100):
-        # A probe recompresses the whole model, so rather than halve the bracket, split it where the line through
-        # its ends' sizes meets the budget (size falls almost linearly with the count). Halving the excess of an
-        # end kept twice (the Illinois rule) stops that end from staying put for ever.
-        mid = min(max(lo + round((hi - lo) * over_lo / (over_lo - over_hi)), lo + 1), hi - 1)
-        trial = pruned(mid)
-        fit = len(trial) <= budget
-        if fit:
-            hi, over_hi, best = mid, len(trial) - budget, trial
-        else:
-            lo, over_lo = mid, len(trial) - budget
-        if fit == last_fit:
-            over_lo, over_hi = (over_lo / 2, over_hi) if fit else (over_lo, over_hi / 2)
-        last_fit = fit
-    return best, hi, len(blob)
+    quick = {0: quick_size(p, shuffle)}
+    estimate = lambda n: line(known, quick.setdefault(n, quick_size(zeroed(n), shuffle)))  # noqa: E731
+    known, lo = [(0, 0), (quick[0], len(blob))], 1  # (quick, real) sizes: the real one's estimate is a secant
+    while True:
+        hi = order.size  # the fewest codes whose estimate fits, by bisection over [lo, order.size]
+        while lo < hi:
+            mid = (lo + hi) // 2
+            lo, hi = (lo, mid) if estimate(mid) <= budget else (mid + 1, hi)
+        if lo == order.size and estimate(lo) > 1.02 * budget:
+            return blob, 0, len(blob)  # hopeless by a margin the estimate cannot be that wrong about
+        trial = encode_artifact(zeroed(lo), method, shuffle)
+        if len(trial) <= budget:
+            return trial, lo, len(blob)
+        if lo == order.size:
+            return blob, 0, len(blob)
+        known.append((quick[lo], len(trial)))
+        lo = min(lo + 1, order.size)
+
+
+def line(points: list[tuple[float, float]], x: float) -> float:
+    """The line through the last two points, at x (through the last point alone where they share an x)."""
+    (xa, ya), (xb, yb) = points[-2:]
+    return yb + (x - xb) * (yb - ya) / (xb - xa) if xb != xa else yb
 
 
 LADDER_MIN_BITS = 4  # FIT_TO_LIMIT never takes a matrix below this width
@@ -1484,7 +1506,9 @@ def evaluate_ttt(model: GPT, scorer: nn.Module, tokens: torch.Tensor, tables: tu
     TTT_PREFIX_DOCS documents (in TTT_PHASES steps) the base weights also take an SGD epoch on the documents scored
     so far. Before each round the clock is asked whether adapting it, and then scoring all the rest, still fits in
     EVAL_SECONDS; once it does not, the rest is scored by document windows without adapting, so nothing is dropped.
-    `rates` holds measured tokens/s per rank for "adapt", "score" and "train". Returns loss, bpb and stats."""
+    `rates` holds measured tokens/s per rank for "adapt", "score" and "train"; every prediction is scaled by how
+    far the last adapted round ran behind its own (`slowdown`), so rates that flatter the machine are corrected
+    after one round. Returns loss, bpb and stats."""
     batch_docs, seq = hp.ttt_batch_docs, hp.eval_seq_len
     starts, counts = document_spans(tokens.cpu().numpy())
     queue = np.argsort(-counts, kind="stable")
@@ -1503,15 +1527,18 @@ def evaluate_ttt(model: GPT, scorer: nn.Module, tokens: torch.Tensor, tables: tu
     for end in phase_ends + [len(batches)]:
         rounds += [range(start, min(start + world_size, end)) for start in range(first, end, world_size)]
         first = end
-    adapting = True
+    adapting, slowdown, began, predicted = True, 1.0, None, 0.0
     for round_ in rounds:
         if adapting:
-            need = (max(adapt_tokens[i] for i in round_) / rates["adapt"]
-                    + sum(score_tokens[round_.stop:]) / (rates["score"] * world_size))
-            adapting = clock.elapsed() + need <= clock.seconds
+            now = clock.elapsed()
+            if began is not None:
+                slowdown = max(1.0, (now - began) / predicted)
+            predicted = max(adapt_tokens[i] for i in round_) / rates["adapt"]
+            need = slowdown * (predicted + sum(score_tokens[round_.stop:]) / (rates["score"] * world_size))
+            adapting, began = now + need <= clock.seconds, now
             if not adapting:
-                log(f"ttt_stop reason:budget docs_adapted:{stats['docs_adapted']} elapsed_s:{clock.elapsed():.1f} "
-                    f"needed_s:{need:.1f} budget_s:{clock.seconds:.0f}")
+                log(f"ttt_stop reason:budget docs_adapted:{stats['docs_adapted']} elapsed_s:{now:.1f} "
+                    f"needed_s:{need:.1f} slowdown:{slowdown:.2f} budget_s:{clock.seconds:.0f}")
         if round_.start + rank < round_.stop:
             docs = batches[round_.start + rank]
             if adapting:
@@ -1524,8 +1551,9 @@ def evaluate_ttt(model: GPT, scorer: nn.Module, tokens: torch.Tensor, tables: tu
         stats["docs_adapted"] += adapting * sum(len(batches[i]) for i in round_)
         if adapting and round_.stop in phase_ends:
             done = np.concatenate(batches[:round_.stop])
-            need = (counts[done].sum() / (rates["train"] * world_size)
-                    + sum(score_tokens[round_.stop:]) / (rates["score"] * world_size))
+            need = slowdown * (counts[done].sum() / (rates["train"] * world_size)
+                               + sum(score_tokens[round_.stop:]) / (rates["score"] * world_size))
+            began = None  # the phase's time is not the next round's
             if clock.elapsed() + need > clock.seconds:
                 log(f"ttt_phase_skipped reason:budget docs:{done.size} elapsed_s:{clock.elapsed():.1f}")
                 continue
@@ -1929,6 +1957,7 @@ def score_artifact(hp: Hyperparameters, trainer: Trainer, path: str, val_tokens:
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     scorer = torch.compile(model, dynamic=True, fullgraph=True) if hp.compile else model
     rates = warm_up_evaluation(model, scorer, hp, tables, world_size, device)
+    log(f"eval_warmup_done elapsed_s:{clock.elapsed():.1f} compiled_graphs:{compiled_graphs()}")
     seq, stride, batch = hp.eval_seq_len, hp.eval_stride or hp.eval_seq_len, hp.val_batch_size // world_size
 
     def report(event: str, loss: float, bpb: float, details: str = "") -> dict:
@@ -1936,7 +1965,10 @@ def score_artifact(hp: Hyperparameters, trainer: Trainer, path: str, val_tokens:
         log(f"{event} val_loss:{loss:.8f} val_bpb:{bpb:.8f} {details}eval_time_ms:{1000 * clock.elapsed():.0f}")
         return dict(val_loss=loss, val_bpb=bpb)
 
+    began = clock.elapsed()
     score = report("final_roundtrip_exact", *evaluate(scorer, val_tokens, tables, seq, seq, batch, rank, world_size))
+    # The warm-up timed one batch of random tokens; this just scored all of val: the TTT budget takes the slower.
+    rates["score"] = min(rates["score"], val_tokens.numel() / (world_size * max(clock.elapsed() - began, 1e-9)))
     mode = "roundtrip"
     if hp.ttt:
         loss, bpb, stats = evaluate_ttt(model, scorer, val_tokens, tables, hp, rank, world_size, clock, rates, log)
@@ -1963,12 +1995,27 @@ def synchronize(device: torch.device) -> None:
 def warm_up_evaluation(model: GPT, scorer: nn.Module, hp: Hyperparameters, tables: tuple, world_size: int,
                        device: torch.device) -> dict:
     """Compile every graph the final evaluation runs (scoring; with TTT also adapting and the global phases) on
-    random tokens, never on validation tokens, then time each once more: tokens/s per rank, for the TTT budget."""
-    seq = hp.eval_seq_len
+    random tokens, never on validation tokens, then time the full-size ones once more: tokens/s per rank, for the
+    TTT budget. The evaluation's own functions first run on a few random documents of awkward lengths (1 and 2
+    targets, a chunk and one, more than a window): dynamic shapes still specialise sizes 0 and 1, and graphs first
+    built on the evaluation's clock once cost a CPU run 20 s past its budget."""
+    seq, stride = hp.eval_seq_len, hp.eval_stride or hp.eval_seq_len
+    lengths = np.array([seq + stride + 1, hp.ttt_chunk_tokens + 1, 2, 1])
+    stream = np.random.default_rng(0).integers(BOS_ID + 1, hp.vocab_size, int(lengths.sum()) + 1)
+    stream[np.concatenate(([0], np.cumsum(lengths)[:-1]))] = BOS_ID
+    starts, counts = document_spans(stream)
+    sums, docs = torch.zeros(3, dtype=torch.float64, device=device), torch.from_numpy(stream).to(device)
+    score_windows(scorer, docs, tables, *plan_document_windows(starts, counts, seq, stride),
+                  hp.val_batch_size // world_size, sums)
     rows = {"score": max(2, hp.val_batch_size // (seq * world_size)), "adapt": hp.ttt_batch_docs,
             "train": max(2, hp.val_batch_size // (seq * world_size))}
     tokens = torch.randint(0, hp.vocab_size, (max(rows.values()) * seq + 1,), device=device)
     adapters = DocumentAdapters(model, hp, hp.ttt_batch_docs, device) if hp.ttt else None
+    if hp.ttt:
+        adapters.attach()
+        adapt_batch(scorer, adapters, docs, tables, starts[:hp.ttt_batch_docs], counts[:hp.ttt_batch_docs], hp, sums,
+                    None)
+        adapters.detach()
     rates = {}
     for mode in ("score", "adapt", "train") if hp.ttt else ("score",):
         begins = torch.arange(rows[mode], device=device) * seq

@@ -31,11 +31,12 @@ REPO = Path(__file__).resolve().parents[1]
 FRONTIER = dict(ROPE_DIMS="16", LN_SCALE="1", LOGIT_SOFTCAP_NEG="20")
 PROFILES = {"default": {}, "frontier": FRONTIER}
 # --tiny: shapes a CPU compiles and trains in minutes, block indices and RoPE dims rescaled to 2 blocks of 16-dim
-# heads, and 90 s of evaluation (TTT stops adapting there; on a CPU it would otherwise take most of 570 s).
+# heads, TTT chunks of one 128-token window (a chunk may not outgrow its window), and 90 s of evaluation (TTT stops
+# adapting there; on a CPU it would otherwise take most of 570 s).
 TINY = dict(NUM_LAYERS="2", MODEL_DIM="64", NUM_HEADS="4", NUM_KV_HEADS="2", MLP_MULT="1", TRAIN_SEQ_LEN="128",
             TRAIN_BATCH_TOKENS="4096", VAL_BATCH_SIZE="16384", WARMUP_STEPS="2", WARMDOWN_ITERS="20",
             MUON_MOMENTUM_WARMUP_STEPS="20", GPTQ_CALIB_BATCHES="2", GPTQ_RESERVE_SECONDS="1",
-            TTT_CHUNK_TOKENS="32768", XSA_LAST_N="2", PARALLEL_START="1", RECUR_LAYERS="1", EVAL_SECONDS="90")
+            TTT_CHUNK_TOKENS="128", XSA_LAST_N="2", PARALLEL_START="1", RECUR_LAYERS="1", EVAL_SECONDS="90")
 TINY_FRONTIER = dict(ROPE_DIMS="8")
 
 

@@ -51,6 +51,12 @@ def test_compiled_run_builds_exactly_the_expected_graphs_and_breaks_none(runs):
     assert parse_line(out, "compile") == dict(graphs=str(TRAIN_GRAPHS + NS_GRAPHS + SCORE_GRAPHS), graph_breaks="0")
 
 
+def test_every_evaluation_graph_is_built_before_the_evaluation_scores_anything(runs):
+    # A graph built on the evaluation's clock is time the TTT budget cannot foresee (a CPU run once lost 20 s so).
+    assert parse_line(runs["compiled"], "eval_warmup_done")["compiled_graphs"] == parse_line(
+        runs["compiled"], "compile")["graphs"]
+
+
 def test_compiled_run_switches_recurrence_and_qat_on_and_scores_the_artifact(runs):
     out = runs["compiled"]
     assert (int(parse_line(out, "seq_len_changed")["step"]) < int(parse_line(out, "recurrence_enabled")["step"])

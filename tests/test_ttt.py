@@ -239,6 +239,34 @@ def test_the_budget_check_stops_adapting_when_the_rest_would_not_fit(tokens, mon
     assert stats["docs_adapted"] == 3 and lines[0].startswith("ttt_stop reason:budget docs_adapted:3 ")
 
 
+def test_rates_that_flatter_the_machine_are_corrected_after_one_round(tokens, monkeypatch):
+    """The same simulated 1,440 tokens/s, but the warm-up claimed 1e9: the first round shows how far behind it ran,
+    so the second is refused as above instead of adapting everything past the budget."""
+    class SimulatedClock:
+        seconds, now = 0.55, 0.0
+
+        def elapsed(self):
+            return self.now
+
+    clock, real = SimulatedClock(), tg.adapt_batch
+
+    def timed_adapt(scorer, adapters, tokens_, tables, starts, counts, hp_, sums, per_target):
+        clock.now += tg.adapt_cost(counts, hp_) / 1440
+        real(scorer, adapters, tokens_, tables, starts, counts, hp_, sums, per_target)
+
+    monkeypatch.setattr(tg, "adapt_batch", timed_adapt)
+    lines, model = [], fresh_model()
+    _, _, stats = tg.evaluate_ttt(model, model, tokens, byte_tables(VOCAB), hp(ttt_phases=0), 0, 1, clock, RATES,
+                                  lines.append)
+    assert stats["docs_adapted"] == 3 and lines[0].startswith("ttt_stop reason:budget docs_adapted:3 ")
+    assert clock.now <= clock.seconds
+
+
+def test_a_chunk_longer_than_the_scoring_window_is_refused_at_start_up():
+    with pytest.raises(tg.UserError, match="TTT_CHUNK_TOKENS=33 must be at most EVAL_SEQ_LEN=32"):
+        hp(ttt_chunk_tokens=SEQ_LEN + 1).validate(world_size=1)
+
+
 def _two_rank_ttt(rank, init_file, out):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     model, tokens = fresh_model(), stream(LENGTHS)
