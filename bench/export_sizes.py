@@ -77,6 +77,8 @@ def main(specs: list[str]) -> None:
         budget = tg.SIZE_LIMIT - code if hp_v.fit_to_limit else float("inf")
         blob = tg.fit_artifact(tensors, state, hessians if hp_v.gptq else {}, hp_v, budget, lines.append)
         export_s = time.perf_counter() - t
+        for line in lines:  # every ladder step, as the training script logs it
+            print(line, flush=True)
         with tempfile.TemporaryDirectory() as tmp:  # score what a run would reload: the file, via read_artifact
             path = os.path.join(tmp, "artifact.pgz")
             tg.write_artifact(path, blob)
