@@ -1186,7 +1186,9 @@ def line(points: list[tuple[float, float]], x: float) -> float:
     return yb + (x - xb) * (yb - ya) / (xb - xa) if xb != xa else yb
 
 
-LADDER_MIN_BITS = 4  # FIT_TO_LIMIT never takes a matrix below this width
+# FIT_TO_LIMIT never takes a matrix below this width. A model that fits only at 2-3 bits scores badly, but the run
+# still ends with a score, and its log names every rung: a nearly untrained 11 x 512 model did not fit at 4.
+LADDER_MIN_BITS = 2
 
 
 def quantisation_error(w: torch.Tensor, bits: int, hp: Hyperparameters, hessian: torch.Tensor | None) -> float:
@@ -1439,12 +1441,15 @@ def train_on_scored(model: GPT, scorer: nn.Module, tokens: torch.Tensor, starts:
                     hp: Hyperparameters, rank: int, world_size: int) -> int:
     """A global TTT phase: one SGD epoch of the base weights on documents that have all been scored already (their
     tokens and the BOS that ends each), in rows of EVAL_SEQ_LEN split over the ranks, each step's gradient the mean
-    over its rows, the LR decayed along a cosine. Returns the number of tokens trained on."""
+    over its rows, the LR decayed along a cosine. Every step has the same shape, the one the warm-up compiled: the
+    last step refills itself from the first rows, and a stream shorter than one row is repeated. Returns the number
+    of tokens trained on."""
     stream = torch.cat([tokens[b:b + c + 1] for b, c in zip(starts.tolist(), counts.tolist())])
-    seq = min(hp.eval_seq_len, stream.numel() - 1)
+    seq = hp.eval_seq_len
+    stream = stream.repeat(-(-(seq + 1) // stream.numel()))
     rows = (stream.numel() - 1) // seq
     x, y = stream[:rows * seq].view(rows, seq), stream[1:rows * seq + 1].view(rows, seq)
-    per_step = max(1, hp.val_batch_size // (seq * world_size)) * world_size
+    per_step = phase_rows(hp, world_size) * world_size
     steps = -(-rows // per_step)
     params = list(model.parameters())
     model.requires_grad_(True)
@@ -1452,12 +1457,10 @@ def train_on_scored(model: GPT, scorer: nn.Module, tokens: torch.Tensor, starts:
     for step in range(steps):
         for group in opt.param_groups:
             group["lr"] = hp.ttt_phase_lr * 0.5 * (1 + math.cos(math.pi * step / steps))
-        first, last = step * per_step, min((step + 1) * per_step, rows)
-        mine = torch.arange(first + rank, last, world_size, device=tokens.device)
-        if mine.numel():
-            (scorer(x[mine], y[mine], per_token=True).sum() / ((last - first) * seq)).backward()
+        mine = torch.arange(step * per_step + rank, (step + 1) * per_step, world_size, device=tokens.device) % rows
+        (scorer(x[mine], y[mine], per_token=True).sum() / (per_step * seq)).backward()
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        if world_size > 1:  # every rank brings a gradient for every parameter, zeros if it had no rows
+        if world_size > 1:  # every rank brings a gradient for every parameter, zeros for any the forward left unused
             flat = torch.cat([g.flatten() for g in grads])
             dist.all_reduce(flat)
             grads = [f.view_as(p) for f, p in zip(flat.split([p.numel() for p in params]), params)]
@@ -1467,7 +1470,12 @@ def train_on_scored(model: GPT, scorer: nn.Module, tokens: torch.Tensor, starts:
         opt.step()
         opt.zero_grad(set_to_none=True)
     model.requires_grad_(False)
-    return rows * seq
+    return steps * per_step * seq
+
+
+def phase_rows(hp: Hyperparameters, world_size: int) -> int:
+    """Rows of EVAL_SEQ_LEN tokens each rank trains on in one step of a global TTT phase."""
+    return max(1, hp.val_batch_size // (hp.eval_seq_len * world_size))
 
 
 def adapt_cost(counts: np.ndarray, hp: Hyperparameters) -> int:
@@ -1956,7 +1964,7 @@ def score_artifact(hp: Hyperparameters, trainer: Trainer, path: str, val_tokens:
     # default limit of 8 graphs per function, a hard failure under fullgraph, is raised.
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     scorer = torch.compile(model, dynamic=True, fullgraph=True) if hp.compile else model
-    rates = warm_up_evaluation(model, scorer, hp, tables, world_size, device)
+    rates = warm_up_evaluation(model, scorer, hp, tables, rank, world_size, device)
     log(f"eval_warmup_done elapsed_s:{clock.elapsed():.1f} compiled_graphs:{compiled_graphs()}")
     seq, stride, batch = hp.eval_seq_len, hp.eval_stride or hp.eval_seq_len, hp.val_batch_size // world_size
 
@@ -1992,13 +2000,14 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def warm_up_evaluation(model: GPT, scorer: nn.Module, hp: Hyperparameters, tables: tuple, world_size: int,
-                       device: torch.device) -> dict:
+def warm_up_evaluation(model: GPT, scorer: nn.Module, hp: Hyperparameters, tables: tuple, rank: int,
+                       world_size: int, device: torch.device) -> dict:
     """Compile every graph the final evaluation runs (scoring; with TTT also adapting and the global phases) on
     random tokens, never on validation tokens, then time the full-size ones once more: tokens/s per rank, for the
     TTT budget. The evaluation's own functions first run on a few random documents of awkward lengths (1 and 2
     targets, a chunk and one, more than a window): dynamic shapes still specialise sizes 0 and 1, and graphs first
-    built on the evaluation's clock once cost a CPU run 20 s past its budget."""
+    built on the evaluation's clock once cost a CPU run 20 s past its budget. A global TTT phase runs twice on them
+    too (the second timed), and its update is undone: the evaluation starts from the artifact's weights."""
     seq, stride = hp.eval_seq_len, hp.eval_stride or hp.eval_seq_len
     lengths = np.array([seq + stride + 1, hp.ttt_chunk_tokens + 1, 2, 1])
     stream = np.random.default_rng(0).integers(BOS_ID + 1, hp.vocab_size, int(lengths.sum()) + 1)
@@ -2007,8 +2016,7 @@ def warm_up_evaluation(model: GPT, scorer: nn.Module, hp: Hyperparameters, table
     sums, docs = torch.zeros(3, dtype=torch.float64, device=device), torch.from_numpy(stream).to(device)
     score_windows(scorer, docs, tables, *plan_document_windows(starts, counts, seq, stride),
                   hp.val_batch_size // world_size, sums)
-    rows = {"score": max(2, hp.val_batch_size // (seq * world_size)), "adapt": hp.ttt_batch_docs,
-            "train": max(2, hp.val_batch_size // (seq * world_size))}
+    rows = {"score": max(2, hp.val_batch_size // (seq * world_size)), "adapt": hp.ttt_batch_docs}
     tokens = torch.randint(0, hp.vocab_size, (max(rows.values()) * seq + 1,), device=device)
     adapters = DocumentAdapters(model, hp, hp.ttt_batch_docs, device) if hp.ttt else None
     if hp.ttt:
@@ -2017,7 +2025,18 @@ def warm_up_evaluation(model: GPT, scorer: nn.Module, hp: Hyperparameters, table
                     None)
         adapters.detach()
     rates = {}
-    for mode in ("score", "adapt", "train") if hp.ttt else ("score",):
+    if hp.ttt and hp.ttt_phases:
+        kept = [p.detach().clone() for p in model.parameters()]
+        for attempt in range(2):
+            synchronize(device)
+            t = time.perf_counter()
+            trained = train_on_scored(model, scorer, docs, starts, counts, hp, rank, world_size)
+            synchronize(device)
+        rates["train"] = trained / world_size / (time.perf_counter() - t)
+        with torch.no_grad():
+            for p, k in zip(model.parameters(), kept):
+                p.copy_(k)
+    for mode in ("score", "adapt") if hp.ttt else ("score",):
         begins = torch.arange(rows[mode], device=device) * seq
         x, y, _ = window_batch(tokens, begins, torch.full_like(begins, seq), torch.zeros_like(begins), seq)
         for attempt in range(2):  # the first call compiles, the second is timed
@@ -2027,10 +2046,9 @@ def warm_up_evaluation(model: GPT, scorer: nn.Module, hp: Hyperparameters, table
                 with torch.no_grad():
                     scorer(x, y, per_token=True)
             else:
-                (adapters.attach() if mode == "adapt" else model.requires_grad_(True))
+                adapters.attach()
                 scorer(x, y, per_token=True).mean().backward()
-                (adapters.detach() if mode == "adapt" else model.requires_grad_(False))
-                model.zero_grad(set_to_none=True)
+                adapters.detach()
             synchronize(device)
         rates[mode] = x.numel() / (time.perf_counter() - t)
     return rates

@@ -180,6 +180,17 @@ def test_the_fit_ladder_lowers_bits_when_pruning_cannot_fit_and_logs_each_step()
     assert tg.unpack_state(tg.serialize(tg.pack(tensors))).keys() == state.keys()
 
 
+def test_the_ladder_goes_below_four_bits_when_nothing_else_fits():
+    """A nearly untrained 11 x 512 model did not fit 16 MB with every matrix at 4 bits: the ladder goes on down."""
+    hp = plain_hp(vocab_size=64, num_layers=2, model_dim=32, num_heads=2, num_kv_heads=1, mlp_mult=4,
+                  compressor="zlib")
+    state = randomised(tg.GPT(hp)).state_dict()
+    tensors = tg.quantize_state(state, hp)
+    budget = int(len(tg.encode_artifact(tg.pack(tensors), "zlib")) * 0.45)
+    blob = tg.fit_artifact(tensors, state, {}, hp, budget, lambda line: None)
+    assert len(blob) <= budget and min(t.bits for t in tensors) < 4
+
+
 def test_a_run_whose_model_cannot_fit_by_pruning_still_ends_with_a_score(tiny_dataset, tmp_path):
     """The ladder makes the artifact fit a limit 20% below its natural size: no oversize stop, a final score."""
     env = tiny_env(tiny_dataset, "ladder", ITERATIONS=6, EVAL_STRIDE=0, COMPRESSOR="zlib")
