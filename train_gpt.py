@@ -1961,8 +1961,11 @@ def score_artifact(hp: Hyperparameters, trainer: Trainer, path: str, val_tokens:
     model = load_artifact_model(hp, path, device).requires_grad_(False)
     # Document windows and TTT chunks come in every length: one dynamic-shape graph per mode, not one per length.
     # Sizes 0 and 1 stay specialised even so (a batch of one document, a one-token chunk: a graph each), so the
-    # default limit of 8 graphs per function, a hard failure under fullgraph, is raised.
+    # default limit of 8 graphs per function, a hard failure under fullgraph, is raised. Duck sizing is off: it
+    # ties dimensions that happen to be equal when a graph is built (128 windows of 128 tokens), and the first
+    # batch where they differ then compiles again, on the evaluation's clock.
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    torch.fx.experimental._config.use_duck_shape = False
     scorer = torch.compile(model, dynamic=True, fullgraph=True) if hp.compile else model
     rates = warm_up_evaluation(model, scorer, hp, tables, rank, world_size, device)
     log(f"eval_warmup_done elapsed_s:{clock.elapsed():.1f} compiled_graphs:{compiled_graphs()}")
