@@ -60,7 +60,7 @@ class Hyperparameters:
     rope_base: float = 10000.0
     logit_softcap: float = 30.0
     logit_softcap_neg: float = 0.0
-    qk_gain_init: float = 5.0
+    qk_gain_init: float = 1.5
     rope_dims: int = 0
     ln_scale: bool = False
     xsa_last_n: int = 11
