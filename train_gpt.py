@@ -1162,7 +1162,12 @@ def prune_to_fit(p: Packed, budget: float, method: str, shuffle: bool = False) -
         return dataclasses.replace(p, codes=codes)
 
     quick = {0: quick_size(p, shuffle)}
-    estimate = lambda n: line(known, quick.setdefault(n, quick_size(zeroed(n), shuffle)))  # noqa: E731
+
+    def estimate(n: int) -> float:
+        if n not in quick:
+            quick[n] = quick_size(zeroed(n), shuffle)
+        return line(known, quick[n])
+
     known, lo = [(0, 0), (quick[0], len(blob))], 1  # (quick, real) sizes: the real one's estimate is a secant
     while True:
         hi = order.size  # the fewest codes whose estimate fits, by bisection over [lo, order.size]
@@ -1449,7 +1454,7 @@ def train_on_scored(model: GPT, scorer: nn.Module, tokens: torch.Tensor, starts:
     stream = stream.repeat(-(-(seq + 1) // stream.numel()))
     rows = (stream.numel() - 1) // seq
     x, y = stream[:rows * seq].view(rows, seq), stream[1:rows * seq + 1].view(rows, seq)
-    per_step = phase_rows(hp, world_size) * world_size
+    per_step = max(1, hp.val_batch_size // (seq * world_size)) * world_size
     steps = -(-rows // per_step)
     params = list(model.parameters())
     model.requires_grad_(True)
@@ -1472,10 +1477,6 @@ def train_on_scored(model: GPT, scorer: nn.Module, tokens: torch.Tensor, starts:
     model.requires_grad_(False)
     return steps * per_step * seq
 
-
-def phase_rows(hp: Hyperparameters, world_size: int) -> int:
-    """Rows of EVAL_SEQ_LEN tokens each rank trains on in one step of a global TTT phase."""
-    return max(1, hp.val_batch_size // (hp.eval_seq_len * world_size))
 
 
 def adapt_cost(counts: np.ndarray, hp: Hyperparameters) -> int:

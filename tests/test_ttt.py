@@ -216,9 +216,9 @@ def test_with_no_time_left_ttt_stops_adapting_and_scores_every_document_window(t
     assert (loss, bpb) == pytest.approx(plain, rel=1e-7)  # the same windows, batched differently
 
 
-def test_the_budget_check_stops_adapting_when_the_rest_would_not_fit(tokens, monkeypatch):
-    """Simulated time: adapting a batch takes its token cost at 1,440 tokens/s, so the first batch (720 tokens)
-    takes 0.5 s and the second (135) would end past a 0.55 s budget: only the first batch adapts."""
+def simulated_ttt(tokens, monkeypatch, rates):
+    """TTT on a simulated clock with a 0.55 s budget where adapting a batch takes its token cost at 1,440 tokens/s
+    (scoring is free). Returns the clock, the stats and the log lines."""
     class SimulatedClock:
         seconds, now = 0.55, 0.0
 
@@ -233,31 +233,22 @@ def test_the_budget_check_stops_adapting_when_the_rest_would_not_fit(tokens, mon
 
     monkeypatch.setattr(tg, "adapt_batch", timed_adapt)
     lines, model = [], fresh_model()
-    rates = dict(adapt=1440, score=1e9, train=1e9)
     _, _, stats = tg.evaluate_ttt(model, model, tokens, byte_tables(VOCAB), hp(ttt_phases=0), 0, 1, clock, rates,
                                   lines.append)
+    return clock, stats, lines
+
+
+def test_the_budget_check_stops_adapting_when_the_rest_would_not_fit(tokens, monkeypatch):
+    """The first batch (720 tokens) takes 0.5 s and the second (135) would end past the 0.55 s budget: only the
+    first batch adapts."""
+    _, stats, lines = simulated_ttt(tokens, monkeypatch, dict(adapt=1440, score=1e9, train=1e9))
     assert stats["docs_adapted"] == 3 and lines[0].startswith("ttt_stop reason:budget docs_adapted:3 ")
 
 
 def test_rates_that_flatter_the_machine_are_corrected_after_one_round(tokens, monkeypatch):
-    """The same simulated 1,440 tokens/s, but the warm-up claimed 1e9: the first round shows how far behind it ran,
-    so the second is refused as above instead of adapting everything past the budget."""
-    class SimulatedClock:
-        seconds, now = 0.55, 0.0
-
-        def elapsed(self):
-            return self.now
-
-    clock, real = SimulatedClock(), tg.adapt_batch
-
-    def timed_adapt(scorer, adapters, tokens_, tables, starts, counts, hp_, sums, per_target):
-        clock.now += tg.adapt_cost(counts, hp_) / 1440
-        real(scorer, adapters, tokens_, tables, starts, counts, hp_, sums, per_target)
-
-    monkeypatch.setattr(tg, "adapt_batch", timed_adapt)
-    lines, model = [], fresh_model()
-    _, _, stats = tg.evaluate_ttt(model, model, tokens, byte_tables(VOCAB), hp(ttt_phases=0), 0, 1, clock, RATES,
-                                  lines.append)
+    """The same machine, but the warm-up claimed 1e9 tokens/s: the first round shows how far behind it ran, so the
+    second is refused as above instead of adapting everything past the budget."""
+    clock, stats, lines = simulated_ttt(tokens, monkeypatch, RATES)
     assert stats["docs_adapted"] == 3 and lines[0].startswith("ttt_stop reason:budget docs_adapted:3 ")
     assert clock.now <= clock.seconds
 
