@@ -40,6 +40,7 @@ DEFAULT_RESULTS = REPO / "results" / "minigolf" / "runs.jsonl"
 LOG_COPIES = REPO / "results" / "minigolf" / "logs"
 TABLE_DOC = REPO / "results" / "MINIGOLF.md"
 TABLE_BEGIN, TABLE_END = "<!-- minigolf-table:begin -->", "<!-- minigolf-table:end -->"
+PAIRED_BEGIN, PAIRED_END = "<!-- minigolf-paired:begin -->", "<!-- minigolf-paired:end -->"
 
 CAP = 1_000_000
 LIMIT_LINE, CAPPED_LINE = "SIZE_LIMIT = 16_000_000", f"SIZE_LIMIT = {CAP:_}"
@@ -400,6 +401,18 @@ def parse_baseline(text: str) -> dict:
     return out
 
 
+def paired_measures(text: str) -> dict | None:
+    """What export and the final scoring mode each do to one run's own model: far less noisy across seeds than the
+    score itself, so they resolve export and evaluation rows. None when the log lacks a line (the baseline's)."""
+    pre, roundtrip, final = (_last(text, key) for key in ("pre_export_exact", "final_roundtrip_exact",
+                                                          "final_submission"))
+    if not (pre and roundtrip and final):
+        return None
+    pre_bpb, rt_bpb, final_bpb = (float(line["val_bpb"]) for line in (pre, roundtrip, final))
+    mode = (_last(text, "compliance") or {}).get("eval_mode", "sliding")
+    return dict(pre_export=pre_bpb, export_penalty=rt_bpb - pre_bpb, eval_gain=final_bpb - rt_bpb, eval_mode=mode)
+
+
 def error_line(text: str, exit_code: int, parsed: dict) -> str | None:
     errors = [line.strip() for line in text.splitlines() if line.startswith("error: ")]
     if errors:
@@ -681,12 +694,45 @@ def render_table(summary: list[dict], records: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def replace_section(doc: str, table: str) -> str:
-    """The document with the text between the table markers replaced (markers appended when absent)."""
-    block = f"{TABLE_BEGIN}\n{table}\n{TABLE_END}"
-    if TABLE_BEGIN in doc and TABLE_END in doc:
-        head, rest = doc.split(TABLE_BEGIN, 1)
-        return head + block + rest.split(TABLE_END, 1)[1]
+def paired_table(records: list[dict], read_log=lambda rec: (REPO / rec["log"]).read_text(encoding="utf-8")) -> str:
+    """Per row: mean ± std over seeds of the paired measures, and their difference from the row's base."""
+    measures: dict[str, list[dict]] = {}
+    for rec in records:
+        if rec.get("exit_code") == 0 and rec.get("log") and (m := paired_measures(read_log(rec))):
+            measures.setdefault(rec["row"], []).append(m)
+
+    def signed(x: float) -> str:
+        return f"{round(x, 5) + 0.0:+.5f}"  # + 0.0: no "-0.00000" for a difference that rounds to nothing
+
+    def cell(row: str, key: str) -> str:
+        m, s = mean_std([x[key] for x in measures[row]])
+        return signed(m) + (f" ± {s:.5f}" if s is not None else "")
+
+    def vs_base(row: str, key: str) -> str:
+        base = ROWS[row].base if row in ROWS else None
+        if not base or base not in measures:
+            return ""
+        d, noise = delta([x[key] for x in measures[row]], [x[key] for x in measures[base]])
+        return signed(d) + (f" ± {noise:.5f}" if noise is not None else "") + f" ({base})"
+
+    lines = ["| row | n | before export | export penalty | Δ penalty vs base | evaluation gain | Δ gain vs base "
+             "| final mode |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+    for row in sorted(measures, key=lambda n: (list(ROWS).index(n) if n in ROWS else len(ROWS), n)):
+        modes = "/".join(sorted({x["eval_mode"] for x in measures[row]}))
+        lines.append(f"| {row} | {len(measures[row])} | {cell(row, 'pre_export').lstrip('+')} | "
+                     f"{cell(row, 'export_penalty')} | {vs_base(row, 'export_penalty')} | {cell(row, 'eval_gain')} | "
+                     f"{vs_base(row, 'eval_gain')} | {modes} |")
+    lines += ["", "Export penalty = `final_roundtrip_exact` − `pre_export_exact`; evaluation gain = `final_submission` − "
+              "`final_roundtrip_exact` (each run's own log); Δ as in the table above."]
+    return "\n".join(lines)
+
+
+def replace_section(doc: str, table: str, begin: str = TABLE_BEGIN, end: str = TABLE_END) -> str:
+    """The document with the text between the markers replaced (markers appended when absent)."""
+    block = f"{begin}\n{table}\n{end}"
+    if begin in doc and end in doc:
+        head, rest = doc.split(begin, 1)
+        return head + block + rest.split(end, 1)[1]
     return doc.rstrip("\n") + ("\n\n" if doc.strip() else "") + block + "\n"
 
 
@@ -695,14 +741,15 @@ def cmd_table(args: argparse.Namespace) -> int:
     records = [r for r in read_results(results) if not r.get("smoke") or args.results]
     if not records:
         raise HarnessError(f"no runs recorded in {results}")
-    table = render_table(summarize(records), records)
-    print(table)
+    table, paired = render_table(summarize(records), records), paired_table(records)
+    print(table, paired, sep="\n\n")
     if args.write:
         doc = args.doc.read_text(encoding="utf-8") if args.doc.exists() else (
             "# Mini-golf results\n\nThe Parameter Golf rules scaled down to a 2-core CPU (bench/README.md, Mini-golf): "
             f"code + model <= {CAP:,} bytes, proxy data, the official baseline run side by side. Written by "
             "`python3 bench/minigolf.py table` from results/minigolf/runs.jsonl.\n")
-        args.doc.write_text(replace_section(doc, table), encoding="utf-8")
+        doc = replace_section(replace_section(doc, table), paired, PAIRED_BEGIN, PAIRED_END)
+        args.doc.write_text(doc, encoding="utf-8")
         print(f"updated {args.doc}")
     return 0
 

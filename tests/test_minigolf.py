@@ -220,6 +220,36 @@ def test_table_section_is_replaced_between_markers_only():
     assert mg.replace_section("# T\n", "| t |") == f"# T\n\n{mg.TABLE_BEGIN}\n| t |\n{mg.TABLE_END}\n"
 
 
+def test_paired_measures_come_from_one_runs_own_log():
+    m = mg.paired_measures(OURS_LOG)
+    assert m["pre_export"] == pytest.approx(3.95352508)
+    assert m["export_penalty"] == pytest.approx(3.95352921 - 3.95352508, abs=1e-9)
+    assert m["eval_gain"] == pytest.approx(3.95352943 - 3.95352921, abs=1e-9)
+    assert m["eval_mode"] == "sliding"  # a log from before compliance named its mode
+    assert mg.paired_measures(BASELINE_LOG) is None
+
+
+def test_paired_table_averages_seeds_and_compares_with_the_base():
+    def log(pre, roundtrip, final, mode="doc"):
+        return (f"pre_export_exact val_loss:1 val_bpb:{pre}\nfinal_roundtrip_exact val_loss:1 val_bpb:{roundtrip}\n"
+                f"compliance eval_mode:{mode}\nfinal_submission val_loss:1 val_bpb:{final}\n")
+    logs = {"p1": log(2.0, 2.001, 1.996), "p2": log(2.1, 2.101, 2.096), "g": log(2.0, 1.9995, 1.9945),
+            "b": BASELINE_LOG}
+    records = [record("plain", 1.996, log="p1"), record("plain", 2.096, log="p2"), record("gptq", 1.9945, log="g"),
+               record("baseline", 2.1, "baseline", log="b"), record("xsa", None, exit_code=2, log="p1")]
+    table = mg.paired_table(records, read_log=lambda rec: logs[rec["log"]])
+    # Seeds 0.1 apart in score agree to the 5th decimal on what export costs them.
+    assert "| plain | 2 | 2.05000 ± 0.07071 | +0.00100 ± 0.00000 |  | -0.00500 ± 0.00000 |  | doc |" in table
+    assert "| gptq | 1 | 2.00000 | -0.00050 | -0.00150 (plain) | -0.00500 | +0.00000 (plain) | doc |" in table
+    assert "| baseline |" not in table and "| xsa |" not in table
+
+
+def test_paired_section_has_its_own_markers():
+    doc = f"{mg.TABLE_BEGIN}\nold\n{mg.TABLE_END}\ntext\n{mg.PAIRED_BEGIN}\nold\n{mg.PAIRED_END}\n"
+    new = mg.replace_section(doc, "| p |", mg.PAIRED_BEGIN, mg.PAIRED_END)
+    assert new == f"{mg.TABLE_BEGIN}\nold\n{mg.TABLE_END}\ntext\n{mg.PAIRED_BEGIN}\n| p |\n{mg.PAIRED_END}\n"
+
+
 def test_auto_wallclock_uses_this_sitting_only():
     here = dict(cpu="cpu", cores=2, hostname="vm", boot_id="b")
     records = [record("baseline", 2.1, "baseline", train_s=300.0, machine=here),
