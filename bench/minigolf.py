@@ -641,6 +641,23 @@ def delta(values: list[float], reference: list[float]) -> tuple[float, float | N
     return m - m_ref, math.sqrt(s ** 2 / len(values) + s_ref ** 2 / len(reference))
 
 
+def paired_delta(runs: list[dict], reference: list[dict]) -> tuple[float, float | None] | None:
+    """Mean over the seeds both sides ran of (row − base) and its standard error: a seed's data order and
+    initialisation are shared, so this sees a change that the spread across seeds hides. None without a shared seed."""
+    def by_seed(rs):
+        seeds: dict[int, list[float]] = {}
+        for r in rs:
+            if r.get("seed") is not None:
+                seeds.setdefault(r["seed"], []).append(r["val_bpb"])
+        return {k: statistics.fmean(v) for k, v in seeds.items()}
+    mine, ref = by_seed(runs), by_seed(reference)
+    diffs = [mine[k] - ref[k] for k in mine if k in ref]
+    if not diffs:
+        return None
+    m, s = mean_std(diffs)
+    return m, None if s is None else s / math.sqrt(len(diffs))
+
+
 def summarize(records: list[dict]) -> list[dict]:
     groups: dict[str, list[dict]] = {}
     for rec in records:
@@ -653,6 +670,7 @@ def summarize(records: list[dict]) -> list[dict]:
         runs, first = ok[n], groups[n][0]
         line = dict(row=n, script=first["script"], budget=first["budget"], data=first["data"], n=len(runs),
                     failed=len(groups[n]) - len(runs), mean=None, std=None, base=None, vs_base=None, vs_baseline=None,
+                    vs_base_seeds=None,
                     bytes_total=None, fits=None, s_per_step=None, train_s=None, eval_s=None)
         if runs:
             line["mean"], line["std"] = mean_std(scores[n])
@@ -660,6 +678,8 @@ def summarize(records: list[dict]) -> list[dict]:
             for ref, key in ((line["base"], "vs_base"), ("baseline", "vs_baseline")):
                 if ref and ref != n and scores.get(ref):
                     line[key] = delta(scores[n], scores[ref])
+            if line["base"] and line["base"] != n and ok.get(line["base"]):
+                line["vs_base_seeds"] = paired_delta(runs, ok[line["base"]])
             line["bytes_total"] = max(r["bytes_total"] for r in runs)
             line["fits"] = all(r["fits"] for r in runs)
             for key in ("s_per_step", "train_s", "eval_s"):
@@ -676,29 +696,38 @@ def render_table(summary: list[dict], records: list[dict]) -> str:
     def diff(d):
         return "" if d is None else f"{d[0]:+.4f}" + (f" ± {d[1]:.4f}" if d[1] is not None else "")
 
-    lines = ["| row | script | budget | data | n | val_bpb mean ± std | Δ vs base | Δ vs baseline | bytes_total "
-             f"(cap {CAP:,}) | s/step | train s | eval s |",
-             "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    lines = ["| row | script | budget | data | n | val_bpb mean ± std | Δ vs base | Δ vs base, same seeds | Δ vs baseline "
+             f"| bytes_total (cap {CAP:,}) | s/step | train s | eval s |",
+             "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for s in summary:
         n = f"{s['n']}" + (f" (+{s['failed']} failed)" if s["failed"] else "")
         score = "" if s["mean"] is None else f"{s['mean']:.4f}" + (
             f" ± {s['std']:.4f}" if s["std"] is not None else "")
         size = "" if s["bytes_total"] is None else f"{s['bytes_total']:,}" + ("" if s["fits"] else " OVER")
         lines.append(f"| {s['row']} | {s['script']} | {s['budget']} | {s['data']} | {n} | {score} | "
-                     f"{diff(s['vs_base'])}{' (' + s['base'] + ')' if s['vs_base'] else ''} | {diff(s['vs_baseline'])} | {size} | {num(s['s_per_step'], '.3f')} | "
+                     f"{diff(s['vs_base'])}{' (' + s['base'] + ')' if s['vs_base'] else ''} | "
+                     f"{diff(s['vs_base_seeds'])} | {diff(s['vs_baseline'])} | {size} | {num(s['s_per_step'], '.3f')} | "
                      f"{num(s['train_s'], '.1f')} | {num(s['eval_s'], '.1f')} |")
     hosts = sorted({f"{r['machine']['cpu']} x{r['machine']['cores']} ({r['machine']['hostname']}), "
                     f"{r['threads']} threads" for r in records})
-    lines += ["", "Δ: difference of means ± its standard error (sqrt(s²/n + s_ref²/n_ref)); blank noise = one run. "
+    lines += ["", "Δ: difference of means ± its standard error (sqrt(s²/n + s_ref²/n_ref)); same seeds: mean of the "
+              "seed-by-seed differences ± its standard error (seeds the base also ran); blank noise = one run. "
               "Machines: " + "; ".join(hosts) + "."]
     return "\n".join(lines)
 
 
-def paired_table(records: list[dict], read_log=lambda rec: (REPO / rec["log"]).read_text(encoding="utf-8")) -> str:
-    """Per row: mean ± std over seeds of the paired measures, and their difference from the row's base."""
+def log_copy(rec: dict) -> str | None:
+    path = REPO / rec["log"]
+    return path.read_text(encoding="utf-8") if path.is_file() else None
+
+
+def paired_table(records: list[dict], read_log=log_copy) -> str:
+    """Per row: mean ± std over seeds of the paired measures, and their difference from the row's base (runs whose
+    log copy is missing are left out)."""
     measures: dict[str, list[dict]] = {}
     for rec in records:
-        if rec.get("exit_code") == 0 and rec.get("log") and (m := paired_measures(read_log(rec))):
+        text = read_log(rec) if rec.get("exit_code") == 0 and rec.get("log") else None
+        if text and (m := paired_measures(text)):
             measures.setdefault(rec["row"], []).append(m)
 
     def signed(x: float) -> str:

@@ -209,8 +209,19 @@ def test_summary_rows_deltas_and_failures():
     assert lines["plain"]["vs_base"] is None and lines["baseline"]["vs_baseline"] is None
     assert lines["baseline"]["bytes_total"] == 988_291 and lines["shape_6x96"]["fits"] is False
     table = mg.render_table(mg.summarize(records), records)
-    assert "| xsa | ours | steps | sp1024 | 2 (+1 failed) | 1.9800 ± 0.0141 | -0.0300 ± 0.0141 (plain) | " in table
+    assert "| xsa | ours | steps | sp1024 | 2 (+1 failed) | 1.9800 ± 0.0141 | -0.0300 ± 0.0141 (plain) |  | -0.1300 ± 0.0141 | " in table
     assert "1,000,001 OVER" in table
+
+
+def test_same_seed_delta_sees_a_shift_that_the_seed_spread_hides():
+    plain = [record("plain", b, seed=k) for k, b in ((1, 2.00), (2, 2.10), (3, 2.05))]
+    row = [record("smear", b - 0.004 + j * 0.001, seed=k) for j, (k, b) in enumerate(((1, 2.00), (2, 2.10), (3, 2.05)))]
+    d, noise = mg.paired_delta(row, plain)
+    assert d == pytest.approx(-0.003) and noise == pytest.approx(0.001 / math.sqrt(3))
+    assert mg.delta([r["val_bpb"] for r in row], [r["val_bpb"] for r in plain])[1] > 0.02  # hidden by the spread
+    assert mg.paired_delta([record("smear", 2.0, seed=9)], plain) is None  # no seed in common
+    line = {s["row"]: s for s in mg.summarize(plain + row)}["smear"]
+    assert line["vs_base_seeds"][0] == pytest.approx(-0.003)
 
 
 def test_table_section_is_replaced_between_markers_only():
@@ -234,9 +245,10 @@ def test_paired_table_averages_seeds_and_compares_with_the_base():
         return (f"pre_export_exact val_loss:1 val_bpb:{pre}\nfinal_roundtrip_exact val_loss:1 val_bpb:{roundtrip}\n"
                 f"compliance eval_mode:{mode}\nfinal_submission val_loss:1 val_bpb:{final}\n")
     logs = {"p1": log(2.0, 2.001, 1.996), "p2": log(2.1, 2.101, 2.096), "g": log(2.0, 1.9995, 1.9945),
-            "b": BASELINE_LOG}
+            "b": BASELINE_LOG, "gone": None}
     records = [record("plain", 1.996, log="p1"), record("plain", 2.096, log="p2"), record("gptq", 1.9945, log="g"),
-               record("baseline", 2.1, "baseline", log="b"), record("xsa", None, exit_code=2, log="p1")]
+               record("baseline", 2.1, "baseline", log="b"), record("xsa", None, exit_code=2, log="p1"),
+               record("gptq", 1.9, log="gone")]
     table = mg.paired_table(records, read_log=lambda rec: logs[rec["log"]])
     # Seeds 0.1 apart in score agree to the 5th decimal on what export costs them.
     assert "| plain | 2 | 2.05000 ± 0.07071 | +0.00100 ± 0.00000 |  | -0.00500 ± 0.00000 |  | doc |" in table
