@@ -658,11 +658,16 @@ def paired_delta(runs: list[dict], reference: list[dict]) -> tuple[float, float 
     return m, None if s is None else s / math.sqrt(len(diffs))
 
 
+def registry_order(name: str) -> tuple[int, str]:
+    """Rows in registry order; relabelled rows that the registry no longer has come last, by name."""
+    return list(ROWS).index(name) if name in ROWS else len(ROWS), name
+
+
 def summarize(records: list[dict]) -> list[dict]:
     groups: dict[str, list[dict]] = {}
     for rec in records:
         groups.setdefault(rec["row"], []).append(rec)
-    order = sorted(groups, key=lambda n: (list(ROWS).index(n) if n in ROWS else len(ROWS), n))
+    order = sorted(groups, key=registry_order)
     ok = {n: [r for r in groups[n] if r.get("exit_code") == 0 and r.get("val_bpb") is not None] for n in order}
     scores = {n: [r["val_bpb"] for r in ok[n]] for n in order}
     out = []
@@ -746,7 +751,7 @@ def paired_table(records: list[dict], read_log=log_copy) -> str:
 
     lines = ["| row | n | before export | export penalty | Δ penalty vs base | evaluation gain | Δ gain vs base "
              "| final mode |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
-    for row in sorted(measures, key=lambda n: (list(ROWS).index(n) if n in ROWS else len(ROWS), n)):
+    for row in sorted(measures, key=registry_order):
         modes = "/".join(sorted({x["eval_mode"] for x in measures[row]}))
         lines.append(f"| {row} | {len(measures[row])} | {cell(row, 'pre_export').lstrip('+')} | "
                      f"{cell(row, 'export_penalty')} | {vs_base(row, 'export_penalty')} | {cell(row, 'eval_gain')} | "
