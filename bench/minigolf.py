@@ -145,6 +145,9 @@ ROWS = {r.name: r for r in (
         XSA_LAST_N=6, PARALLEL_START=4, RECUR_LAYERS="2,3"),
     row("shape_8x96", "ours with 8 layers", base="ours", data="sp8192", MODEL_DIM=96, EMBED_BITS=6, NUM_LAYERS=8,
         XSA_LAST_N=8, PARALLEL_START=5, RECUR_LAYERS="3,4"),
+    # seq_growth was at the edge of the noise against `plain`; this measures it where the default would change.
+    row("ours_seq_growth", "ours + training context 256 -> 512 at 40% of training", base="ours", data="sp8192",
+        MODEL_DIM=96, EMBED_BITS=6, TRAIN_SEQ_SCHEDULE="256@0,512@0.4"),
 )}
 
 
