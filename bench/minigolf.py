@@ -100,15 +100,16 @@ def row(name: str, about: str, script: str = "ours", budget: str = "steps", data
 
 _L = SHAPE["NUM_LAYERS"]
 GPTQ = dict(GPTQ=1, CLIP_MODE="std", BYTE_SHUFFLE=1, GPTQ_RESERVE_SECONDS=6)
+# At dim 128 the 8192-row embedding alone (1.05 M weights) would overrun the cap: every sp8192 row (the default
+# vocabulary, so `ours` too) takes dim 96 and a 6-bit embedding.
+SP8192 = dict(data="sp8192", MODEL_DIM=96, EMBED_BITS=6)
 # One line per row; technique rows are `plain` plus one change (export rows: plus GPTQ, which they need).
 ROWS = {r.name: r for r in (
     row("baseline", "official baseline (CPU copy): MLP 2x, int8+zlib, equal steps", script="baseline", base=None),
-    # The default vocabulary is 8192: at dim 128 its embedding alone would overrun the cap, hence dim 96 and 6 bits
-    # (as the sp8192 row).
     row("ours", "our defaults (the decision table's recipe) at the mini shape, sp8192, dim 96, int6 embedding",
-        base=None, data="sp8192", MODEL_DIM=96, EMBED_BITS=6),
+        base=None, **SP8192),
     row("ours_time", "ours, training wall clock = the baseline's measured train seconds", budget="time", base="ours",
-        data="sp8192", MODEL_DIM=96, EMBED_BITS=6),
+        **SP8192),
     row("plain", "ours before the decision table: every technique below off, MLP 3x", base=None),
     row("optim", "+ Polar Express NS, MuonEq-R, Muon WD 0.095, LR floor 0.1",
         MUON_NS="polar", MUON_ROW_NORM=1, MIN_LR_FRAC=0.1, MUON_WD=0.095),
@@ -138,16 +139,15 @@ ROWS = {r.name: r for r in (
     row("eval_ctx", "+ evaluation context 1024 (trained at 512)", EVAL_SEQ_LEN=1024, EVAL_STRIDE=512),
     row("ttt", "+ score-first LoRA TTT per document (rank 16, chunks of 48), no phases", TTT=1, TTT_PHASES=0),
     row("ttt_phases", "+ LoRA TTT with 3 global SGD phases over the first 200 documents", TTT=1, TTT_PHASES=3),
-    # At dim 128 the 8192-row embedding alone (1.05 M weights) would overrun the cap: dim 96 at 6 bits fits.
-    row("sp8192", "sp8192 data, dim 96, int6 embedding", data="sp8192", MODEL_DIM=96, EMBED_BITS=6),
+    row("sp8192", "sp8192 data, dim 96, int6 embedding", **SP8192),
     # The best shape under the cap, on top of the recipe (`sizes` estimates the bytes; block indices rescaled).
-    row("shape_6x96", "ours with 6 layers", base="ours", data="sp8192", MODEL_DIM=96, EMBED_BITS=6, NUM_LAYERS=6,
+    row("shape_6x96", "ours with 6 layers", base="ours", **SP8192, NUM_LAYERS=6,
         XSA_LAST_N=6, PARALLEL_START=4, RECUR_LAYERS="2,3"),
-    row("shape_8x96", "ours with 8 layers", base="ours", data="sp8192", MODEL_DIM=96, EMBED_BITS=6, NUM_LAYERS=8,
+    row("shape_8x96", "ours with 8 layers", base="ours", **SP8192, NUM_LAYERS=8,
         XSA_LAST_N=8, PARALLEL_START=5, RECUR_LAYERS="3,4"),
     # seq_growth was at the edge of the noise against `plain`; this measures it where the default would change.
-    row("ours_seq_growth", "ours + training context 256 -> 512 at 40% of training", base="ours", data="sp8192",
-        MODEL_DIM=96, EMBED_BITS=6, TRAIN_SEQ_SCHEDULE="256@0,512@0.4"),
+    row("ours_seq_growth", "ours + training context 256 -> 512 at 40% of training", base="ours", **SP8192,
+        TRAIN_SEQ_SCHEDULE="256@0,512@0.4"),
 )}
 
 
