@@ -42,6 +42,16 @@ class UserError(Exception):
     """A mistake the user can fix: reported as one line, never as a traceback."""
 
 
+def depth_defaults(num_layers: int) -> dict:
+    """The block-indexed settings' defaults for NUM_LAYERS blocks: XSA in every block; recurrence over the (up to)
+    3 blocks ending at the middle one, (NUM_LAYERS - 1) // 2; parallel lanes in the top 3 blocks above those (none
+    at 1 block). 11 blocks: XSA_LAST_N=11, RECUR_LAYERS=3,4,5, PARALLEL_START=8."""
+    mid = (num_layers - 1) // 2
+    parallel = max(num_layers - 3, mid + 1)
+    return dict(xsa_last_n=num_layers, parallel_start=parallel if parallel < num_layers else -1,
+                recur_layers=",".join(map(str, range(max(0, mid - 2), mid + 1))))
+
+
 @dataclasses.dataclass
 class Hyperparameters:
     # Each field is read from the environment variable of the same name in upper case.
@@ -63,7 +73,7 @@ class Hyperparameters:
     qk_gain_init: float = 1.5
     rope_dims: int = 0
     ln_scale: bool = False
-    xsa_last_n: int = 11
+    xsa_last_n: int = 11  # these three: their 11-block values; left unset, they follow NUM_LAYERS (depth_defaults)
     parallel_start: int = 8
     recur_layers: str = "3,4,5"
     recur_start_frac: float = 0.35
@@ -158,7 +168,7 @@ class Hyperparameters:
                     values[f.name] = kind(raw)
             except ValueError:
                 raise UserError(f"{name}={raw!r} is not a valid {kind.__name__}") from None
-        hp = cls(**values)
+        hp = cls(**{**depth_defaults(values.get("num_layers", cls.num_layers)), **values})
         hp.run_id = hp.run_id or uuid.uuid4().hex[:12]
         hp.eval_seq_len = hp.eval_seq_len or hp.train_seq_len
         return hp

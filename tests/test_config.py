@@ -1,7 +1,12 @@
 """Configuration: environment variables are read once, and bad values stop with a line naming the variable."""
+import numpy as np
 import pytest
+import torch
 
 import train_gpt as tg
+from conftest import tiny_env, write_shard
+
+DEPTH_SETTINGS = ("xsa_last_n", "parallel_start", "recur_layers")
 
 
 def from_env(monkeypatch, **env):
@@ -47,10 +52,58 @@ def test_an_empty_text_setting_is_off_and_an_empty_number_keeps_its_default(monk
     (dict(GPTQ="1", MAX_WALLCLOCK_SECONDS="10", GPTQ_RESERVE_SECONDS="10"), 1, "GPTQ_RESERVE_SECONDS"),
     (dict(EVAL_STRIDE="4096"), 1, "EVAL_STRIDE"),
     (dict(EMA_DECAY="1.5"), 1, "EMA_DECAY"),
+    (dict(NUM_LAYERS="4", XSA_LAST_N="5"), 1, "XSA_LAST_N"),
+    (dict(NUM_LAYERS="4", PARALLEL_START="4"), 1, "PARALLEL_START"),
+    (dict(NUM_LAYERS="4", RECUR_LAYERS="3,4"), 1, "RECUR_LAYERS"),
 ])
 def test_invalid_values_name_the_variable(monkeypatch, env, world, names):
     with pytest.raises(tg.UserError, match=names):
         from_env(monkeypatch, **env).validate(world)
+
+
+def test_block_indexed_defaults_follow_the_depth_and_give_the_recipe_at_11(monkeypatch):
+    assert tg.depth_defaults(11) == {name: getattr(tg.Hyperparameters, name) for name in DEPTH_SETTINGS} == \
+        dict(xsa_last_n=11, parallel_start=8, recur_layers="3,4,5")
+    for n in range(1, 13):
+        hp = from_env(monkeypatch, NUM_LAYERS=n)
+        hp.validate(1)
+        recur = hp.recur_span()
+        assert hp.xsa_last_n == n and recur.stop == (n + 1) // 2 and len(recur) == min(3, recur.stop)
+        # Parallel lanes: the top 3 blocks, all above the recurrence (no block is left at depth 1).
+        assert (hp.parallel_start == -1) == (n == 1)
+        assert n == 1 or (recur.stop <= hp.parallel_start and n - hp.parallel_start == min(3, n - recur.stop))
+
+
+def test_explicit_block_indexed_settings_win_over_the_depth_defaults(monkeypatch):
+    hp = from_env(monkeypatch, NUM_LAYERS=4, XSA_LAST_N=1, PARALLEL_START=-1, RECUR_LAYERS="")
+    assert (hp.xsa_last_n, hp.parallel_start, hp.recur_span()) == (1, -1, range(0))
+    hp = from_env(monkeypatch, NUM_LAYERS=6, XSA_LAST_N="", PARALLEL_START="", RECUR_LAYERS="2,3")
+    assert (hp.xsa_last_n, hp.parallel_start, hp.recur_span()) == (6, 3, range(2, 4))  # empty number: its default
+
+
+def test_every_depth_from_1_to_12_runs_on_the_default_block_indices(tiny_dataset, tmp_path, monkeypatch, capsys):
+    # The tiny corpus with a 2k-token validation shard: each run is 2 steps, an export and two scoring passes.
+    write_shard(tmp_path / "fineweb_val_000000.bin",
+                np.fromfile(tiny_dataset.path / "fineweb_val_000000.bin", "<u2", offset=1024)[:2048])
+    (tmp_path / "fineweb_train_000000.bin").symlink_to(tiny_dataset.path / "fineweb_train_000000.bin")
+    monkeypatch.chdir(tmp_path)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for n in range(1, 13):
+            env = tiny_env(tiny_dataset, f"depth{n}", DATA_PATH=tmp_path, NUM_LAYERS=n, MODEL_DIM=16, NUM_HEADS=2,
+                           NUM_KV_HEADS=1, ITERATIONS=2, TRAIN_BATCH_TOKENS=256, GRAD_ACCUM_STEPS=1, EVAL_STRIDE=0,
+                           VAL_BATCH_SIZE=2048, SKIP_GATES=1, SMEAR=1, ATTN_GATE=1)
+            for key, value in env.items():
+                monkeypatch.setenv(key, value)
+            for name in DEPTH_SETTINGS:
+                monkeypatch.delenv(name.upper())  # only NUM_LAYERS says where the blocks are
+            tg.main()
+            lines = capsys.readouterr().out.strip().splitlines()
+            assert {f"hparam {k.upper()}:{v}" for k, v in tg.depth_defaults(n).items()} <= set(lines), n
+            assert lines[-1].startswith("final_submission "), n
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_one_gpu_accumulates_gradients_to_keep_the_global_batch(monkeypatch):
