@@ -39,7 +39,9 @@ def stream(lengths, seed=1) -> torch.Tensor:
                       for n in lengths])
 
 
-# Longest first, so the processing order is the stream order and "before p" means "scored before p was seen".
+# TTT processes documents longest first, not in file order, and its phases train on what it has scored in that
+# order. Listing the documents longest first makes the processing order the stream order, so "a score made before
+# position p was seen" is simply "a target before p" and the perturbation checks below can compare by position.
 # Lengths cross chunks (8), windows (32) and batches (3 documents), and the phases fall after documents 2 and 4.
 LENGTHS = [70, 45, 33, 20, 17, 9, 8, 3, 1, 0]
 RATES = dict(adapt=1e9, score=1e9, train=1e9)  # the budget never binds in these tests unless a test says so
