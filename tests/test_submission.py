@@ -1,6 +1,6 @@
 """tools/submission.py on logs from real tiny CPU runs of train_gpt.py, and on doctored copies of them.
 
-The three runs (one per seed) are made once per session by the `real_runs` fixture; every failure case is a
+The three runs (one per seed) are made once per pytest session by the `real_runs` fixture; every failure case is a
 copy of one of those logs edited in the test (a truncated log, an oversize artifact, a log whose code differs,
 mismatched configs, ...). The cross-checks of a log's scores against each other run on a synthetic log, written
 line by line in the format train_gpt.py logs, so that they need no training run. The t-test is checked against scipy when it is installed, and always against the
@@ -635,3 +635,158 @@ def test_ttt_score_and_compliance_line_are_parsed(real_runs, tmp_path):
     run = sub.parse_log(doctor(real_runs.logs[0], tmp_path / "demo_s1337.txt", add_ttt))
     assert run.status == "complete" and run._get("ttt", "val_bpb") == 2.5
     assert run.compliance["val_sha256"] == "abc"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# --record-dir: the folder a record PR adds, built from the committed CPU logs
+# ----------------------------------------------------------------------------------------------------------
+
+COMMITTED = [REPO / "logs" / f"cpu_demo_s{seed}.txt" for seed in SEEDS]
+FOLDER_FILES = ["README.md", "submission.json", "train_gpt.py"] + [f"train_seed{seed}.log" for seed in SEEDS]
+
+
+@pytest.fixture()
+def committed(tmp_path):
+    """The committed logs/cpu_demo_s*.txt and, as --code, the packed train_gpt.py they embed."""
+    code = split_log(COMMITTED[0].read_bytes())[0]
+    assert all(split_log(p.read_bytes())[0] == code for p in COMMITTED)
+    (tmp_path / "train_gpt.py").write_bytes(code)
+    return tmp_path / "train_gpt.py"
+
+
+def log_numbers(path: Path) -> dict:
+    """The numbers a record README reports, read from a log with regexes only (not with the tool's parser)."""
+    tail = split_log(path.read_bytes())[1].decode()
+
+    def field(event, key):
+        return re.findall(rf"(?m)^{event} .*?\b{key}:(\S+)", tail)[-1]
+    return {"seed": field("hparam", "SEED"), "steps": field("train_done", "step"),
+            "pre": field("pre_export_exact", "val_bpb"), "quant": field("final_roundtrip_exact", "val_bpb"),
+            "bpb": field("final_submission", "val_bpb"), "loss": field("final_submission", "val_loss"),
+            "model": field("final_submission", "bytes_model"), "total": field("final_submission", "bytes_total"),
+            "code": field("final_submission", "bytes_code"),
+            "train_ms": field("final_submission", "train_time_ms"),
+            "eval_ms": field("final_submission", "eval_time_ms")}
+
+
+def readme_table(text: str) -> list:
+    """The cells of the per-seed results table, one list per row (header, separator and mean row left out)."""
+    rows = [line.strip("|").split("|") for line in text.splitlines() if line.startswith("| ")]
+    start = next(i for i, r in enumerate(rows) if r[0].strip() == "Seed")
+    out = []
+    for r in rows[start + 2:]:
+        if not r[0].strip().isdigit():
+            break
+        out.append([c.strip() for c in r])
+    return out
+
+
+def test_record_dir_from_the_committed_logs(committed, tmp_path):
+    records = tmp_path / "records"
+    written = tmp_path / "submission.json"
+    rc, out = run_tool(*COMMITTED, "--code", committed, "--record-dir", records, "--name", "CPU_demo",
+                       "--date", "2026-11-29T15:49:00Z", "--author", "Test Author", "--github-id", "tester",
+                       "--against", "val_loss=4.70", "--write", written)
+    assert rc == 0, out
+    folder = records / "track_10min_16mb" / "2026-11-29_CPU_demo"
+    assert f"record folder written: {folder}" in out and "date 2026-11-29: from --date" in out
+    assert sorted(os.listdir(records / "track_10min_16mb")) == ["2026-11-29_CPU_demo"]   # no temporary left
+    assert sorted(os.listdir(folder)) == sorted(FOLDER_FILES)
+
+    # Byte copies: the code every log embeds, and each seed's log under train_seed<N>.log.
+    assert (folder / "train_gpt.py").read_bytes() == committed.read_bytes()
+    for seed, log in zip(SEEDS, COMMITTED):
+        assert (folder / f"train_seed{seed}.log").read_bytes() == log.read_bytes()
+
+    # submission.json: what --write writes, but naming the logs beside it.
+    data = json.loads((folder / "submission.json").read_text())
+    same = json.loads(written.read_text())
+    assert [e.pop("log") for e in data["seed_results"]] == [f"train_seed{s}.log" for s in SEEDS]
+    assert [e.pop("log") for e in same["seed_results"]] == [p.name for p in COMMITTED]
+    assert data == same
+    assert data["name"] == "CPU_demo" and data["date"] == "2026-11-29T15:49:00Z" and data["compliant"] is True
+
+    # Every number of the README's table is the one its seed's log carries.
+    readme = (folder / "README.md").read_text()
+    nums = [log_numbers(p) for p in COMMITTED]
+    rows = readme_table(readme)
+    assert len(rows) == 3
+    for row, n in zip(rows, nums):
+        seed, steps, pre, quant, bpb, loss, model, total, train_s, eval_s = row
+        assert (seed, steps, pre, quant, bpb, loss, model, total) == (
+            n["seed"], n["steps"], n["pre"], n["quant"], n["bpb"], n["loss"], n["model"], n["total"])
+        assert round(float(train_s) * 1000) == int(n["train_ms"])
+        assert round(float(eval_s) * 1000) == int(n["eval_ms"])
+    mean_row = next(line for line in readme.splitlines() if line.startswith("| mean ± std |"))
+    for key in ("pre", "quant", "bpb", "loss"):
+        xs = [float(n[key]) for n in nums]
+        assert f"{np.mean(xs):.8f} ± {np.std(xs, ddof=1):.8f}" in mean_row, key
+    assert f"max {max(int(n['total']) for n in nums)} |" in mean_row
+    assert f"**val_bpb {np.mean([float(n['bpb']) for n in nums]):.8f}**" in readme
+
+    # Compliance, with the logs' numbers; the command, with the settings that differ from the script's defaults.
+    compliance = readme.split("## Compliance", 1)[1].split("\n## ", 1)[0]
+    biggest = max(nums, key=lambda n: int(n["total"]))
+    assert f"at most {int(biggest['total']):,} bytes (seed {biggest['seed']}: model {int(biggest['model']):,} + " \
+           f"code {int(biggest['code']):,}) <= 16,000,000" in compliance
+    assert f"at most {max(int(n['train_ms']) for n in nums) / 1000:.3f} s <= 600 s" in compliance
+    assert f"at most {max(int(n['eval_ms']) for n in nums) / 1000:.3f} s <= 600 s" in compliance
+    val = re.search(r"(?m)^val_data tokens:(\d+)", split_log(COMMITTED[0].read_bytes())[1].decode()).group(1)
+    sha = re.search(r"val_sha256:(\S+)", COMMITTED[0].read_text()).group(1)
+    assert f"counts {int(val):,} tokens" in compliance and f"fingerprint `{sha}` on every seed" in compliance
+    assert "Score-first test-time training" in compliance and "No validation tokens in training" in compliance
+    assert hashlib.sha256(committed.read_bytes()).hexdigest() in compliance
+    command = readme.split("```bash\n", 1)[1].split("```", 1)[0]
+    assert command.startswith("for SEED in 1337 42 2025; do\n  SEED=$SEED ")
+    assert "DATA_PATH=data/demo" in command and "NUM_LAYERS=2" in command and "COMPILE=0" in command
+    assert "torchrun --standalone --nproc_per_node=1 train_gpt.py" in command
+    assert "MLP_MULT" not in command and "RUN_ID" not in command                   # default; per seed
+    assert "| `NUM_LAYERS` | `2` | `11` |" in readme and "**AUTHOR: replace this line**" in readme
+    assert "p = 0.017396" in readme
+
+
+def test_record_dir_refuses_and_leaves_no_half_written_folder(committed, tmp_path, monkeypatch):
+    records = tmp_path / "records"
+    base = [*COMMITTED, "--code", committed, "--record-dir", records, "--date", "2026-11-29"]
+    folder = records / "track_10min_16mb" / "2026-11-29_mine"
+    for bad in ([], ["--name", "my record"], ["--name", "../up"], ["--name", "x", "--track", "records"],
+                ["--name", "x", "--date", "29/11/2026"]):
+        res = run_cli(*base, *bad)          # a second --date replaces the first
+        assert res.returncode == 2 and res.stderr.startswith("error: ") and res.stderr.count("\n") == 1, bad
+    assert not records.exists()
+
+    # A run that fails a check: nothing is written (--force is for --write only).
+    big = doctor(COMMITTED[2], tmp_path / "cpu_demo_s2025.txt",
+                 lambda t: sub_field(t, "final_submission", "train_time_ms", 600_001))
+    rc, out = run_tool(*COMMITTED[:2], big, *base[3:], "--name", "mine", "--force")
+    assert rc == 1 and "record folder NOT written" in out and not records.exists()
+    # ... unless the track has no time limit.
+    rc, out = run_tool(*COMMITTED[:2], big, *base[3:], "--name", "mine", "--track", "track_non_record_16mb")
+    assert rc == 0, out
+    other = records / "track_non_record_16mb" / "2026-11-29_mine"
+    assert "PASS 600.0 " in table_row(out, "cpu_demo_s2025") and "track track_non_record_16mb)" in out
+    assert "at most 600.001 s (`final_submission` train_time_ms); track_non_record_16mb has no time limit" in \
+        (other / "README.md").read_text()
+
+    # An existing folder is kept unless --overwrite; a failure while writing leaves the old one whole.
+    rc, _ = run_tool(*base, "--name", "mine")
+    assert rc == 0
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    res = run_cli(*base, "--name", "mine")
+    assert res.returncode == 2 and "already exists" in res.stderr and res.stderr.count("\n") == 1
+    calls = []
+
+    def failing_copy(src, dst):
+        calls.append(src)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        return shutil.copyfile(src, dst)
+    monkeypatch.setattr(sub.shutil, "copyfile", failing_copy)
+    with pytest.raises(sub.UsageError, match="No space left on device"):
+        run_tool(*base, "--name", "mine", "--overwrite", "--blurb", "new")
+    monkeypatch.undo()
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+    assert sorted(os.listdir(folder.parent)) == ["2026-11-29_mine"]                # no temporary left
+    rc, _ = run_tool(*base, "--name", "mine", "--overwrite", "--blurb", "Smaller model.")
+    assert rc == 0 and "Smaller model." in (folder / "README.md").read_text()
+    assert sorted(os.listdir(folder.parent)) == ["2026-11-29_mine"]

@@ -4,11 +4,14 @@
     python tools/submission.py LOG... [--code train_gpt.py]
         [--against VALUE|submission.json] [--write submission.json]
         [--plot out.png]
+        [--record-dir RECORDS --name NAME [--track TRACK] [--overwrite]]
 
 Parses every log, prints a PASS/FAIL compliance table and a results table,
 then the statistics across seeds (mean, std and, with --against, a one-sided
 t-test of the improvement in nats against the 0.005-nat margin), optionally
-writes submission.json and a PNG of the training curves.
+writes submission.json, a PNG of the training curves and the folder a record
+pull request adds (records/<track>/<date>_<name>/: README.md, submission.json,
+train_gpt.py, one train_seed<N>.log per seed).
 
 Exit status: 0 every run is complete and passes every check; 1 some run fails
 a check or is incomplete (or, with --require-record, the set is not a record);
@@ -21,14 +24,21 @@ See tools/README.md.
 from __future__ import annotations
 
 import argparse
+import ast
+import base64
+import copy
 import datetime as _dt
 import glob
 import hashlib
 import json
+import lzma
 import math
 import os
 import re
+import shlex
+import shutil
 import sys
+import tempfile
 from collections import Counter
 
 LIMIT_BYTES = 16_000_000
@@ -37,6 +47,11 @@ LIMIT_EVAL_S = 600.0
 MARGIN_NATS = 0.005
 ALPHA = 0.01
 MIN_SEEDS = 3
+# The tracks of the challenge's records/ folder. Only the first has the 600 s limits; both have the 16 MB one.
+TRACKS = ("track_10min_16mb", "track_non_record_16mb")
+TIMED_TRACK = TRACKS[0]
+# --name with --record-dir names a folder: letters, digits, "-" and "_", not starting with "-".
+RECORD_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_-]{0,99}")
 
 # Hyperparameters that may differ between the seeds of one submission: the
 # seed, the run's name and the folder the artifact is written to. Everything
@@ -447,7 +462,7 @@ def parse_log(path) -> Run:
 # Compliance
 # --------------------------------------------------------------------------
 
-def check_runs(runs, code: bytes):
+def check_runs(runs, code: bytes, time_limits=True):
     configs = [r.config() for r in runs if r.hparams]
     counts = Counter(tuple(sorted(c.items())) for c in configs)
     ref = None
@@ -491,6 +506,8 @@ def check_runs(runs, code: bytes):
                                ("eval", r.eval_time_ms, LIMIT_EVAL_S)):
             if ms is None:
                 ch[key] = (None, "no %s time in log" % key)
+            elif not time_limits:
+                ch[key] = (True, "%.1f s (no limit on %s)" % (ms / 1000.0, TRACKS[1]))
             else:
                 ok = ms / 1000.0 <= limit
                 ch[key] = (ok, "%.1f s" % (ms / 1000.0) if ok else
@@ -922,6 +939,273 @@ def _round(x, nd=8):
 
 
 # --------------------------------------------------------------------------
+# Record folder (--record-dir)
+# --------------------------------------------------------------------------
+
+def script_defaults(code: bytes):
+    """NAME -> default of every field of the Hyperparameters class in `code`, read without running it.
+
+    A file packed by tools/pack_code.py is decoded first (its one base85 string literal, lzma-compressed).
+    None when the code holds no such class: the README then lists every setting.
+    """
+    try:
+        tree = ast.parse(code)
+    except (SyntaxError, ValueError):
+        return None
+    for node in ast.walk(tree):
+        if (isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "b85decode" and node.args
+                and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str)):
+            try:
+                source = lzma.LZMADecompressor().decompress(base64.b85decode(node.args[0].value),
+                                                            max_length=64 << 20)
+                tree = ast.parse(source)
+            except (ValueError, lzma.LZMAError, SyntaxError):
+                return None
+            break
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ClassDef) and node.name == "Hyperparameters":
+            out = {}
+            for stmt in node.body:
+                if (isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name)
+                        and stmt.value is not None):
+                    try:
+                        out[stmt.target.id.upper()] = ast.literal_eval(stmt.value)
+                    except ValueError:
+                        continue
+            return out or None
+    return None
+
+
+def changed_settings(run, defaults):
+    """[(NAME, logged value, default or None)] of the run's settings that differ from the script's defaults
+    (all of them when the defaults are unknown), in log order; the per-seed ones left out."""
+    out = []
+    for key, value in run.hparams.items():
+        if key in VARYING_HPARAMS:
+            continue
+        if defaults is None or key not in defaults:
+            out.append((key, value, None))
+        elif value != str(defaults[key]):   # train_gpt.py logs str() of each value
+            out.append((key, value, defaults[key]))
+    return out
+
+
+def _env_value(value, default):
+    if isinstance(default, bool):
+        value = {"True": "1", "False": "0"}.get(value, value)
+    return shlex.quote(value)
+
+
+def _mean_pm(values):
+    m, s = mean_std(values)
+    return "%.8f ± %s" % (m, _fmt(s, ".8f"))
+
+
+def _seconds(ms):
+    return "%.3f" % (ms / 1000.0)
+
+
+def record_readme(runs, st, sub, code, track, defaults, hardware, dataset):
+    """README.md of the record folder: every number is read from the logs (or computed from them)."""
+    name = sub["name"]
+    seeds = [r.seed for r in runs]
+    final_events = sorted({r.final_exact[0] for r in runs})
+    out = ["# %s" % name, ""]
+    out.append("**val_bpb %.8f** (mean of %d seed(s), std %s; val_loss %.8f nats) | largest artifact %s bytes | "
+               "%s | `%s`" % (st["val_bpb_mean"], st["n"], _fmt(st["val_bpb_std"], ".8f"), st["val_loss_mean"],
+                              "{:,}".format(sub["bytes_total"]), hardware, track))
+    out.append("")
+    if sub.get("author") or sub.get("github_id"):
+        out += ["By %s%s, %s." % (sub.get("author") or "",
+                                  " (@%s)" % sub["github_id"] if sub.get("github_id") else "", sub["date"][:10]), ""]
+
+    out += ["## What changed", ""]
+    if sub.get("blurb"):
+        out += [sub["blurb"], ""]
+    else:
+        out += ["> **AUTHOR: replace this line** with what this submission changes and why. Everything else in "
+                "this file is generated by `tools/submission.py` from the logs.", ""]
+    changed = changed_settings(runs[0], defaults)
+    if defaults is None:
+        out += ["The submitted `train_gpt.py` has no `Hyperparameters` defaults to compare with, so every setting "
+                "of the logs' `hparam` lines is listed (SEED, RUN_ID and ARTIFACT_DIR left out):", "",
+                "| Setting | Value |", "| --- | --- |"]
+        out += ["| `%s` | `%s` |" % (k, v) for k, v, _ in changed]
+    elif changed:
+        out += ["Settings that differ from the defaults of the submitted `train_gpt.py`, as the logs' `hparam` "
+                "lines record them (SEED, RUN_ID and ARTIFACT_DIR left out):", "",
+                "| Setting | This submission | Default |", "| --- | --- | --- |"]
+        out += ["| `%s` | `%s` | %s |" % (k, v, "(none)" if d is None else "`%s`" % d) for k, v, d in changed]
+    else:
+        out += ["Every setting is the default of the submitted `train_gpt.py` (the logs' `hparam` lines)."]
+    out.append("")
+
+    out += ["## Results", ""]
+    out.append("Hardware: %s. Dataset: %s. Final evaluation: %s." % (
+        hardware, dataset, ", ".join("`%s`" % e for e in final_events)))
+    out.append("")
+    out.append("| Seed | Steps | Pre-quant val_bpb | Quantized val_bpb | Final val_bpb | Final val_loss | "
+               "Model bytes | Total bytes | Train s | Eval s |")
+    out.append("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    cols = {"pre": [], "rt": [], "bpb": [], "loss": []}
+    for r in runs:
+        pre, rt = (r.pre_export or {}).get("val_bpb", "-"), (r.roundtrip or {}).get("val_bpb", "-")
+        for key, text in (("pre", pre), ("rt", rt), ("bpb", r.final["val_bpb"]), ("loss", r.final["val_loss"])):
+            if _num(text) is not None:
+                cols[key].append(_num(text))
+        out.append("| %s | %s | %s | %s | %s | %s | %d | %d | %s | %s |" % (
+            r.seed, _fmt(r.steps, "d"), pre, rt, r.final["val_bpb"], r.final["val_loss"],
+            r.bytes_field("bytes_model"), r.bytes_field("bytes_total"),
+            _seconds(r.train_time_ms), _seconds(r.eval_time_ms)))
+    out.append("| mean ± std | | %s | %s | %s | %s | max %d | max %d | max %s | max %s |" % (
+        _mean_pm(cols["pre"]), _mean_pm(cols["rt"]), _mean_pm(cols["bpb"]), _mean_pm(cols["loss"]),
+        max(r.bytes_field("bytes_model") for r in runs), max(r.bytes_field("bytes_total") for r in runs),
+        _seconds(max(r.train_time_ms for r in runs)), _seconds(max(r.eval_time_ms for r in runs))))
+    out.append("")
+    out.append("Pre-quant: `pre_export_exact`, the trained (EMA) weights in memory, before export. Quantized: "
+               "`final_roundtrip_exact`, the artifact reloaded from its compressed file and scored without "
+               "sliding windows or test-time training. Final: `final_submission`, the submitted score (equal to "
+               "the last `final_*_exact` line). Standard deviations use ddof=1. Bytes: `final_submission`'s "
+               "bytes_model and bytes_total (model plus code). Seconds: its train_time_ms and eval_time_ms.")
+    t = st["test"]
+    if t is not None and t.get("val_loss") is not None and t.get("p") is not None:
+        out += ["", "Against %s: mean improvement %.8f nats over %d seeds; one-sided t-test of H0 mean <= %g nats: "
+                    "t = %s, df = %d, p = %.6g (%s at p < %g)." % (
+                        t["source"], t["mean"], t["n"], MARGIN_NATS, _fmt(t["t"], ".4f"), t["df"], t["p"],
+                        "significant" if t.get("significant") else "not significant", ALPHA)]
+    out.append("")
+
+    out += ["## Compliance", ""]
+    big = max(runs, key=lambda r: r.bytes_field("bytes_total"))
+    out.append("- **Artifact size**: at most %s bytes (seed %s: model %s + code %s) <= 16,000,000 on every seed "
+               "(`artifact` and `final_submission` lines)." % (
+                   "{:,}".format(big.bytes_field("bytes_total")), big.seed,
+                   "{:,}".format(big.bytes_field("bytes_model")), "{:,}".format(big.bytes_field("bytes_code"))))
+    for label, key, attr in (("Training", "train", "train_time_ms"), ("Evaluation", "eval", "eval_time_ms")):
+        worst = max(getattr(r, attr) for r in runs) / 1000.0
+        if track == TIMED_TRACK:
+            out.append("- **%s time**: at most %.3f s <= 600 s on every seed (`final_submission` %s)."
+                       % (label, worst, attr))
+        else:
+            out.append("- **%s time**: at most %.3f s (`final_submission` %s); %s has no time limit."
+                       % (label, worst, attr, track))
+    if not re.fullmatch(r"8x .*H100.*", hardware):
+        out.append("- **Hardware**: %s. The 600 s limits are set on 8xH100; these times were measured on %s."
+                   % (hardware, hardware))
+    vd = runs[0].val_data
+    shas = sorted({(r.compliance or {}).get("val_sha256") for r in runs} - {None})
+    if not shas:
+        fingerprint = ""
+    elif len(shas) == 1 and all((r.compliance or {}).get("val_sha256") for r in runs):
+        fingerprint = ", fingerprint `%s` on every seed" % shas[0]
+    else:
+        fingerprint = ", fingerprints NOT the same on every seed (%s)" % ", ".join("`%s`" % h for h in shas)
+    out.append("- **Validation split scored in full**: the `val_data` line counts %s tokens (%s scored targets, %s "
+               "bytes, targets_per_byte %s); every `*_exact` score's val_bpb is its val_loss x targets_per_byte / "
+               "ln 2 over those targets, and the `compliance` line names the tokens scored (val_tokens %s%s)."
+               % ("{:,}".format(_int(vd["tokens"])), "{:,}".format(_int(vd["targets"])),
+                  "{:,}".format(_int(vd["bytes"])), vd["targets_per_byte"], "{:,}".format(_int(vd["tokens"])),
+                  fingerprint))
+    modes = sorted({(r.compliance or {}).get("eval_mode", "?") for r in runs})
+    if any(r.ttt for r in runs):
+        per_seed = "; ".join("seed %s: %s of %s documents adapted, phases %s" % (
+            r.seed, (r.ttt or {}).get("docs_adapted", "?"), (r.ttt or {}).get("docs", "?"),
+            (r.ttt or {}).get("phases", "?")) for r in runs)
+        out.append("- **Score-first test-time training** (eval_mode %s): each chunk of a document is scored before "
+                   "the adapters take a step on it, and a global phase trains only on documents already scored, so "
+                   "no token is scored by weights that have seen it (`final_ttt_exact`: %s)."
+                   % ("/".join(modes), per_seed))
+    else:
+        out.append("- **No test-time training**: eval_mode %s; the final score is %s."
+                   % ("/".join(modes), ", ".join("`%s`" % e for e in final_events)))
+    data_path = runs[0].hparams.get("DATA_PATH", "?")
+    out.append("- **No validation tokens in training**: training reads only the `fineweb_train_*` shards of "
+               "DATA_PATH (`%s`); the `fineweb_val_*` shards are read by evaluation only." % data_path)
+    out.append("- **Code**: `train_gpt.py` here is the source every log embeds, byte for byte: %s bytes "
+               "(= bytes_code), sha256 `%s`." % ("{:,}".format(len(code)), hashlib.sha256(code).hexdigest()))
+    out.append("")
+
+    out += ["## Command", ""]
+    world = runs[0].env.get("world_size", "8")
+    env = ["%s=%s" % (k, _env_value(v, d)) for k, v, d in changed]
+    lines, cur = [], "SEED=$SEED"
+    for item in env:
+        if len(cur) + 1 + len(item) > 100:
+            lines.append(cur)
+            cur = item
+        else:
+            cur += " " + item
+    lines.append(cur)
+    out += ["```bash", "for SEED in %s; do" % " ".join(str(s) for s in seeds)]
+    out += ["  %s \\" % line for line in lines]
+    out += ["  torchrun --standalone --nproc_per_node=%s train_gpt.py" % world, "done", "```", ""]
+    out.append("Each run writes `logs/<RUN_ID>.txt`; `train_seed<N>.log` here is that log of seed N.")
+    out.append("")
+
+    out += ["## Files", "", "- `train_gpt.py`: the submitted code (%s bytes)." % "{:,}".format(len(code)),
+            "- `submission.json`: the results above, per seed and as means (`tools/submission.py`)."]
+    out += ["- `train_seed%s.log`: the log of seed %s." % (r.seed, r.seed) for r in runs]
+    out.append("")
+    return "\n".join(out)
+
+
+def record_folder(record_dir, track, date, name):
+    return os.path.join(record_dir, track, "%s_%s" % (date, name))
+
+
+def _folder_in_use(path):
+    return os.path.lexists(path) and (not os.path.isdir(path) or bool(os.listdir(path)))
+
+
+def write_record_folder(target, files, overwrite):
+    """Write {file name: bytes or source path} into the folder `target`, all or nothing.
+
+    The files go to a temporary folder beside it, which is then renamed to `target`: a failure leaves no
+    half-written folder, and with `overwrite` the old folder is replaced only once the new one is complete.
+    """
+    parent = os.path.dirname(os.path.abspath(target))
+    try:
+        os.makedirs(parent, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix="." + os.path.basename(target) + ".", suffix=".tmp", dir=parent)
+    except OSError as e:
+        raise UsageError("cannot create the record folder in %s: %s" % (parent, e.strerror or e))
+    old = None
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)   # mkdtemp makes it private; the folder is meant to be shared
+        for fname, content in files.items():
+            dst = os.path.join(tmp, fname)
+            if isinstance(content, bytes):
+                with open(dst, "wb") as f:
+                    f.write(content)
+            else:
+                shutil.copyfile(content, dst)
+        if _folder_in_use(target):
+            if not overwrite:
+                raise UsageError("record folder %s already exists and is not empty (--overwrite replaces it)"
+                                 % target)
+            old = tmp + ".old"
+            os.rename(target, old)
+        elif os.path.isdir(target):
+            os.rmdir(target)
+        try:
+            os.rename(tmp, target)
+        except OSError:
+            if old is not None:
+                os.rename(old, target)
+                old = None
+            raise
+    except OSError as e:
+        raise UsageError("cannot write record folder %s: %s" % (target, e.strerror or e))
+    finally:
+        if os.path.isdir(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------
 # Plot
 # --------------------------------------------------------------------------
 
@@ -1007,7 +1291,44 @@ def build_argparser():
     for flag in ("author", "github-id", "name", "blurb", "date"):
         p.add_argument("--" + flag, help="submission.json %s (default: kept from an existing "
                                          "--write file, else empty)" % flag.replace("-", "_"))
+    p.add_argument("--record-dir", metavar="RECORDS",
+                   help="write the folder a record PR adds, RECORDS/<track>/<YYYY-MM-DD>_<name>/: README.md, "
+                        "submission.json, train_gpt.py (--code) and train_seed<N>.log per seed; needs --name")
+    p.add_argument("--track", choices=TRACKS, default=TIMED_TRACK,
+                   help="the track the runs are checked for and filed under (default %s; %s has no time "
+                        "limits)" % TRACKS)
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing, non-empty record folder")
     return p
+
+
+def _plan_record_folder(args, existing):
+    """(folder path, where its date came from) for --record-dir; refuses a bad --name, a date that is not
+    YYYY-MM-DD..., and a folder that exists and is not empty (unless --overwrite)."""
+    if not args.name:
+        raise UsageError("--record-dir needs --name (letters, digits, - and _: the folder is <date>_<name>)")
+    if not RECORD_NAME.fullmatch(args.name):
+        raise UsageError("--name %r cannot name a record folder: use letters, digits, - and _ only (at most 100)"
+                         % args.name)
+    if args.date:
+        date, source = args.date, "from --date"
+    elif existing.get("date"):
+        date, source = str(existing["date"]), "from the date of %s" % args.write
+    else:
+        date = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+        source = "today (UTC): the logs carry no date"
+    m = re.match(r"\d{4}-\d{2}-\d{2}", date)
+    try:
+        day = _dt.date.fromisoformat(m.group(0)) if m else None
+    except ValueError:
+        day = None
+    if day is None:
+        raise UsageError("date %r (%s) does not start with YYYY-MM-DD" % (date, source))
+    args.date = date          # submission.json carries the same date as the folder's name
+    target = record_folder(args.record_dir, args.track, day.isoformat(), args.name)
+    if _folder_in_use(target) and not args.overwrite:
+        raise UsageError("record folder %s already exists and is not empty (--overwrite replaces it)" % target)
+    return target, source
 
 
 def _expand_logs(items):
@@ -1055,6 +1376,9 @@ def main(argv=None, stdout=None):
             existing = {}
         if not isinstance(existing, dict):
             existing = {}
+    target = date_source = None
+    if args.record_dir is not None:
+        target, date_source = _plan_record_folder(args, existing)
 
     runs = []
     for path in logs:
@@ -1062,7 +1386,7 @@ def main(argv=None, stdout=None):
             runs.append(parse_log(path))
         except OSError as e:
             raise UsageError("cannot read %s: %s" % (path, e.strerror or e))
-    check_runs(runs, code)
+    check_runs(runs, code, time_limits=args.track == TIMED_TRACK)
     st = compute_stats(runs, against)
     all_pass = all(run_passes(r) for r in runs)
 
@@ -1084,7 +1408,7 @@ def main(argv=None, stdout=None):
             say("note %s: %s" % (r.run_id, note))
     hw = hardware_label(runs)
     on_8xh100 = bool(re.fullmatch(r"8x .*H100.*", hw))
-    if not on_8xh100:
+    if not on_8xh100 and args.track == TIMED_TRACK:
         say("note: hardware is %s, not 8x H100; the 600 s limits only count on 8x H100" % hw)
     say()
     say(results_table(runs))
@@ -1104,6 +1428,8 @@ def main(argv=None, stdout=None):
         not_record.append("p >= %g or untested" % ALPHA)
     if not on_8xh100:
         not_record.append("not run on 8x H100")
+    if args.track != TIMED_TRACK:
+        not_record.append("track %s" % args.track)
     record_ok = not not_record
     say("verdict: %s; %s" % (
         "all %d run(s) PASS" % len(runs) if all_pass else
@@ -1130,6 +1456,30 @@ def main(argv=None, stdout=None):
             if empty:
                 say("note: fill in %s (flags --%s)" % (", ".join(empty),
                                                        ", --".join(e.replace("_", "-") for e in empty)))
+    if target is not None:
+        if not all_pass:
+            say("record folder NOT written to %s: some run fails a check (--force does not apply: a record "
+                "folder holds passing runs only)" % target)
+        else:
+            sub = build_submission(runs, st, args, code, existing)
+            folder_sub = copy.deepcopy(sub)
+            for entry in folder_sub["seed_results"]:
+                entry["log"] = "train_seed%s.log" % entry["seed"]
+            readme = record_readme(runs, st, sub, code, args.track, script_defaults(code),
+                                   args.hardware or hw, args.dataset or dataset_label(runs))
+            files = {"README.md": readme.encode("utf-8"),
+                     "submission.json": (json.dumps(folder_sub, indent=2) + "\n").encode("utf-8"),
+                     "train_gpt.py": code}
+            for r in runs:
+                files["train_seed%s.log" % r.seed] = r.path
+            write_record_folder(target, files, args.overwrite)
+            say("record folder written: %s (%s)" % (target, ", ".join(sorted(files))))
+            say("  date %s: %s" % (os.path.basename(target)[:10], date_source))
+            if args.track == TIMED_TRACK and not record_ok:
+                say("note: not a record (%s); %s is for record claims, --track %s otherwise"
+                    % (", ".join(not_record), TIMED_TRACK, TRACKS[1]))
+            if not sub.get("blurb"):
+                say("note: README.md's \"What changed\" holds a line for you to replace (or pass --blurb)")
     if not all_pass:
         return 1
     if args.require_record and not record_ok:
