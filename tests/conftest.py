@@ -1,4 +1,4 @@
-"""Shared fixtures: a tiny real-text dataset in the challenge format, built once per test session."""
+"""Shared fixtures: a tiny real-text dataset in the challenge format, built once per pytest session."""
 import inspect
 import os
 import subprocess

@@ -1,4 +1,4 @@
-"""The frontier techniques issue 15 added: gated U-Net skips, the attention output gate, the asymmetric soft-cap, a
+"""The frontier techniques: gated U-Net skips, the attention output gate, the asymmetric soft-cap, a
 growing training context, AWQ-style salient columns, LQER error factors, and the fit ladder."""
 import subprocess
 import sys

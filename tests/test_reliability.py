@@ -162,7 +162,7 @@ def test_a_small_artifact_that_inflates_to_a_gibibyte_is_stopped_at_its_declared
     path = tmp_path / "bomb.pgz"
     path.write_bytes(tg.ARTIFACT_MAGIC + (1000).to_bytes(8, "little") + bytes([0]) + bomb)
     # VmHWM (peak resident memory of this process image) restarts at exec, unlike ru_maxrss, which a child
-    # inherits from a large parent such as this test session.
+    # inherits from a large parent such as this pytest process.
     probe = (f"import re, sys; sys.path.insert(0, {str(REPO)!r}); import train_gpt as tg\n"
              f"try:\n    tg.read_artifact({str(path)!r})\nexcept tg.UserError as e:\n    print(e)\n"
              f"print(int(re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read())[1]) // 1024)")
