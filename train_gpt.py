@@ -70,9 +70,9 @@ class Hyperparameters:
     rope_base: float = 10000.0
     logit_softcap: float = 30.0
     logit_softcap_neg: float = 0.0
-    qk_gain_init: float = 1.5
-    rope_dims: int = 0
-    ln_scale: bool = False
+    qk_gain_init: float = 5.0
+    rope_dims: int = 16  # a quarter of the head (64 at 512 / 8 heads), even; left unset, it follows the head size
+    ln_scale: bool = True
     xsa_last_n: int = 11  # these three: their 11-block values; left unset, they follow NUM_LAYERS (depth_defaults)
     parallel_start: int = 8
     recur_layers: str = "3,4,5"
@@ -94,21 +94,21 @@ class Hyperparameters:
     warmdown_iters: int = 3500
     min_lr_frac: float = 0.1
     # Optimizers.
-    matrix_lr: float = 0.025
-    scalar_lr: float = 0.025
-    tied_embed_lr: float = 0.035
+    matrix_lr: float = 0.026
+    scalar_lr: float = 0.02
+    tied_embed_lr: float = 0.03
     embed_lr: float = 0.6
     head_lr: float = 0.008
-    muon_momentum: float = 0.99
+    muon_momentum: float = 0.97
     muon_momentum_warmup_start: float = 0.92
     muon_momentum_warmup_steps: int = 1500
     muon_backend_steps: int = 5
     muon_ns: str = "polar"
     muon_row_norm: bool = True
     muon_wd: float = 0.095
-    adam_wd: float = 0.04
+    adam_wd: float = 0.085
     beta1: float = 0.9
-    beta2: float = 0.95
+    beta2: float = 0.99
     adam_eps: float = 1e-8
     grad_clip_norm: float = 0.3
     ema_decay: float = 0.9965
@@ -168,7 +168,9 @@ class Hyperparameters:
                     values[f.name] = kind(raw)
             except ValueError:
                 raise UserError(f"{name}={raw!r} is not a valid {kind.__name__}") from None
-        hp = cls(**{**depth_defaults(values.get("num_layers", cls.num_layers)), **values})
+        head_dim = values.get("model_dim", cls.model_dim) // max(1, values.get("num_heads", cls.num_heads))
+        shape = {**depth_defaults(values.get("num_layers", cls.num_layers)), "rope_dims": head_dim // 8 * 2}
+        hp = cls(**{**shape, **values})
         hp.run_id = hp.run_id or uuid.uuid4().hex[:12]
         hp.eval_seq_len = hp.eval_seq_len or hp.train_seq_len
         return hp

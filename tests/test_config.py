@@ -81,6 +81,13 @@ def test_explicit_block_indexed_settings_win_over_the_depth_defaults(monkeypatch
     assert (hp.xsa_last_n, hp.parallel_start, hp.recur_span()) == (6, 3, range(2, 4))  # empty number: its default
 
 
+def test_partial_rope_default_is_a_quarter_of_the_head_unless_set(monkeypatch):
+    assert tg.Hyperparameters.rope_dims == from_env(monkeypatch).rope_dims == 16  # 512 / 8 heads: 16 of 64
+    assert from_env(monkeypatch, MODEL_DIM=96, NUM_HEADS=4).rope_dims == 6  # the record's mini shape: 6 of 24
+    assert from_env(monkeypatch, MODEL_DIM=32, NUM_HEADS=4).rope_dims == 2
+    assert from_env(monkeypatch, MODEL_DIM=96, NUM_HEADS=4, ROPE_DIMS=0).rope_dims == 0  # 0 = the whole head
+
+
 def test_every_depth_from_1_to_12_runs_on_the_default_block_indices(tiny_dataset, tmp_path, monkeypatch, capsys):
     # The tiny corpus with a 2k-token validation shard: each run is 2 steps, an export and two scoring passes.
     write_shard(tmp_path / "fineweb_val_000000.bin",
