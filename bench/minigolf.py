@@ -41,11 +41,16 @@ LOG_COPIES = REPO / "results" / "minigolf" / "logs"
 TABLE_DOC = REPO / "results" / "MINIGOLF.md"
 TABLE_BEGIN, TABLE_END = "<!-- minigolf-table:begin -->", "<!-- minigolf-table:end -->"
 PAIRED_BEGIN, PAIRED_END = "<!-- minigolf-paired:begin -->", "<!-- minigolf-paired:end -->"
+PARITY_BEGIN, PARITY_END = "<!-- minigolf-parity:begin -->", "<!-- minigolf-parity:end -->"
 
 CAP = 1_000_000
 LIMIT_LINE, CAPPED_LINE = "SIZE_LIMIT = 16_000_000", f"SIZE_LIMIT = {CAP:_}"
 # The largest number of whole sp1024 val documents holding at most 500,000 tokens (499,476); the sp8192 cut
-# keeps the same documents, so both vocabularies are scored on the same text and their bits per byte compare.
+# keeps the same documents, so both vocabularies score the same text. Their byte counts still differ: by the
+# official metric (train_gpt.build_byte_tables) the 713 documents are 1,267,741 bytes under sp1024 and 1,269,848
+# under sp8192 (+0.17%), because sp1024 maps some characters to <unk>, which counts 0 bytes. The same total loss
+# thus scores 0.17% higher in bits per byte under sp1024 (~0.0035 at 2.1): a comparison across vocabularies
+# carries that much in sp8192's favour.
 VAL_DOCS, VAL_TOKEN_BUDGET = 713, 500_000
 SMOKE_VAL_DOCS = 40
 SMOKE_ITERATIONS = 8
@@ -67,10 +72,15 @@ SHAPE = dict(NUM_LAYERS=4, MODEL_DIM=128, NUM_HEADS=4, NUM_KV_HEADS=2, TRAIN_SEQ
 # with the width (80 at 512 -> 16 at 128; the update scale is alpha/rank, so its size does not depend on the rank).
 # The evaluation budget stays the script's 570 s: with 300 s a CPU spent half of it compiling and had no time left
 # to adapt a single document (ttt_phases, first run).
-# The `ours` rows leave TTT off (TTT=0, document-aware scoring instead): on this CPU it adds ~7 minutes of evaluation
-# to each 8-minute row, which the session could not afford for 4 runs; its gain is the ttt_phases row's.
+# The `ours` rows leave TTT off (TTT=0, document-aware scoring instead): on this CPU it adds ~8 minutes of evaluation
+# (ttt_phases 503 s, ttt 558 s, against ~35 s) to each row; its gain is measured by the ttt and ttt_phases rows.
+# Since the defaults follow the record's full-scale recipe (results/MINIGOLF.md, decision table), the ours rows pin
+# what they were measured with: partial RoPE, LN scale and QK gain 5 each lost at this shape in our script, and the
+# record's optimizer values are measured here only by the parity rows (ours_fp32_*), one at a time.
+MINI_RECIPE = dict(ROPE_DIMS=0, LN_SCALE=0, QK_GAIN_INIT=1.5, MUON_MOMENTUM=0.99, BETA2=0.95, ADAM_WD=0.04,
+                   MATRIX_LR=0.025, SCALAR_LR=0.025, TIED_EMBED_LR=0.035)
 OURS_BASE = dict(EVAL_SEQ_LEN=512, EVAL_STRIDE=256, VAL_BATCH_SIZE=4096, XSA_LAST_N=4, PARALLEL_START=2,
-                 RECUR_LAYERS="1,2", TTT_LORA_RANK=16, TTT_PREFIX_DOCS=200)
+                 RECUR_LAYERS="1,2", TTT_LORA_RANK=16, TTT_PREFIX_DOCS=200, **MINI_RECIPE)
 OURS_NO_TTT = dict(TTT=0)
 # `plain`: ours before the decision table (the defaults of commit 2ece065), the base of every technique row, so
 # each row still measures one change against the same thing after the defaults moved.
@@ -80,13 +90,24 @@ PLAIN = dict(MLP_MULT=3, XSA_LAST_N=0, PARALLEL_START=-1, RECUR_LAYERS="", RECUR
              LN_SCALE=0, QK_GAIN_INIT=1.5, GPTQ=0, CLIP_MODE="max", BYTE_SHUFFLE=0, AWQ_GROUP=0, LQER_RANK=0,
              DOC_EVAL=0, TTT=0)
 TIME_ITERATIONS = 1_000_000  # equal-wall-clock rows stop on the clock, never on the step count
+# The #1855 record's own code, run by ../shared/anchors/record_mini.sh (which sets the same shape as SHAPE with
+# SP8192 and scales its block indices to 4 blocks), in fp32: on a CPU without native bf16 its bf16 weights make a
+# run take hours, and both sides of the comparison then run the same precision (`ours_fp32`: COMPILE=0 is eager
+# fp32 on a CPU). Its EMA has no warm-up: at 0.9965 it would export weights ~285 steps old, half of this run (the
+# record's 0.9965 spans ~6% of its full-scale run), so it takes 0.985, the decay ours reaches at step 600. The
+# runner sets only the shape; the switches below are the record's own run command (its README), less its
+# CaseOps tokenizer (the proxy is plain sp8192), its `pergroup` compressor (needs lrzip; bytes only) and its TTT.
+RECORD_RUNNER = Path("anchors") / "record_mini.sh"
+RECORD_BASE = dict(RECORD_FP32=1, EMA_DECAY=0.985, SMEAR_GATE_ENABLED=1, SPARSE_ATTN_GATE_ENABLED=1,
+                   SPARSE_ATTN_GATE_SCALE=0.5, GATED_ATTN_QUANT_GATE=1, MIN_LR=0.1, BETA2=0.99, EMBED_BITS=7,
+                   MLP_CLIP_SIGMAS=11.5, EMBED_CLIP_SIGMAS=14.0)
 
 
 @dataclasses.dataclass(frozen=True)
 class Row:
     name: str
     about: str
-    script: str = "ours"  # "ours" or "baseline"
+    script: str = "ours"  # "ours", "baseline" or "record"
     budget: str = "steps"  # "steps": ITERATIONS, no wall clock; "time": the baseline's measured train seconds
     data: str = "sp1024"
     env: dict = dataclasses.field(default_factory=dict)
@@ -103,11 +124,44 @@ GPTQ = dict(GPTQ=1, CLIP_MODE="std", BYTE_SHUFFLE=1, GPTQ_RESERVE_SECONDS=6)
 # At dim 128 the 8192-row embedding alone (1.05 M weights) would overrun the cap: every sp8192 row (the default
 # vocabulary, so `ours` too) takes dim 96 and a 6-bit embedding.
 SP8192 = dict(data="sp8192", MODEL_DIM=96, EMBED_BITS=6)
+# Each difference between the record's run and ours that both scripts can express, measured in both: `record_X` is
+# the record with our value (base `record`), `ours_fp32_X` ours with the record's (base `ours_fp32`), largest
+# expected effect first: (name, what ours has, the record's settings for it, ours' settings for the record's value).
+PARITY = (
+    ("rope_ln_qk", "whole-head RoPE, no LN scale, QK gain 1.5", dict(ROPE_DIMS=0, LN_SCALE=0, QK_GAIN_INIT=1.5),
+     dict(ROPE_DIMS=6, LN_SCALE=1, QK_GAIN_INIT=5)),
+    ("momentum", "Muon momentum 0.99 (record 0.97)", dict(MUON_MOMENTUM=0.99), dict(MUON_MOMENTUM=0.97)),
+    ("lr_floor", "LR floor 0 (record 0.1, clipped; ours 0.1, linear to it)", dict(MIN_LR=0), dict(MIN_LR_FRAC=0)),
+    ("beta2", "Adam beta2 0.95 (record 0.99)", dict(BETA2=0.95), dict(BETA2=0.99)),
+    ("lrs", "LRs matrix 0.025, scalar 0.025, tied embedding 0.035 (record 0.026, 0.02, 0.03)",
+     dict(MATRIX_LR=0.025, SCALAR_LR=0.025, TIED_EMBED_LR=0.035),
+     dict(MATRIX_LR=0.026, SCALAR_LR=0.02, TIED_EMBED_LR=0.03)),
+    ("embed_wd", "embedding weight decay 0.04 (record 0.085)", dict(EMBED_WD=0.04), dict(ADAM_WD=0.085)),
+    ("gptq_calib", "GPTQ calibration 32 batches (record 16)", dict(GPTQ_CALIBRATION_BATCHES=32),
+     dict(GPTQ_CALIB_BATCHES=16)),
+)
+
+
+def parity_rows() -> list[Row]:
+    rows = []
+    for name, ours_has, record_env, ours_env in PARITY:
+        rows.append(row(f"record_{name}", f"record, {name} as ours: {ours_has}", script="record", data="sp8192",
+                        base="record", **record_env))
+        rows.append(row(f"ours_fp32_{name}", f"ours_fp32, {name} as the record's (ours: {ours_has})", base="ours_fp32",
+                        **SP8192, COMPILE=0, WARMUP_STEPS=0, **ours_env))
+    return rows
+
+
 # One line per row; technique rows are `plain` plus one change (export rows: plus GPTQ, which they need).
 ROWS = {r.name: r for r in (
     row("baseline", "official baseline (CPU copy): MLP 2x, int8+zlib, equal steps", script="baseline", base=None),
-    row("ours", "our defaults (the decision table's recipe) at the mini shape, sp8192, dim 96, int6 embedding",
+    row("ours", "our recipe at the mini shape (defaults + MINI_RECIPE), sp8192, dim 96, int6 embedding",
         base=None, **SP8192),
+    row("ours_fp32", "ours in eager fp32 (COMPILE=0), the precision of the record rows", base="record", **SP8192,
+        COMPILE=0, WARMUP_STEPS=0),
+    row("record", "the #1855 record's own code at the mini shape, fp32, TTT off", script="record", data="sp8192",
+        base=None),
+    *parity_rows(),
     row("ours_time", "ours, training wall clock = the baseline's measured train seconds", budget="time", base="ours",
         **SP8192),
     row("plain", "ours before the decision table: every technique below off, MLP 3x", base=None),
@@ -300,14 +354,27 @@ def prepare_baseline(shared: Path, work: Path) -> Path:
     return out
 
 
+def prepare_record(shared: Path) -> Path:
+    """The record runner; it writes the record's CPU copy into each run's folder itself."""
+    runner = shared / RECORD_RUNNER
+    if not runner.is_file():
+        raise HarnessError(f"{runner} not found: the record rows need ../shared/anchors (pass --shared DIR)")
+    try:
+        import brotli  # noqa: F401  (the record compresses its artifact with it)
+    except ImportError:
+        raise HarnessError("the record rows need brotli: pip install brotli (requirements-dev.txt)") from None
+    return runner
+
+
 def setting_names(shared: Path | None) -> set[str]:
-    """Every environment variable either script reads as a setting, so none leaks in from the caller's shell."""
+    """Every environment variable any of the scripts reads as a setting, so none leaks in from the caller's shell."""
     source = (REPO / "train_gpt.py").read_text(encoding="utf-8")
     block = source[source.index("class Hyperparameters"):source.index("def from_env")]
     names = {m.upper() for m in re.findall(r"^    (\w+): \w+ = ", block, re.M)}
-    baseline = shared / "anchors" / "official_baseline_train_gpt.py" if shared else None
-    if baseline and baseline.exists():
-        names |= set(re.findall(r'os\.environ\.get\(\s*"([A-Z0-9_]+)"', baseline.read_text(encoding="utf-8")))
+    for anchor in ("official_baseline_train_gpt.py", "record_1855_train_gpt.py"):
+        path = shared / "anchors" / anchor if shared else None
+        if path and path.exists():
+            names |= set(re.findall(r'os\.environ\.get\(\s*"([A-Z0-9_]+)"', path.read_text(encoding="utf-8")))
     return names - {"RANK", "WORLD_SIZE", "LOCAL_RANK"}
 
 
@@ -328,12 +395,15 @@ def ours_settings(r: Row) -> dict:
 
 def row_env(r: Row, seed: int, run_id: str, data: Path, shared: Path, threads: int, compile_: int,
             warmup: int, smoke: bool, iterations: int | None, wallclock: float | None) -> dict:
-    env = {k: str(v) for k, v in SHAPE.items()}
-    if r.script == "ours":
-        env.update(ours_settings(r), COMPILE=str(compile_))
-    env.update(WARMUP_STEPS=str(warmup), DATA_PATH=str(data), TOKENIZER_PATH=str(tokenizer(shared, r.data)),
-               VOCAB_SIZE=str(VOCABS[r.data]), RUN_ID=run_id, SEED=str(seed),
-               OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    if r.script == "record":  # the runner sets the shape, data, seed and run id itself
+        env = {k: str(v) for k, v in RECORD_BASE.items()}
+    else:
+        env = {k: str(v) for k, v in SHAPE.items()}
+        if r.script == "ours":
+            env.update(ours_settings(r), COMPILE=str(compile_))
+        env.update(WARMUP_STEPS=str(warmup), DATA_PATH=str(data), TOKENIZER_PATH=str(tokenizer(shared, r.data)),
+                   VOCAB_SIZE=str(VOCABS[r.data]), RUN_ID=run_id, SEED=str(seed))
+    env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     if smoke:
         n = iterations or SMOKE_ITERATIONS
         env.update(ITERATIONS=str(n), WARMDOWN_ITERS=str(max(1, n // 3)),
@@ -404,9 +474,46 @@ def parse_baseline(text: str) -> dict:
     return out
 
 
+def parse_record(text: str) -> dict:
+    """The record's score with TTT off is its own `diagnostic quantized` line (the reloaded artifact, each document
+    scored alone); its train seconds come from the last step line's tokens per second (finer than its minutes)."""
+    out = dict(val_bpb=None, val_loss=None, bytes_code=None, bytes_model=None, bytes_total=None, steps=None,
+               train_s=None, eval_s=None, val_tokens=None, val_sha256=None)
+    steps = re.findall(r"^(\d+)/\d+ train_loss: \S+ train_time: \S+ tok/s: (\d+)", text, re.M)
+    batch = re.findall(r"^\s*train_batch_tokens: (\d+)", text, re.M)
+    if steps and batch:
+        out.update(steps=int(steps[-1][0]), train_s=int(steps[-1][0]) * int(batch[-1]) / int(steps[-1][1]))
+    for key, pattern in (("bytes_model", r"^Serialized model quantized\+\w+: (\d+) bytes"),
+                         ("bytes_code", r"^Code size \(compressed\): (\d+) bytes"),
+                         ("bytes_total", r"^Total submission size quantized\+\w+: (\d+) bytes"),
+                         ("val_tokens", r"^val_tokens: (\d+)")):
+        if found := re.findall(pattern, text, re.M):
+            out[key] = int(found[-1])
+    if final := record_eval(text, "diagnostic quantized"):
+        out.update(val_loss=final[0], val_bpb=final[1], eval_s=final[2])
+    return out
+
+
+def record_eval(text: str, label: str) -> tuple[float, float, float] | None:
+    """(val_loss, val_bpb, seconds) of the record's last `label val_loss:.. val_bpb:.. eval_time:..ms` line."""
+    found = re.findall(rf"^{re.escape(label)} val_loss:(\S+) val_bpb:(\S+) eval_time:(\d+)ms", text, re.M)
+    return (float(found[-1][0]), float(found[-1][1]), int(found[-1][2]) / 1000) if found else None
+
+
+PARSERS = dict(ours=parse_ours, baseline=parse_baseline, record=parse_record)
+
+
 def paired_measures(text: str) -> dict | None:
     """What export and the final scoring mode each do to one run's own model: far less noisy across seeds than the
     score itself, so they resolve export and evaluation rows. None when the log lacks a line (the baseline's)."""
+    if (quantized := record_eval(text, "diagnostic quantized")) is not None:
+        # The record with TTT off submits `diagnostic quantized`; its gain is the sliding add-on's (cross-document).
+        pre, sliding = record_eval(text, "diagnostic pre-quantization post-ema"), record_eval(
+            text, "quantized_sliding_window")
+        if not (pre and sliding):
+            return None
+        return dict(pre_export=pre[1], export_penalty=quantized[1] - pre[1], eval_gain=sliding[1] - quantized[1],
+                    eval_mode="sliding_xdoc")
     pre, roundtrip, final = (_last(text, key) for key in ("pre_export_exact", "final_roundtrip_exact",
                                                           "final_submission"))
     if not (pre and roundtrip and final):
@@ -440,7 +547,21 @@ def machine() -> dict:
         boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
     except OSError:
         boot = None
-    return dict(cpu=cpu, cores=os.cpu_count(), hostname=socket.gethostname(), boot_id=boot)
+    return dict(cpu=cpu, cores=os.cpu_count(), hostname=socket.gethostname(), boot_id=boot, bf16=cpu_has_bf16())
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (train_gpt.py's own test): without it a compiled bf16 run is 12-75x
+    slower and compiles in fp32 instead, so results of the two kinds are never compared with each other."""
+    done = subprocess.run([sys.executable, "-c", "import torch; print(torch.ops.mkldnn._is_mkldnn_bf16_supported())"],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        raise HarnessError(f"cannot ask torch whether this CPU has bf16: {last_line(done.stderr)}")
+    return done.stdout.strip() == "True"
+
+
+def cpu_kind(rec: dict) -> str:
+    return "native bf16" if rec["machine"]["bf16"] else "no native bf16"
 
 
 def git_state() -> dict:
@@ -495,7 +616,7 @@ def other_cores(action) -> float | None:
 
 
 def execute(cmd: list[str], cwd: Path, env: dict, log: Path, timeout: float) -> tuple[int, float]:
-    """Run one training process in its own session, so a timeout stops it and its children and nothing else."""
+    """Run one training process in its own process group, so a timeout stops it and its children and nothing else."""
     start = time.perf_counter()
     with open(log, "wb") as out:
         proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
@@ -529,13 +650,15 @@ def cmd_run(args: argparse.Namespace) -> int:
                            f"{results}: add the `baseline` row or pass --wallclock SECONDS")
     if args.dry_run:
         scripts = dict(ours=work / "code" / ("train_gpt_capped.py" if args.no_pack else "train_gpt_packed.py"),
-                       baseline=work / "code" / "baseline_cpu.py")
+                       baseline=work / "code" / "baseline_cpu.py", record=shared / RECORD_RUNNER)
     else:
         scripts = {}
         if any(r.script == "ours" for r in rows):
             scripts["ours"] = prepare_ours(work, pack=not args.no_pack)
         if any(r.script == "baseline" for r in rows):
             scripts["baseline"] = prepare_baseline(shared, work)
+        if any(r.script == "record" for r in rows):
+            scripts["record"] = prepare_record(shared)
         for variant in sorted({r.data for r in rows}):
             info = ensure_data(shared, work, variant, args.smoke, args.threads)
             print(f"data {variant}: {info['val_docs']} val docs, {info['val_tokens']:,} val tokens "
@@ -556,6 +679,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         env = row_env(r, seed, run_id, data_dir(work, r.data, args.smoke), shared, args.threads, args.compile, warmup,
                       args.smoke, args.iterations, wallclock if wallclock is not None else math.nan)
         cmd = [sys.executable, str(scripts[r.script])]
+        if r.script == "record":
+            cmd = ["bash", str(scripts["record"]), str(data_dir(work, r.data, args.smoke)), str(seed),
+                   str(work / "runs" / run_id), *(f"{k}={v}" for k, v in env.items())]
         if args.dry_run:
             shown = " ".join(f"{k}={v}" for k, v in env.items())
             if wallclock is None and r.budget == "time":
@@ -566,7 +692,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         budget = f"{r.budget}, {wallclock:.1f} s" if wallclock else r.budget
         print(f"[{i}/{len(plan)}] {r.name} seed {seed} ({r.script}, {budget}): "
               f"log {work / 'runs' / run_id / 'output.txt'}", flush=True)
-        record = run_one(r, seed, cmd, work / "runs" / run_id, {**inherited, **env}, env, args)
+        code = shared / "anchors" / "record_1855_train_gpt.py" if r.script == "record" else scripts[r.script]
+        record = run_one(r, seed, cmd, code, work / "runs" / run_id, {**inherited, **env}, env, args)
         record.update(wallclock_s=wallclock, machine=host)
         results.parent.mkdir(parents=True, exist_ok=True)
         with open(results, "a", encoding="utf-8") as f:
@@ -584,7 +711,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
-def run_one(r: Row, seed: int, cmd: list[str], cwd: Path, full_env: dict, env: dict,
+def run_one(r: Row, seed: int, cmd: list[str], code: Path, cwd: Path, full_env: dict, env: dict,
             args: argparse.Namespace) -> dict:
     """Run one row/seed in its own folder and turn its output into a record."""
     cwd.mkdir(parents=True, exist_ok=True)
@@ -598,8 +725,10 @@ def run_one(r: Row, seed: int, cmd: list[str], cwd: Path, full_env: dict, env: d
     ran: list = []
     busy_during = other_cores(lambda: ran.extend(execute(cmd, cwd, full_env, log, args.timeout)))
     exit_code, wall = ran
+    if r.script == "record":  # the runner prints a summary; the record's console log is train.log
+        log = cwd / "train.log" if (cwd / "train.log").exists() else log
     text = log.read_text(encoding="utf-8", errors="replace")
-    parsed = (parse_ours if r.script == "ours" else parse_baseline)(text)
+    parsed = PARSERS[r.script](text)
     record = dict(
         row=r.name, seed=seed, script=r.script, budget=r.budget, data=r.data, smoke=args.smoke,
         val_bpb=parsed["val_bpb"], val_loss=parsed["val_loss"], bytes_code=parsed["bytes_code"],
@@ -610,7 +739,7 @@ def run_one(r: Row, seed: int, cmd: list[str], cwd: Path, full_env: dict, env: d
         exit_code=exit_code,
         error=f"timeout after {args.timeout:.0f} s" if exit_code == 124 else error_line(text, exit_code, parsed),
         val_tokens=parsed["val_tokens"], val_sha256=parsed["val_sha256"], **git_state(),
-        packed=r.script == "ours" and not args.no_pack, code_sha16=sha16(Path(cmd[-1])), date=date, machine=None,
+        packed=r.script == "ours" and not args.no_pack, code_sha16=sha16(code), date=date, machine=None,
         threads=args.threads, other_cores=None if busy_during is None else round(busy_during, 2),
         run_id=cwd.name, log=str(log), env=env)
     if not args.smoke and log.stat().st_size <= LOG_COPY_MAX_BYTES:
@@ -764,6 +893,31 @@ def paired_table(records: list[dict], read_log=log_copy) -> str:
     return "\n".join(lines)
 
 
+def parity_table(summary: list[dict]) -> str:
+    """Each difference measured in both scripts: the record moved to our value, ours moved to the record's. Where
+    one change helps one script and hurts the other, the two implementations differ."""
+    lines = {s["row"]: s for s in summary}
+
+    def cell(name: str) -> str:
+        s = lines.get(name)
+        if not s or s["vs_base"] is None:
+            return "not run"
+        d, noise = s["vs_base"]
+        same = s["vs_base_seeds"]
+        return (f"{d:+.4f}" + (f" ± {noise:.4f}" if noise is not None else "") + f" (n={s['n']})"
+                + (f"; same seeds {same[0]:+.4f}" + (f" ± {same[1]:.4f}" if same[1] is not None else "")
+                   if same and s["n"] > 1 else ""))
+
+    out = ["| difference (ours' side) | record → ours' value (Δ vs `record`) | ours → the record's value "
+           "(Δ vs `ours_fp32`) |", "| --- | --- | --- |",
+           f"| all of them: `ours_fp32` against `record` | | {cell('ours_fp32')} |"]
+    out += [f"| {name}: {ours_has} | {cell('record_' + name)} | {cell('ours_fp32_' + name)} |"
+            for name, ours_has, _, _ in PARITY]
+    out += ["", "Δ as in the main table: difference of means ± its standard error; n = runs of the row. A negative "
+            "record Δ says our value helps the record; a negative ours Δ says the record's value helps ours."]
+    return "\n".join(out)
+
+
 def replace_section(doc: str, table: str, begin: str = TABLE_BEGIN, end: str = TABLE_END) -> str:
     """The document with the text between the markers replaced (markers appended when absent)."""
     block = f"{begin}\n{table}\n{end}"
@@ -778,14 +932,22 @@ def cmd_table(args: argparse.Namespace) -> int:
     records = [r for r in read_results(results) if not r.get("smoke") or args.results]
     if not records:
         raise HarnessError(f"no runs recorded in {results}")
-    table, paired = render_table(summarize(records), records), paired_table(records)
-    print(table, paired, sep="\n\n")
+    kinds: dict[str, list[dict]] = {}
+    for rec in records:
+        kinds.setdefault(cpu_kind(rec), []).append(rec)
+    # Runs of the two kinds of CPU never meet in one comparison: one table of each per kind.
+    heading = (lambda kind: f"CPU with {kind}:\n\n") if len(kinds) > 1 else (lambda kind: "")
+    table = "\n\n".join(heading(k) + render_table(summarize(rs), rs) for k, rs in sorted(kinds.items()))
+    paired = "\n\n".join(heading(k) + paired_table(rs) for k, rs in sorted(kinds.items()))
+    parity = "\n\n".join(heading(k) + parity_table(summarize(rs)) for k, rs in sorted(kinds.items()))
+    print(table, paired, parity, sep="\n\n")
     if args.write:
         doc = args.doc.read_text(encoding="utf-8") if args.doc.exists() else (
             "# Mini-golf results\n\nThe Parameter Golf rules scaled down to a 2-core CPU (bench/README.md, Mini-golf): "
             f"code + model <= {CAP:,} bytes, proxy data, the official baseline run side by side. Written by "
             "`python3 bench/minigolf.py table` from results/minigolf/runs.jsonl.\n")
         doc = replace_section(replace_section(doc, table), paired, PAIRED_BEGIN, PAIRED_END)
+        doc = replace_section(doc, parity, PARITY_BEGIN, PARITY_END)
         args.doc.write_text(doc, encoding="utf-8")
         print(f"updated {args.doc}")
     return 0
@@ -804,8 +966,9 @@ def cmd_rows(args: argparse.Namespace) -> int:
 
 
 def cmd_sizes(args: argparse.Namespace) -> int:
-    """Artifact size with every weight Gaussian: near the size of a briefly trained model (NOTES.md: trained
-    17.52 MB against 18.11 MB Gaussian at the default shape), so an estimate that errs on the large side."""
+    """Artifact size with every weight Gaussian: near the size of a briefly trained model (trained 17.52 MB against
+    18.11 MB Gaussian at the old default shape, results/proxy_trained_size.md), so an estimate that errs on the large
+    side."""
     rows = resolve_rows(args.rows or [n for n, r in ROWS.items() if r.script == "ours"])
     extra = dict(kv.split("=", 1) for kv in args.set)
     code = prepare_ours(args.work, pack=not args.no_pack)

@@ -43,6 +43,25 @@ final_int8_zlib_roundtrip val_loss:5.8410 val_bpb:3.3526 eval_time:839ms
 final_int8_zlib_roundtrip_exact val_loss:5.84095716 val_bpb:3.35256486
 """
 
+# The record's console log (its own formats; numbers of a short run), trimmed to what the parser reads or must skip.
+RECORD_LOG = """\
+Hyperparameters:
+  train_batch_tokens: 8192
+  ttt_enabled: False
+val_tokens: 31891
+1/8 train_loss: 9.0110 train_time: 0.0m tok/s: 1024
+8/8 train_loss: 8.1234 train_time: 0.9m tok/s: 1200
+peak memory allocated: 0 MiB reserved: 0 MiB
+diagnostic pre-quantization post-ema val_loss:7.10000000 val_bpb:4.10000000 eval_time:5100ms
+Serialized model: 2200000 bytes
+Code size (uncompressed): 158429 bytes
+Code size (compressed): 33411 bytes
+Serialized model quantized+brotli: 1199484 bytes
+Total submission size quantized+brotli: 1232895 bytes
+diagnostic quantized val_loss:7.12000000 val_bpb:4.11000000 eval_time:4800ms
+quantized_sliding_window val_loss:7.09000000 val_bpb:4.09500000 eval_time:9000ms
+"""
+
 
 def docs(*lengths: int) -> np.ndarray:
     """Documents of the given lengths, each [BOS] + tokens that are never BOS."""
@@ -113,7 +132,7 @@ def test_ours_runs_the_defaults_and_technique_rows_run_plain_plus_one_change(tmp
 
 def test_every_row_is_well_formed():
     for r in mg.ROWS.values():
-        assert r.script in ("ours", "baseline") and r.budget in ("steps", "time") and r.data in mg.VOCABS, r.name
+        assert r.script in mg.PARSERS and r.budget in ("steps", "time") and r.data in mg.VOCABS, r.name
         assert all(k.isupper() for k in r.env), r.name
 
 
@@ -157,6 +176,38 @@ def test_parse_ours_keeps_the_bytes_of_an_oversize_run_and_its_error():
     p = mg.parse_ours(text)
     assert p["val_bpb"] is None and p["bytes_total"] == 598162 and p["steps"] == 8
     assert mg.error_line(text, 2, p).startswith("error: artifact total")
+
+
+def test_parse_record_takes_its_own_final_score_with_ttt_off():
+    parsed = mg.parse_record(RECORD_LOG)
+    assert parsed["val_bpb"] == 4.11 and parsed["val_loss"] == 7.12 and parsed["eval_s"] == 4.8
+    assert (parsed["bytes_model"], parsed["bytes_code"], parsed["bytes_total"]) == (1_199_484, 33_411, 1_232_895)
+    # 8 steps of 8,192 tokens at 1,200 tokens/s: 54.6 s, where its own minutes say only 0.9.
+    assert parsed["steps"] == 8 and parsed["train_s"] == pytest.approx(8 * 8192 / 1200)
+    assert parsed["val_tokens"] == 31891
+
+
+def test_parse_record_of_a_crash_has_no_score():
+    crashed = mg.parse_record(RECORD_LOG.split("Serialized model:")[0] + "Traceback (most recent call last):\n")
+    assert crashed["val_bpb"] is None and crashed["bytes_total"] is None and crashed["steps"] == 8
+
+
+def test_record_paired_measures_are_its_export_penalty_and_the_sliding_add_on():
+    m = mg.paired_measures(RECORD_LOG)
+    assert m["pre_export"] == 4.1 and m["export_penalty"] == pytest.approx(0.01)
+    assert m["eval_gain"] == pytest.approx(-0.015) and m["eval_mode"] == "sliding_xdoc"
+
+
+def test_record_rows_pass_their_settings_to_the_runner_and_nothing_of_ours(tmp_path):
+    kw = dict(run_id="r", data=tmp_path, shared=tmp_path, threads=1, compile_=1, warmup=2, smoke=False,
+              iterations=None, wallclock=None)
+    env = mg.row_env(mg.ROWS["record"], 1, **kw)
+    assert env == {**{k: str(v) for k, v in mg.RECORD_BASE.items()}, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    assert "NUM_LAYERS" not in env and "COMPILE" not in env and env["SMEAR_GATE_ENABLED"] == "1"
+    smoke = mg.row_env(mg.ROWS["record"], 1, **{**kw, "smoke": True, "iterations": 6})
+    assert smoke["ITERATIONS"] == "6" and smoke["RECORD_FP32"] == "1"
+    fp32 = mg.row_env(mg.ROWS["ours_fp32"], 1, **kw)
+    assert fp32["COMPILE"] == "0" and fp32["WARMUP_STEPS"] == "0" and mg.ROWS["ours_fp32"].base == "record"
 
 
 def test_parse_baseline():
@@ -211,6 +262,18 @@ def test_summary_rows_deltas_and_failures():
     table = mg.render_table(mg.summarize(records), records)
     assert "| xsa | ours | steps | sp1024 | 2 (+1 failed) | 1.9800 ± 0.0141 | -0.0300 ± 0.0141 (plain) |  | -0.1300 ± 0.0141 | " in table
     assert "1,000,001 OVER" in table
+
+
+def test_runs_of_cpus_with_and_without_native_bf16_are_never_compared(tmp_path, capsys):
+    native, emulated = (dict(cpu="cpu", cores=2, hostname="vm", boot_id="b", bf16=flag) for flag in (True, False))
+    runs = [record("plain", 2.00, machine=native), record("plain", 2.02, machine=native),
+            record("xsa", 1.99, machine=emulated), record("xsa", 1.97, machine=emulated)]
+    results = tmp_path / "runs.jsonl"
+    results.write_text("".join(mg.json.dumps(r) + "\n" for r in runs))
+    assert mg.main(["table", "--results", str(results), "--no-write"]) == 0
+    out = capsys.readouterr().out
+    assert "CPU with native bf16:" in out and "CPU with no native bf16:" in out
+    assert "(plain)" not in out  # xsa's base ran on the other kind of CPU: no delta
 
 
 def test_same_seed_delta_sees_a_shift_that_the_seed_spread_hides():
