@@ -2,6 +2,8 @@
 import sys
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 import gpu_check  # noqa: E402
 
@@ -29,3 +31,16 @@ def test_fields_of_the_last_line_of_an_event():
     assert gpu_check.fields(LOG, "compile") == dict(graphs="9", graph_breaks="0")
     assert gpu_check.fields(LOG, "runtime")["attention"] == "fa3"
     assert gpu_check.fields(LOG, "no_such_event") == {}
+
+
+RECORD_LOG = """  train_batch_tokens: 786432
+10/100000 train_loss: 7.1000 train_time: 0.0m tok/s: 6000000
+20/100000 train_loss: 6.5000 train_time: 0.0m tok/s: 6400000
+peak memory allocated: 41000 MiB reserved: 42000 MiB
+"""
+
+
+def test_record_progress_takes_its_time_from_tokens_per_second():
+    points = gpu_check.record_progress(RECORD_LOG, 786432)
+    assert [(s, round(ms, 3), loss) for s, ms, loss in points] == [(10, 1310.72, 7.1), (20, 2457.6, 6.5)]
+    assert gpu_check.steady_ms(points) == pytest.approx((2457.6 - 1310.72) / 10)
