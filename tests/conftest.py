@@ -14,6 +14,12 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # A worker per core (pytest.ini): each computes on one thread, and so do the runs it starts, or two workers'
+    # OpenMP threads would fight over the cores.
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+
 TINY_VOCAB = 512
 
 
