@@ -433,6 +433,15 @@ def _last(text: str, prefix: str) -> dict | None:
     return _pairs(found[-1]) if found else None
 
 
+PARSED = ("val_bpb", "val_loss", "bytes_code", "bytes_model", "bytes_total", "steps", "train_s", "eval_s", "val_tokens",
+          "val_sha256")
+
+
+def last_ints(text: str, **patterns: str) -> dict:
+    """For each key, the integer its pattern's group captures on the last matching line (absent if none)."""
+    return {key: int(found[-1]) for key, pattern in patterns.items() if (found := re.findall(pattern, text, re.M))}
+
+
 def _ms(value: str | None) -> float | None:
     return None if value is None else float(value.removesuffix("ms")) / 1000
 
@@ -440,8 +449,7 @@ def _ms(value: str | None) -> float | None:
 def parse_ours(text: str) -> dict:
     """Score and bytes from `final_submission` (the reloaded artifact's score); bytes also from `artifact`, which an
     oversize run still logs before it stops."""
-    out = dict(val_bpb=None, val_loss=None, bytes_code=None, bytes_model=None, bytes_total=None, steps=None,
-               train_s=None, eval_s=None, val_tokens=None, val_sha256=None)
+    out = dict.fromkeys(PARSED)
     if art := _last(text, "artifact"):
         out.update({k: int(art[k]) for k in ("bytes_code", "bytes_model", "bytes_total")})
     if done := _last(text, "train_done"):
@@ -458,17 +466,14 @@ def parse_ours(text: str) -> dict:
 def parse_baseline(text: str) -> dict:
     """The baseline's score is `final_int8_zlib_roundtrip_exact` (its reloaded int8+zlib artifact); its last
     `step:N/M ...` line carries the training time (the final pre-export validation excluded)."""
-    out = dict(val_bpb=None, val_loss=None, bytes_code=None, bytes_model=None, bytes_total=None, steps=None,
-               train_s=None, eval_s=None, val_tokens=None, val_sha256=None)
+    out = dict.fromkeys(PARSED)
     steps = re.findall(r"^step:(\d+)/\d+ .*?train_time:(\d+)ms", text, re.M)
     if steps:
         out.update(steps=int(steps[-1][0]), train_s=int(steps[-1][1]) / 1000)
-    for key, pattern in (("bytes_model", r"^Serialized model int8\+zlib: (\d+) bytes"),
-                         ("bytes_code", r"^Code size: (\d+) bytes"),
-                         ("bytes_total", r"^Total submission size int8\+zlib: (\d+) bytes"),
-                         ("val_tokens", r"^val_loader:.* tokens:(\d+)")):
-        if found := re.findall(pattern, text, re.M):
-            out[key] = int(found[-1])
+    out.update(last_ints(text, bytes_model=r"^Serialized model int8\+zlib: (\d+) bytes",
+                         bytes_code=r"^Code size: (\d+) bytes",
+                         bytes_total=r"^Total submission size int8\+zlib: (\d+) bytes",
+                         val_tokens=r"^val_loader:.* tokens:(\d+)"))
     if final := _last(text, "final_int8_zlib_roundtrip_exact"):
         out.update(val_bpb=float(final["val_bpb"]), val_loss=float(final["val_loss"]))
     if rt := _last(text, "final_int8_zlib_roundtrip"):
@@ -479,18 +484,15 @@ def parse_baseline(text: str) -> dict:
 def parse_record(text: str) -> dict:
     """The record's score with TTT off is its own `diagnostic quantized` line (the reloaded artifact, each document
     scored alone); its train seconds come from the last step line's tokens per second (finer than its minutes)."""
-    out = dict(val_bpb=None, val_loss=None, bytes_code=None, bytes_model=None, bytes_total=None, steps=None,
-               train_s=None, eval_s=None, val_tokens=None, val_sha256=None)
+    out = dict.fromkeys(PARSED)
     steps = re.findall(r"^(\d+)/\d+ train_loss: \S+ train_time: \S+ tok/s: (\d+)", text, re.M)
     batch = re.findall(r"^\s*train_batch_tokens: (\d+)", text, re.M)
     if steps and batch:
         out.update(steps=int(steps[-1][0]), train_s=int(steps[-1][0]) * int(batch[-1]) / int(steps[-1][1]))
-    for key, pattern in (("bytes_model", r"^Serialized model quantized\+\w+: (\d+) bytes"),
-                         ("bytes_code", r"^Code size \(compressed\): (\d+) bytes"),
-                         ("bytes_total", r"^Total submission size quantized\+\w+: (\d+) bytes"),
-                         ("val_tokens", r"^val_tokens: (\d+)")):
-        if found := re.findall(pattern, text, re.M):
-            out[key] = int(found[-1])
+    out.update(last_ints(text, bytes_model=r"^Serialized model quantized\+\w+: (\d+) bytes",
+                         bytes_code=r"^Code size \(compressed\): (\d+) bytes",
+                         bytes_total=r"^Total submission size quantized\+\w+: (\d+) bytes",
+                         val_tokens=r"^val_tokens: (\d+)"))
     if final := record_eval(text, "diagnostic quantized"):
         out.update(val_loss=final[0], val_bpb=final[1], eval_s=final[2])
     return out
