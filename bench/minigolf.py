@@ -409,7 +409,7 @@ def row_env(r: Row, seed: int, run_id: str, data: Path, shared: Path, threads: i
     if smoke:
         n = iterations or SMOKE_ITERATIONS
         env.update(ITERATIONS=str(n), WARMDOWN_ITERS=str(max(1, n // 3)),
-                   MUON_MOMENTUM_WARMUP_STEPS=str(max(1, n // 6)))
+                   MUON_MOMENTUM_WARMUP_STEPS=str(max(1, n // 6)), TRAIN_LOG_EVERY="1")  # every step: the last too
     env.update(r.env)
     if r.budget == "time":
         env.update(ITERATIONS=str(TIME_ITERATIONS), MAX_WALLCLOCK_SECONDS=f"{wallclock:.1f}")
