@@ -1,8 +1,8 @@
 """The GPU path rehearsed on a CPU: torch.compile (inductor, fullgraph, static shapes) with bf16 autocast and a bf16
-residual stream, on one rank and on two ranks under DDP, with every architecture option on.
+residual stream, with every architecture option on (two ranks under DDP: test_compiled_ddp.py).
 
 Compiling on a CPU is slow (the graphs below take about two minutes from a cold cache), so one compiled run serves
-several tests, and the two-rank run uses the same per-rank shapes so its model graphs come from the cache."""
+several tests; the two-rank run is in test_compiled_ddp.py, so the test runner's two workers build both at once."""
 import pytest
 
 import train_gpt as tg
@@ -81,23 +81,3 @@ def test_compiled_bf16_losses_match_the_eager_fp32_run(runs):
     for event in ("pre_export_exact", "final_roundtrip_exact", "final_ttt_exact"):
         assert float(parse_line(runs["compiled"], event)["val_loss"]) == pytest.approx(
             float(parse_line(runs["eager"], event)["val_loss"]), abs=BF16_LOSS_TOLERANCE)
-
-
-def test_two_rank_compiled_run_trains_the_compiled_model_under_ddp(tiny_dataset, tmp_path, runs, monkeypatch):
-    # Same per-rank shapes as the one-rank run: micro-batches of 256 tokens, 128 scoring windows per rank.
-    env = tiny_env(tiny_dataset, "compiled2", COMPILE=1, VAL_BATCH_SIZE=16384, **EVERY_OPTION)
-    result = run_train(tmp_path, env, nproc=2, timeout=900)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    out = result.stdout
-    assert "world_size:2" in out and parse_line(out, "compile")["graph_breaks"] == "0"
-    # Rank 0 orthogonalises only the matrices it owns, one batch (and one graph) per shape among them.
-    for key, value in env.items():
-        monkeypatch.setenv(key, value)
-    hp = tg.Hyperparameters.from_env()
-    rank0_muon = tg.build_optimizers(tg.GPT(hp), hp, 0, 2, fused=False)[0]
-    assert int(parse_line(out, "compile")["graphs"]) == TRAIN_GRAPHS + len(rank0_muon.owned) + SCORE_GRAPHS
-    assert parse_line(out, "eval_warmup_done")["compiled_graphs"] == parse_line(out, "compile")["graphs"]
-    # Same global batches, so the same model up to reduction order (train_loss is rank 0's half: not comparable).
-    for event in ("pre_export_exact", "final_ttt_exact"):
-        assert float(parse_line(out, event)["val_loss"]) == pytest.approx(
-            float(parse_line(runs["compiled"], event)["val_loss"]), abs=BF16_LOSS_TOLERANCE)
