@@ -1434,6 +1434,8 @@ class DocumentAdapters:
                    for _, n_in, _ in self.sites]
         self.a = [torch.zeros(docs, rank, n_in, device=device, requires_grad=True) for _, n_in, _ in self.sites]
         self.b = [torch.zeros(docs, n_out, rank, device=device, requires_grad=True) for _, _, n_out in self.sites]
+        for t in self.a + self.b:  # fixed shapes: as symbols they would multiply the dynamic graphs' compile time
+            torch._dynamo.mark_static(t)
         self.opt = torch.optim.AdamW(self.a + self.b, lr=hp.ttt_lr, betas=(0.0, 0.99), eps=1e-10,
                                      weight_decay=hp.ttt_wd)
 
@@ -1722,6 +1724,11 @@ class Trainer:
     def __init__(self, hp: Hyperparameters, rank: int, world_size: int, device: torch.device, log: Logger):
         self.hp, self.rank, self.world_size, self.device, self.log = hp, rank, world_size, device, log
         self.model = GPT(hp, bf16=uses_bf16(hp, device)).to(device)
+        # The model's autocast region is traced into its graphs, which AOTAutograd (torch <= 2.13) then never caches,
+        # so every run traced and partitioned every graph again; its enter and exit depend on their arguments only,
+        # which the cache key holds (pytorch/pytorch#191106, fixed upstream the same way).
+        for name in ("_enter_autocast", "_exit_autocast"):
+            torch._inductor.config.unsafe_marked_cacheable_functions[f"torch.amp.autocast_mode.{name}"] = torch.__version__
         compiled = torch.compile(self.model, dynamic=False, fullgraph=True) if hp.compile else self.model
         ddp_devices = [device.index] if device.type == "cuda" else None
         # The only buffers (rotary frequencies) are equal on every rank: broadcasting them each step is waste.
