@@ -2043,19 +2043,22 @@ def warm_up_evaluation(model: GPT, scorer: nn.Module, hp: Hyperparameters, table
     TTT budget. The evaluation's own functions first run on a few random documents of awkward lengths (1 and 2
     targets, a chunk and one, more than a window): dynamic shapes still specialise sizes 0 and 1, and graphs first
     built on the evaluation's clock once cost a CPU run 20 s past its budget. A global TTT phase runs twice on them
-    too (the second timed), and its update is undone: the evaluation starts from the artifact's weights."""
+    too (the second timed), and its update is undone: the evaluation starts from the artifact's weights. An eager
+    model (COMPILE=0) has nothing to build: each full-size call runs once, timed."""
     seq, stride = hp.eval_seq_len, hp.eval_stride or hp.eval_seq_len
+    calls = 2 if hp.compile else 1
     lengths = np.array([seq + stride + 1, hp.ttt_chunk_tokens + 1, 2, 1])
     stream = np.random.default_rng(0).integers(BOS_ID + 1, hp.vocab_size, int(lengths.sum()) + 1)
     stream[np.concatenate(([0], np.cumsum(lengths)[:-1]))] = BOS_ID
     starts, counts = document_spans(stream)
     sums, docs = torch.zeros(3, dtype=torch.float64, device=device), torch.from_numpy(stream).to(device)
-    score_windows(scorer, docs, tables, *plan_document_windows(starts, counts, seq, stride),
-                  hp.val_batch_size // world_size, sums)
+    if hp.compile:
+        score_windows(scorer, docs, tables, *plan_document_windows(starts, counts, seq, stride),
+                      hp.val_batch_size // world_size, sums)
     rows = {"score": max(2, hp.val_batch_size // (seq * world_size)), "adapt": hp.ttt_batch_docs}
     tokens = torch.randint(0, hp.vocab_size, (max(rows.values()) * seq + 1,), device=device)
     adapters = DocumentAdapters(model, hp, hp.ttt_batch_docs, device) if hp.ttt else None
-    if hp.ttt:
+    if hp.ttt and hp.compile:
         adapters.attach()
         adapt_batch(scorer, adapters, docs, tables, starts[:hp.ttt_batch_docs], counts[:hp.ttt_batch_docs], hp, sums,
                     None)
@@ -2063,7 +2066,7 @@ def warm_up_evaluation(model: GPT, scorer: nn.Module, hp: Hyperparameters, table
     rates = {}
     if hp.ttt and hp.ttt_phases:
         kept = [p.detach().clone() for p in model.parameters()]
-        for attempt in range(2):
+        for attempt in range(calls):
             synchronize(device)
             t = time.perf_counter()
             trained = train_on_scored(model, scorer, docs, starts, counts, hp, rank, world_size)
@@ -2075,7 +2078,7 @@ def warm_up_evaluation(model: GPT, scorer: nn.Module, hp: Hyperparameters, table
     for mode in ("score", "adapt") if hp.ttt else ("score",):
         begins = torch.arange(rows[mode], device=device) * seq
         x, y, _ = window_batch(tokens, begins, torch.full_like(begins, seq), torch.zeros_like(begins), seq)
-        for attempt in range(2):  # the first call compiles, the second is timed
+        for attempt in range(calls):  # the first of two compiles, the last is timed
             synchronize(device)
             t = time.perf_counter()
             if mode == "score":
