@@ -157,7 +157,7 @@ def test_train_gpt_trains_on_the_data_tools_demo_dataset(tiny_dataset, tmp_path)
                            capture_output=True, text=True, timeout=300)
     assert built.returncode == 0, built.stderr[-2000:]
     env = tiny_env(tiny_dataset, "ondemo", DATA_PATH=demo, TOKENIZER_PATH=demo / "tokenizer.model", VOCAB_SIZE=1024,
-                   ITERATIONS=6, EVAL_STRIDE=0, VAL_BATCH_SIZE=65536)
+                   NUM_LAYERS=2, ITERATIONS=6, EVAL_STRIDE=0, VAL_BATCH_SIZE=65536)
     result = run_train(tmp_path, env)
     assert result.returncode == 0, result.stderr[-2000:]
     assert float(parse_line(result.stdout, "final_submission")["val_bpb"]) > 0
