@@ -226,7 +226,7 @@ def read_shard(path: Path) -> np.ndarray:
 def write_shard(path: Path, tokens: np.ndarray) -> None:
     header = np.zeros(HEADER_INTS, "<i4")
     header[:3] = (SHARD_MAGIC, SHARD_VERSION, tokens.size)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # runs started side by side each write their own
     tmp.write_bytes(header.tobytes() + tokens.astype("<u2").tobytes())
     tmp.replace(path)
 
@@ -301,9 +301,12 @@ def ensure_data(shared: Path, work: Path, variant: str, smoke: bool, threads: in
     if not train:
         raise HarnessError(f"no {variant} train shard found")
     for old in folder.glob("fineweb_train_*.bin"):
-        old.unlink()
-    for shard in train:
-        (folder / shard.name).symlink_to(shard.resolve())
+        if old.name not in {shard.name for shard in train}:
+            old.unlink()
+    for shard in train:  # swapped in whole, so a run started beside this one never sees a shard missing
+        link = folder / f"{shard.name}.{os.getpid()}.tmp"
+        link.symlink_to(shard.resolve())
+        link.replace(folder / shard.name)
     full = read_shard(proxy / variant / "fineweb_val_000000.bin")
     if variant == "sp1024" and whole_docs_within(full, VAL_TOKEN_BUDGET) != VAL_DOCS:
         raise HarnessError(f"the proxy val split changed: {whole_docs_within(full, VAL_TOKEN_BUDGET)} whole documents "

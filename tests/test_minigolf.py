@@ -1,5 +1,6 @@
 """bench/minigolf.py: the pure parts (val cut, run order, log parsers, statistics, the size-limit rewrite)."""
 import math
+import multiprocessing
 import statistics
 import sys
 from pathlib import Path
@@ -97,6 +98,32 @@ def test_shard_round_trip_and_bad_header(tmp_path):
     path.write_bytes(path.read_bytes()[:-2])
     with pytest.raises(mg.HarnessError, match="size does not match"):
         mg.read_shard(path)
+
+
+def _prepare_data_repeatedly(shared: Path, work: Path, val_docs: int) -> None:
+    mg.VAL_DOCS = val_docs  # the fake proxy's split; the real one is checked against 713
+    for _ in range(25):
+        mg.ensure_data(shared, work, "sp1024", True, 1)
+
+
+def test_runs_started_side_by_side_prepare_the_same_data_folder_without_a_race(tmp_path):
+    shared = tmp_path / "shared"
+    (shared / "anchors").mkdir(parents=True)
+    proxy = shared / "data" / "proxy" / "sp1024"
+    proxy.mkdir(parents=True)
+    mg.write_shard(proxy / "fineweb_train_000000.bin", docs(*[50] * 40))
+    val_lengths = range(2, 2 + mg.SMOKE_VAL_DOCS + 10)
+    mg.write_shard(proxy / "fineweb_val_000000.bin", docs(*val_lengths))
+    ctx = multiprocessing.get_context("spawn")
+    workers = [ctx.Process(target=_prepare_data_repeatedly, args=(shared, tmp_path / "work", len(val_lengths))) for _ in range(2)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(60)
+    assert [w.exitcode for w in workers] == [0, 0]
+    folder = mg.data_dir(tmp_path / "work", "sp1024", True)
+    assert sorted(p.name for p in folder.iterdir()) == ["fineweb_train_000000.bin", "fineweb_val_000000.bin"]
+    assert mg.read_shard(folder / "fineweb_val_000000.bin").tolist() == docs(*range(2, 2 + mg.SMOKE_VAL_DOCS)).tolist()
 
 
 # ---------------------------------------------------------------------------- plan
