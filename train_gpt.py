@@ -2052,17 +2052,17 @@ def warm_up_evaluation(model: GPT, scorer: nn.Module, hp: Hyperparameters, table
     stream[np.concatenate(([0], np.cumsum(lengths)[:-1]))] = BOS_ID
     starts, counts = document_spans(stream)
     sums, docs = torch.zeros(3, dtype=torch.float64, device=device), torch.from_numpy(stream).to(device)
+    adapters = DocumentAdapters(model, hp, hp.ttt_batch_docs, device) if hp.ttt else None
     if hp.compile:
         score_windows(scorer, docs, tables, *plan_document_windows(starts, counts, seq, stride),
                       hp.val_batch_size // world_size, sums)
+        if hp.ttt:
+            adapters.attach()
+            adapt_batch(scorer, adapters, docs, tables, starts[:hp.ttt_batch_docs], counts[:hp.ttt_batch_docs], hp,
+                        sums, None)
+            adapters.detach()
     rows = {"score": max(2, hp.val_batch_size // (seq * world_size)), "adapt": hp.ttt_batch_docs}
     tokens = torch.randint(0, hp.vocab_size, (max(rows.values()) * seq + 1,), device=device)
-    adapters = DocumentAdapters(model, hp, hp.ttt_batch_docs, device) if hp.ttt else None
-    if hp.ttt and hp.compile:
-        adapters.attach()
-        adapt_batch(scorer, adapters, docs, tables, starts[:hp.ttt_batch_docs], counts[:hp.ttt_batch_docs], hp, sums,
-                    None)
-        adapters.detach()
     rates = {}
     if hp.ttt and hp.ttt_phases:
         kept = [p.detach().clone() for p in model.parameters()]

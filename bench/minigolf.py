@@ -300,8 +300,9 @@ def ensure_data(shared: Path, work: Path, variant: str, smoke: bool, threads: in
              else build_sp8192_train(shared, work, threads))
     if not train:
         raise HarnessError(f"no {variant} train shard found")
+    names = {shard.name for shard in train}
     for old in folder.glob("fineweb_train_*.bin"):
-        if old.name not in {shard.name for shard in train}:
+        if old.name not in names:
             old.unlink()
     for shard in train:  # swapped in whole, so a run started beside this one never sees a shard missing
         link = folder / f"{shard.name}.{os.getpid()}.tmp"

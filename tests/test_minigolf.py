@@ -115,7 +115,8 @@ def test_runs_started_side_by_side_prepare_the_same_data_folder_without_a_race(t
     val_lengths = range(2, 2 + mg.SMOKE_VAL_DOCS + 10)
     mg.write_shard(proxy / "fineweb_val_000000.bin", docs(*val_lengths))
     ctx = multiprocessing.get_context("spawn")
-    workers = [ctx.Process(target=_prepare_data_repeatedly, args=(shared, tmp_path / "work", len(val_lengths))) for _ in range(2)]
+    workers = [ctx.Process(target=_prepare_data_repeatedly, args=(shared, tmp_path / "work", len(val_lengths)))
+               for _ in range(2)]
     for w in workers:
         w.start()
     for w in workers:
