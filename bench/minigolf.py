@@ -903,7 +903,8 @@ def paired_table(records: list[dict], read_log=log_copy) -> str:
 
 def parity_table(summary: list[dict]) -> str:
     """Each difference measured in both scripts: the record moved to our value, ours moved to the record's. Where
-    one change helps one script and hurts the other, the two implementations differ."""
+    one change helps one script and hurts the other, the two implementations differ. A pair run on one seed is read
+    by its same-seed difference: against the base's mean it would carry that seed's own offset."""
     lines = {s["row"]: s for s in summary}
 
     def cell(name: str) -> str:
@@ -914,7 +915,7 @@ def parity_table(summary: list[dict]) -> str:
         same = s["vs_base_seeds"]
         return (f"{d:+.4f}" + (f" ± {noise:.4f}" if noise is not None else "") + f" (n={s['n']})"
                 + (f"; same seeds {same[0]:+.4f}" + (f" ± {same[1]:.4f}" if same[1] is not None else "")
-                   if same and s["n"] > 1 else ""))
+                   if same else ""))
 
     out = ["| difference (ours' side) | record → ours' value (Δ vs `record`) | ours → the record's value "
            "(Δ vs `ours_fp32`) |", "| --- | --- | --- |",

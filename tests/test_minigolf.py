@@ -315,6 +315,13 @@ def test_same_seed_delta_sees_a_shift_that_the_seed_spread_hides():
     assert line["vs_base_seeds"][0] == pytest.approx(-0.003)
 
 
+def test_a_parity_pair_on_one_seed_is_read_against_the_same_seed_of_its_base():
+    records = [record("record", b, script="record", seed=k) for k, b in ((1337, 1.954), (42, 1.943), (2025, 1.946))]
+    records.append(record("record_momentum", 1.950, script="record", seed=1337))
+    table = mg.parity_table(mg.summarize(records))
+    assert "+0.0023 (n=1); same seeds -0.0040 |" in table  # the seed's offset flips the sign of the mean difference
+
+
 def test_table_section_is_replaced_between_markers_only():
     doc = f"# Title\n\nintro\n\n{mg.TABLE_BEGIN}\nold\n{mg.TABLE_END}\n\nnotes stay\n"
     new = mg.replace_section(doc, "| new |")
