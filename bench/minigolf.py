@@ -1051,7 +1051,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--results", type=Path, default=None,
                      help=f"JSON lines file (default {DEFAULT_RESULTS.relative_to(REPO)}; "
                           "with --smoke WORK/smoke_runs.jsonl)")
-    run.add_argument("--timeout", type=float, default=1800, help="seconds before a run is stopped")
+    # A guard against hung runs, not a budget: fp32 record rows at one thread, two side by side, took up to 89 minutes.
+    run.add_argument("--timeout", type=float, default=3 * 3600, help="seconds before a run is stopped")
     run.add_argument("--smoke", action="store_true",
                      help=f"harness check: {SMOKE_ITERATIONS} steps, {SMOKE_VAL_DOCS} val docs, separate results file")
     run.add_argument("--iterations", type=int, default=None, help="with --smoke: steps instead of the default")

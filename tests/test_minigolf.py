@@ -322,6 +322,12 @@ def test_a_parity_pair_on_one_seed_is_read_against_the_same_seed_of_its_base():
     assert "+0.0023 (n=1); same seeds -0.0040 |" in table  # the seed's offset flips the sign of the mean difference
 
 
+def test_the_default_timeout_outlasts_every_recorded_run_twice():
+    runs = [mg.json.loads(line) for line in (mg.REPO / "results" / "minigolf" / "runs.jsonl").read_text().splitlines()]
+    slowest = max(r["wall_s"] for r in runs if r.get("wall_s"))
+    assert mg.build_parser().parse_args(["run", "ours"]).timeout >= 2 * slowest
+
+
 def test_table_section_is_replaced_between_markers_only():
     doc = f"# Title\n\nintro\n\n{mg.TABLE_BEGIN}\nold\n{mg.TABLE_END}\n\nnotes stay\n"
     new = mg.replace_section(doc, "| new |")
