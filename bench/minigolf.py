@@ -834,12 +834,15 @@ def summarize(records: list[dict]) -> list[dict]:
     return out
 
 
+def format_delta(d: tuple[float, float | None] | None) -> str:
+    """A (difference, standard error) pair as table text; the error is left out where one side has a single run."""
+    return "" if d is None else f"{d[0]:+.4f}" + (f" ± {d[1]:.4f}" if d[1] is not None else "")
+
+
 def render_table(summary: list[dict], records: list[dict]) -> str:
     def num(x, fmt):
         return "" if x is None else format(x, fmt)
 
-    def diff(d):
-        return "" if d is None else f"{d[0]:+.4f}" + (f" ± {d[1]:.4f}" if d[1] is not None else "")
 
     lines = ["| row | script | budget | data | n | val_bpb mean ± std | Δ vs base | Δ vs base, same seeds | Δ vs baseline "
              f"| bytes_total (cap {CAP:,}) | s/step | train s | eval s |",
@@ -850,9 +853,9 @@ def render_table(summary: list[dict], records: list[dict]) -> str:
             f" ± {s['std']:.4f}" if s["std"] is not None else "")
         size = "" if s["bytes_total"] is None else f"{s['bytes_total']:,}" + ("" if s["fits"] else " OVER")
         lines.append(f"| {s['row']} | {s['script']} | {s['budget']} | {s['data']} | {n} | {score} | "
-                     f"{diff(s['vs_base'])}{' (' + s['base'] + ')' if s['vs_base'] else ''} | "
-                     f"{diff(s['vs_base_seeds'])} | {diff(s['vs_baseline'])} | {size} | {num(s['s_per_step'], '.3f')} | "
-                     f"{num(s['train_s'], '.1f')} | {num(s['eval_s'], '.1f')} |")
+                     f"{format_delta(s['vs_base'])}{' (' + s['base'] + ')' if s['vs_base'] else ''} | "
+                     f"{format_delta(s['vs_base_seeds'])} | {format_delta(s['vs_baseline'])} | {size} | "
+                     f"{num(s['s_per_step'], '.3f')} | {num(s['train_s'], '.1f')} | {num(s['eval_s'], '.1f')} |")
     hosts = sorted({f"{r['machine']['cpu']} x{r['machine']['cores']} ({r['machine']['hostname']}), "
                     f"{r['threads']} threads" for r in records})
     lines += ["", "Δ: difference of means ± its standard error (sqrt(s²/n + s_ref²/n_ref)); same seeds: mean of the "
@@ -911,11 +914,8 @@ def parity_table(summary: list[dict]) -> str:
         s = lines.get(name)
         if not s or s["vs_base"] is None:
             return "not run"
-        d, noise = s["vs_base"]
         same = s["vs_base_seeds"]
-        return (f"{d:+.4f}" + (f" ± {noise:.4f}" if noise is not None else "") + f" (n={s['n']})"
-                + (f"; same seeds {same[0]:+.4f}" + (f" ± {same[1]:.4f}" if same[1] is not None else "")
-                   if same else ""))
+        return f"{format_delta(s['vs_base'])} (n={s['n']})" + (f"; same seeds {format_delta(same)}" if same else "")
 
     out = ["| difference (ours' side) | record → ours' value (Δ vs `record`) | ours → the record's value "
            "(Δ vs `ours_fp32`) |", "| --- | --- | --- |",
