@@ -843,7 +843,6 @@ def render_table(summary: list[dict], records: list[dict]) -> str:
     def num(x, fmt):
         return "" if x is None else format(x, fmt)
 
-
     lines = ["| row | script | budget | data | n | val_bpb mean ± std | Δ vs base | Δ vs base, same seeds | Δ vs baseline "
              f"| bytes_total (cap {CAP:,}) | s/step | train s | eval s |",
              "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
