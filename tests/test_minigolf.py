@@ -238,6 +238,16 @@ def test_record_rows_pass_their_settings_to_the_runner_and_nothing_of_ours(tmp_p
     assert fp32["COMPILE"] == "0" and fp32["WARMUP_STEPS"] == "0" and mg.ROWS["ours_fp32"].base == "record"
 
 
+def test_each_ours_parity_row_changes_only_its_own_settings_against_its_base(tmp_path):
+    kw = dict(run_id="r", data=tmp_path, shared=tmp_path, threads=1, compile_=0, warmup=0, smoke=False,
+              iterations=None, wallclock=None)
+    base = mg.row_env(mg.ROWS[mg.ROWS["ours_fp32_momentum"].base], 1, **kw)
+    for name, _, _, ours_env in mg.PARITY:
+        env = mg.row_env(mg.ROWS[f"ours_fp32_{name}"], 1, **kw)
+        changed = {k: v for k, v in env.items() if base.get(k) != v}
+        assert changed == {k: str(v) for k, v in ours_env.items()}, name
+
+
 def test_parse_baseline():
     p = mg.parse_baseline(BASELINE_LOG)
     assert p["val_bpb"] == 3.35256486 and p["val_loss"] == 5.84095716  # the _exact roundtrip line
