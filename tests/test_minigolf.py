@@ -241,9 +241,9 @@ def test_record_rows_pass_their_settings_to_the_runner_and_nothing_of_ours(tmp_p
 def test_each_ours_parity_row_changes_only_its_own_settings_against_its_base(tmp_path):
     kw = dict(run_id="r", data=tmp_path, shared=tmp_path, threads=1, compile_=0, warmup=0, smoke=False,
               iterations=None, wallclock=None)
-    base = mg.row_env(mg.ROWS[mg.ROWS["ours_fp32_momentum"].base], 1, **kw)
     for name, _, _, ours_env in mg.PARITY:
-        env = mg.row_env(mg.ROWS[f"ours_fp32_{name}"], 1, **kw)
+        row = mg.ROWS[f"ours_fp32_{name}"]
+        env, base = mg.row_env(row, 1, **kw), mg.row_env(mg.ROWS[row.base], 1, **kw)
         changed = {k: v for k, v in env.items() if base.get(k) != v}
         assert changed == {k: str(v) for k, v in ours_env.items()}, name
 
