@@ -136,22 +136,26 @@ def test_interleaving_runs_seed_by_seed_with_baseline_rows_first():
     assert plan == [("baseline", 1337), ("ours", 1337), ("xsa", 1337), ("baseline", 42), ("ours", 42), ("xsa", 42)]
 
 
+def env_args(tmp_path, **changes) -> dict:
+    """row_env's keyword arguments for a full steps run: 2 threads, eager, no warm-up, unless changed."""
+    return dict(run_id="r", data=tmp_path, shared=tmp_path, threads=2, compile_=0, warmup=0, smoke=False,
+                iterations=None, wallclock=None) | changes
+
+
 def test_row_env_budgets_and_per_script_settings(tmp_path):
-    kw = dict(run_id="r", data=tmp_path, shared=tmp_path, threads=2, compile_=0, warmup=0, smoke=False,
-              iterations=None)
-    base = mg.row_env(mg.ROWS["baseline"], 1, wallclock=None, **kw)
+    kw = env_args(tmp_path)
+    base = mg.row_env(mg.ROWS["baseline"], 1, **kw)
     assert "EVAL_STRIDE" not in base and "COMPILE" not in base and "MLP_MULT" not in base
     assert base["ITERATIONS"] == "600" and base["MAX_WALLCLOCK_SECONDS"] == "0" and base["OMP_NUM_THREADS"] == "2"
-    timed = mg.row_env(mg.ROWS["ours_time"], 1, wallclock=287.04, **kw)
+    timed = mg.row_env(mg.ROWS["ours_time"], 1, **{**kw, "wallclock": 287.04})
     assert timed["MAX_WALLCLOCK_SECONDS"] == "287.0"
     assert int(timed["ITERATIONS"]) >= 100_000 and timed["COMPILE"] == "0"
-    sp = mg.row_env(mg.ROWS["sp8192"], 1, wallclock=None, **kw)
+    sp = mg.row_env(mg.ROWS["sp8192"], 1, **kw)
     assert sp["VOCAB_SIZE"] == "8192" and sp["TOKENIZER_PATH"].endswith("fineweb_8192_bpe.model")
 
 
 def test_ours_runs_the_defaults_and_technique_rows_run_plain_plus_one_change(tmp_path):
-    kw = dict(run_id="r", data=tmp_path, shared=tmp_path, threads=2, compile_=0, warmup=0, smoke=False,
-              iterations=None, wallclock=None)
+    kw = env_args(tmp_path)
     ours, plain, smear = (mg.row_env(mg.ROWS[n], 1, **kw) for n in ("ours", "plain", "smear"))
     assert "SMEAR" not in ours and ours["TTT"] == "0" and ours["VOCAB_SIZE"] == "8192"
     assert plain["SMEAR"] == "0" and plain["MLP_MULT"] == "3" and plain["VOCAB_SIZE"] == "1024"
@@ -227,8 +231,7 @@ def test_record_paired_measures_are_its_export_penalty_and_the_sliding_add_on():
 
 
 def test_record_rows_pass_their_settings_to_the_runner_and_nothing_of_ours(tmp_path):
-    kw = dict(run_id="r", data=tmp_path, shared=tmp_path, threads=1, compile_=1, warmup=2, smoke=False,
-              iterations=None, wallclock=None)
+    kw = env_args(tmp_path, threads=1, compile_=1, warmup=2)
     env = mg.row_env(mg.ROWS["record"], 1, **kw)
     assert env == {**{k: str(v) for k, v in mg.RECORD_BASE.items()}, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     assert "NUM_LAYERS" not in env and "COMPILE" not in env and env["SMEAR_GATE_ENABLED"] == "1"
@@ -239,8 +242,7 @@ def test_record_rows_pass_their_settings_to_the_runner_and_nothing_of_ours(tmp_p
 
 
 def test_each_ours_parity_row_changes_only_its_own_settings_against_its_base(tmp_path):
-    kw = dict(run_id="r", data=tmp_path, shared=tmp_path, threads=1, compile_=0, warmup=0, smoke=False,
-              iterations=None, wallclock=None)
+    kw = env_args(tmp_path, threads=1)
     for name, _, _, ours_env in mg.PARITY:
         row = mg.ROWS[f"ours_fp32_{name}"]
         env, base = mg.row_env(row, 1, **kw), mg.row_env(mg.ROWS[row.base], 1, **kw)
