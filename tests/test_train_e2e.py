@@ -58,6 +58,7 @@ def test_artifact_on_disk_is_what_was_scored(two_rank_run):
     cwd, out = two_rank_run
     artifact = parse_line(out, "artifact")
     assert (cwd / artifact["path"]).stat().st_size == int(artifact["bytes_model"])
+    assert hashlib.sha256((cwd / artifact["path"]).read_bytes()).hexdigest() == artifact["sha256"]
     assert not list((cwd / "artifacts").glob("*.tmp*"))
 
 

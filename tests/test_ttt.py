@@ -218,9 +218,9 @@ def test_with_no_time_left_ttt_stops_adapting_and_scores_every_document_window(t
     assert (loss, bpb) == pytest.approx(plain, rel=1e-7)  # the same windows, batched differently
 
 
-def simulated_ttt(tokens, monkeypatch, rates):
+def simulated_ttt(tokens, monkeypatch, rates, **overrides):
     """TTT on a simulated clock with a 0.55 s budget where adapting a batch takes its token cost at 1,440 tokens/s
-    (scoring is free). Returns the clock, the stats and the log lines."""
+    (scoring and phases are free). Returns the clock, the stats and the log lines."""
     class SimulatedClock:
         seconds, now = 0.55, 0.0
 
@@ -235,8 +235,8 @@ def simulated_ttt(tokens, monkeypatch, rates):
 
     monkeypatch.setattr(tg, "adapt_batch", timed_adapt)
     lines, model = [], fresh_model()
-    _, _, stats = tg.evaluate_ttt(model, model, tokens, byte_tables(VOCAB), hp(ttt_phases=0), 0, 1, clock, rates,
-                                  lines.append)
+    _, _, stats = tg.evaluate_ttt(model, model, tokens, byte_tables(VOCAB), hp(**{"ttt_phases": 0, **overrides}), 0,
+                                  1, clock, rates, lines.append)
     return clock, stats, lines
 
 
@@ -253,6 +253,29 @@ def test_rates_that_flatter_the_machine_are_corrected_after_one_round(tokens, mo
     clock, stats, lines = simulated_ttt(tokens, monkeypatch, RATES)
     assert stats["docs_adapted"] == 3 and lines[0].startswith("ttt_stop reason:budget docs_adapted:3 ")
     assert clock.now <= clock.seconds
+
+
+def test_a_round_that_ends_a_phase_still_corrects_the_rates(tokens, monkeypatch):
+    """The first round ends the only phase (after 3 documents): how far it ran behind the flattering rates must
+    still stop the second round, as it does without phases."""
+    clock, stats, lines = simulated_ttt(tokens, monkeypatch, RATES, ttt_phases=1, ttt_prefix_docs=3)
+    assert stats["docs_adapted"] == 3 and stats["phases"] == 1 and clock.now <= clock.seconds
+    assert any(line.startswith("ttt_stop reason:budget docs_adapted:3 ") for line in lines)
+
+
+def test_once_adapting_stops_the_rest_is_scored_in_full_size_batches(tokens, monkeypatch):
+    """The rest is scored at the batch shape whose rate the budget was planned with (VAL_BATCH_SIZE tokens), in
+    one pass over every remaining document, not a small TTT batch at a time."""
+    calls, real = [], tg.score_windows
+
+    def recorded(model, tokens_, tables, starts, lengths, first_scored, batch_tokens, *rest):
+        calls.append((starts.size, batch_tokens))
+        real(model, tokens_, tables, starts, lengths, first_scored, batch_tokens, *rest)
+
+    monkeypatch.setattr(tg, "score_windows", recorded)
+    per_target, (_, _, stats) = ttt_scores(tokens, seconds=0.0)
+    assert stats["docs_adapted"] == 0 and not per_target.isnan().any()
+    assert len(calls) == 1 and calls[0][1] == hp().val_batch_size
 
 
 def test_a_chunk_longer_than_the_scoring_window_is_refused_at_start_up():
