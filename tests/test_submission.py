@@ -573,6 +573,33 @@ def test_one_sided_ttest_matches_scipy(d):
     assert abs(ours["t"] - ref.statistic) < 1e-6 and abs(ours["p"] - ref.pvalue) < 1e-6
 
 
+# The tool's t-test as the hand-written Student t (a continued fraction for the incomplete beta function) computed
+# it before scipy replaced it, recorded at commit 42f57d3: (d, t, p) for the sets of improvements above, and
+# (--against, t, p) for the committed logs/cpu_demo_s*.txt (submission.json: p_value 0.017396, t 5.220262).
+RECORDED_TTESTS = [
+    ([0.010, 0.012, 0.009], 6.047431568147633, 0.013135504439852343),
+    ([0.006, 0.004, 0.0051, 0.007], 0.8209557939927525, 0.23591569413386565),
+    ([0.02, -0.01, 0.03, 0.0, 0.011], 0.735097072389308, 0.2515263590287671),
+    ([0.0049, 0.0052], 0.3333333333333315, 0.3975836176504339),
+]
+RECORDED_COMMITTED = [
+    ("val_loss=4.70", 5.220262440168167, 0.017395970721558438),
+    ("val_bpb=2.98", 4.9215815731569394, 0.019446135716681398),
+]
+
+
+@pytest.mark.parametrize("d, t, p", RECORDED_TTESTS)
+def test_t_test_repeats_the_recorded_values(d, t, p):
+    got = sub.one_sided_ttest(d, 0.005)
+    assert got["t"] == pytest.approx(t, rel=1e-9) and got["p"] == pytest.approx(p, rel=1e-9)
+
+
+@pytest.mark.parametrize("against, t, p", RECORDED_COMMITTED)
+def test_t_test_of_the_committed_logs_repeats_the_recorded_values(against, t, p):
+    st = sub.compute_stats([sub.parse_log(path) for path in COMMITTED], sub.parse_against(against))
+    assert st["test"]["t"] == pytest.approx(t, rel=1e-9) and st["test"]["p"] == pytest.approx(p, rel=1e-9)
+
+
 def test_ttest_edge_cases():
     assert sub.one_sided_ttest([0.1])["p"] is None                   # one run: no test
     assert sub.one_sided_ttest([0.1, 0.1])["p"] == 0.0               # no spread, above the margin
