@@ -17,7 +17,7 @@ Exit status: 0 every run is complete and passes every check; 1 some run fails
 a check or is incomplete (or, with --require-record, the set is not a record);
 2 usage error (one line starting with "error:").
 
-Standard library only; --plot needs matplotlib (pip install matplotlib).
+Needs scipy (the t-test) and, for --plot, matplotlib: pip install -r requirements-dev.txt.
 See tools/README.md.
 """
 
@@ -40,6 +40,11 @@ import shutil
 import sys
 import tempfile
 from collections import Counter
+
+try:
+    from scipy.stats import ttest_1samp
+except ModuleNotFoundError:  # a dependency of the tools, never of train_gpt.py
+    sys.exit("error: scipy is not installed: pip install -r requirements-dev.txt")
 
 LIMIT_BYTES = 16_000_000
 LIMIT_TRAIN_S = 600.0
@@ -90,68 +95,8 @@ class UsageError(Exception):
 
 
 # --------------------------------------------------------------------------
-# Student t distribution (no scipy): regularized incomplete beta function by
-# its continued fraction, evaluated with the modified Lentz method.
+# Statistics
 # --------------------------------------------------------------------------
-
-def _beta_cf(a: float, b: float, x: float) -> float:
-    tiny = 1e-300
-    c = 1.0
-    d = 1.0 - (a + b) * x / (a + 1.0)
-    d = 1.0 / (d if abs(d) > tiny else tiny)
-    h = d
-    for m in range(1, 2000):
-        # even step: d_{2m} = m (b - m) x / ((a + 2m - 1)(a + 2m))
-        num = m * (b - m) * x / ((a + 2 * m - 1.0) * (a + 2 * m))
-        d = 1.0 + num * d
-        d = 1.0 / (d if abs(d) > tiny else tiny)
-        c = 1.0 + num / c
-        c = c if abs(c) > tiny else tiny
-        h *= d * c
-        # odd step: d_{2m+1} = -(a + m)(a + b + m) x / ((a + 2m)(a + 2m + 1))
-        num = -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1.0))
-        d = 1.0 + num * d
-        d = 1.0 / (d if abs(d) > tiny else tiny)
-        c = 1.0 + num / c
-        c = c if abs(c) > tiny else tiny
-        step = d * c
-        h *= step
-        if abs(step - 1.0) < 1e-15:
-            break
-    return h
-
-
-def betainc_reg(a: float, b: float, x: float) -> float:
-    """I_x(a, b), the regularized incomplete beta function."""
-    if not (a > 0 and b > 0):
-        raise ValueError("betainc_reg needs a > 0 and b > 0")
-    if x <= 0.0:
-        return 0.0
-    if x >= 1.0:
-        return 1.0
-    log_front = (math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b)
-                 + a * math.log(x) + b * math.log1p(-x))
-    front = math.exp(log_front)
-    if x < (a + 1.0) / (a + b + 2.0):
-        return front * _beta_cf(a, b, x) / a
-    return 1.0 - front * _beta_cf(b, a, 1.0 - x) / b
-
-
-def t_sf(t: float, df: float) -> float:
-    """P(T > t) for Student's t with df degrees of freedom."""
-    if math.isnan(t):
-        return float("nan")
-    if t == math.inf:
-        return 0.0
-    if t == -math.inf:
-        return 1.0
-    tail = 0.5 * betainc_reg(df / 2.0, 0.5, df / (df + t * t))
-    return tail if t > 0 else 1.0 - tail
-
-
-def t_cdf(t: float, df: float) -> float:
-    return 1.0 - t_sf(t, df)
-
 
 def mean_std(xs):
     n = len(xs)
@@ -164,7 +109,7 @@ def mean_std(xs):
 
 
 def one_sided_ttest(d, margin=MARGIN_NATS):
-    """H0: mean(d) <= margin against H1: mean(d) > margin.
+    """H0: mean(d) <= margin against H1: mean(d) > margin (scipy's one-sample t-test, alternative "greater").
 
     t = (mean(d) - margin) / (std(d, ddof=1) / sqrt(n)), p = P(T_{n-1} > t).
     Returns a dict with n, mean, std, t, df, p (t and p are None when n < 2).
@@ -174,12 +119,12 @@ def one_sided_ttest(d, margin=MARGIN_NATS):
     out = {"n": n, "mean": m, "std": s, "t": None, "df": n - 1, "p": None}
     if n < 2:
         return out
-    if s == 0.0:
+    if s == 0.0:  # scipy answers nan without a spread; the sign of mean - margin settles it
         t = math.inf if m > margin else (-math.inf if m < margin else 0.0)
         p = 0.0 if m > margin else 1.0
     else:
-        t = (m - margin) / (s / math.sqrt(n))
-        p = t_sf(t, n - 1)
+        result = ttest_1samp(d, margin, alternative="greater")
+        t, p = float(result.statistic), float(result.pvalue)
     out.update(t=t, p=p)
     return out
 
