@@ -36,6 +36,8 @@ ITERATIONS = 12
 _spec = importlib.util.spec_from_file_location("submission_tool", TOOL)
 sub = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(sub)
+sys.path.insert(0, str(TOOL.parent))
+from submit import checks, logfile, record_folder, stats  # noqa: E402  (the tool's modules, beside it)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -140,7 +142,7 @@ def table_row(out: str, run_id: str) -> str:
 def test_parse_real_logs(real_runs):
     code = TRAIN.read_bytes()
     for seed, log in zip(SEEDS, real_runs.logs):
-        run = sub.parse_log(log)
+        run = logfile.parse_log(log)
         assert run.status == "complete", run.problem
         assert (run.run_id, run.seed) == (f"demo_s{seed}", seed)
         assert run.steps == ITERATIONS and run.total_steps == ITERATIONS
@@ -161,9 +163,9 @@ def test_parse_real_logs(real_runs):
 
 
 def test_three_seeds_pass_with_stats_and_submission_json(real_runs, tmp_path):
-    runs = [sub.parse_log(p) for p in real_runs.logs]
+    runs = [logfile.parse_log(p) for p in real_runs.logs]
     losses = [r.val_loss for r in runs]
-    m, s = sub.mean_std(losses)
+    m, s = stats.mean_std(losses)
     ref = m + 0.005 + 20 * s / math.sqrt(3)          # t = 20 by construction: p < 0.01 with df = 2
     out_json = tmp_path / "submission.json"
     rc, out = run_tool(*real_runs.logs, "--code", TRAIN, "--against", f"val_loss={ref!r}", "--write", out_json,
@@ -204,7 +206,7 @@ def test_record_needs_8xh100_logs(real_runs, tmp_path):
         t = sub_field(t, "env", "device_name", "NVIDIA_H100_80GB_HBM3")
         return sub_field(t, "env", "world_size", 8)
     logs = [doctor(p, tmp_path / p.name, h100) for p in real_runs.logs]
-    m, s = sub.mean_std([sub.parse_log(p).val_loss for p in logs])
+    m, s = stats.mean_std([logfile.parse_log(p).val_loss for p in logs])
     rc, out = run_tool(*logs, "--code", TRAIN, "--against", f"val_loss={m + 0.005 + 20 * s / math.sqrt(3)!r}",
                        "--require-record")
     assert rc == 0, out
@@ -212,7 +214,7 @@ def test_record_needs_8xh100_logs(real_runs, tmp_path):
 
 
 def test_not_significant_and_require_record(real_runs):
-    m, _ = sub.mean_std([sub.parse_log(p).val_loss for p in real_runs.logs])
+    m, _ = stats.mean_std([logfile.parse_log(p).val_loss for p in real_runs.logs])
     args = [*real_runs.logs, "--code", TRAIN, "--against", f"val_loss={m + 0.005!r}"]
     rc, out = run_tool(*args)
     assert rc == 0 and "p < 0.01: NO" in out and "record: NO" in out     # compliant, just not a record
@@ -221,9 +223,9 @@ def test_not_significant_and_require_record(real_runs):
 
 
 def test_against_val_bpb_and_submission_json(real_runs, tmp_path):
-    runs = [sub.parse_log(p) for p in real_runs.logs]
+    runs = [logfile.parse_log(p) for p in real_runs.logs]
     ratio = sum(r.val_loss / r.val_bpb for r in runs) / 3
-    bpb = sub.mean_std([r.val_bpb for r in runs])[0] + 0.1
+    bpb = stats.mean_std([r.val_bpb for r in runs])[0] + 0.1
     _, by_loss = run_tool(*real_runs.logs, "--code", TRAIN, "--against", f"val_loss={bpb * ratio!r}")
     _, by_bpb = run_tool(*real_runs.logs, "--code", TRAIN, "--against", f"val_bpb={bpb!r}")
     _, bare = run_tool(*real_runs.logs, "--code", TRAIN, "--against", repr(bpb))
@@ -239,18 +241,18 @@ def test_fineweb_label_only_for_a_fineweb_data_path(real_runs, tmp_path):
     logs = [doctor(p, tmp_path / p.name, lambda t: sub_field(t, "hparam", "DATA_PATH",
                                                               "./data/datasets/fineweb10B_sp1024"))
             for p in real_runs.logs]
-    assert sub.dataset_label([sub.parse_log(p) for p in logs]) == "FineWeb (fineweb10B_sp1024)"
-    assert "not FineWeb" in sub.dataset_label([sub.parse_log(p) for p in real_runs.logs])
+    assert checks.dataset_label([logfile.parse_log(p) for p in logs]) == "FineWeb (fineweb10B_sp1024)"
+    assert "not FineWeb" in checks.dataset_label([logfile.parse_log(p) for p in real_runs.logs])
     # A folder named like the export but whose data/prepare.py manifest says otherwise is not FineWeb.
     fake = tmp_path / "fineweb10B_sp1024"
     fake.mkdir()
     (fake / "manifest.json").write_text(json.dumps({"source": "demo: docstrings of the Python stdlib"}))
     logs = [doctor(p, tmp_path / p.name, lambda t: sub_field(t, "hparam", "DATA_PATH", fake))
             for p in real_runs.logs]
-    label = sub.dataset_label([sub.parse_log(p) for p in logs])
+    label = checks.dataset_label([logfile.parse_log(p) for p in logs])
     assert label == "fineweb10B_sp1024 (not FineWeb: demo: docstrings of the Python stdlib)"
     (fake / "manifest.json").write_text(json.dumps({"source": "hf://datasets/x/fineweb10B_sp1024"}))
-    assert sub.dataset_label([sub.parse_log(p) for p in logs]).startswith("FineWeb (fineweb10B_sp1024;")
+    assert checks.dataset_label([logfile.parse_log(p) for p in logs]).startswith("FineWeb (fineweb10B_sp1024;")
 
     out_json = tmp_path / "s.json"
     run_tool(*real_runs.logs, "--code", TRAIN, "--write", out_json, "--dataset", "my proxy", "--hardware", "x")
@@ -389,18 +391,18 @@ def test_time_limits(real_runs, tmp_path):
 def test_appended_runs_and_odd_source(real_runs, tmp_path):
     twice = tmp_path / "twice.txt"
     twice.write_bytes(real_runs.logs[0].read_bytes() + real_runs.logs[0].read_bytes())
-    assert "more than one run" in sub.parse_log(twice).problem
+    assert "more than one run" in logfile.parse_log(twice).problem
     # A source without a final newline, holding lines that look like log events, is cut by byte count.
     odd = b"x = 1\ncode_end\nfinal_submission val_loss:0.1 val_bpb:0.1\nerror: no"
-    run = sub.parse_log(doctor(real_runs.logs[0], tmp_path / "odd.txt", code=odd))
-    ref = sub.parse_log(real_runs.logs[0])
+    run = logfile.parse_log(doctor(real_runs.logs[0], tmp_path / "odd.txt", code=odd))
+    ref = logfile.parse_log(real_runs.logs[0])
     assert run.status == "complete" and run.code == odd and run.val_loss == ref.val_loss
 
 
 def test_val_data_line_describes_the_val_split(real_runs):
     for log in real_runs.logs:
-        got = sub.parse_log(log).val_data
-        want = sub._kv(real_runs.val_data.split()[1:])
+        got = logfile.parse_log(log).val_data
+        want = logfile.kv(real_runs.val_data.split()[1:])
         assert {k: int(got[k]) for k in ("tokens", "targets", "bytes")} == {k: int(want[k]) for k in
                                                                             ("tokens", "targets", "bytes")}
         assert float(got["targets_per_byte"]) == pytest.approx(float(want["targets_per_byte"]), abs=1e-10)
@@ -441,7 +443,7 @@ def synthetic_log(path: Path, extra_exact: str = "") -> Path:
              "train_time_ms:1000 eval_time_ms:3000"]
     code = TRAIN.read_bytes()
     last = extra_exact.split() if extra_exact else ["", "val_loss:4.55000000", f"val_bpb:{bpb(4.55)}"]
-    fields = sub._kv(last)
+    fields = logfile.kv(last)
     tail = "\n".join(lines).replace("{c}", str(len(code))).replace("{t}", str(100_000 + len(code)))
     tail = tail.replace("{loss}", fields["val_loss"]).replace("{bpb}", fields["val_bpb"])
     path.write_bytes(join_log(code, ("\n" + tail + "\n").encode()))
@@ -462,14 +464,14 @@ def test_an_edited_final_score_fails_and_is_not_written(tmp_path, key, value):
     assert rc == 1
     assert [line for line in fail_lines(out) if "final_sliding_exact" in line] == [
         f"FAIL syn: scores: final_submission {key} {value} != "
-        f"{sub.parse_log(log).final_exact[1][key]} of final_sliding_exact"]
+        f"{logfile.parse_log(log).final_exact[1][key]} of final_sliding_exact"]
     assert not (tmp_path / "submission.json").exists()
 
 
 @pytest.mark.parametrize("event", ["pre_export_exact", "final_roundtrip_exact"])
 def test_an_exact_line_whose_bpb_is_not_its_loss_in_bits_per_byte_fails(tmp_path, event):
     # 1e-5 relative: ten times the tolerance, a thousand times the rounding of 8 printed decimals.
-    loss = sub.parse_log(synthetic_log(tmp_path / "syn.txt"))._get(
+    loss = logfile.parse_log(synthetic_log(tmp_path / "syn.txt"))._get(
         {"pre_export_exact": "pre_export", "final_roundtrip_exact": "roundtrip"}[event], "val_loss")
     off = f"{float(bpb(loss)) * (1 + 1e-5):.8f}"
     log = doctor(tmp_path / "syn.txt", tmp_path / "edited.txt", lambda t: sub_field(t, event, "val_bpb", off))
@@ -542,7 +544,7 @@ def test_usage_errors(args, tmp_path):
 
 @pytest.mark.parametrize("d", [[0.010, 0.012], [0.006, 0.004, 0.0051], [0.02, -0.01, 0.03], [0.0049, 0.0052]])
 def test_t_test_p_is_the_closed_form_tail_for_one_and_two_degrees_of_freedom(d):
-    got = sub.one_sided_ttest(d, 0.005)
+    got = stats.one_sided_ttest(d, 0.005)
     t = (statistics.mean(d) - 0.005) / (statistics.stdev(d) / math.sqrt(len(d)))
     tail = 0.5 - math.atan(t) / math.pi if len(d) == 2 else 0.5 - t / (2 * math.sqrt(2 + t * t))
     assert got["df"] == len(d) - 1 and got["t"] == pytest.approx(t, rel=1e-12)
@@ -566,33 +568,33 @@ RECORDED_COMMITTED = [
 
 @pytest.mark.parametrize("d, t, p", RECORDED_TTESTS)
 def test_t_test_repeats_the_recorded_values(d, t, p):
-    got = sub.one_sided_ttest(d, 0.005)
+    got = stats.one_sided_ttest(d, 0.005)
     assert got["t"] == pytest.approx(t, rel=1e-9) and got["p"] == pytest.approx(p, rel=1e-9)
 
 
 @pytest.mark.parametrize("against, t, p", RECORDED_COMMITTED)
 def test_t_test_of_the_committed_logs_repeats_the_recorded_values(against, t, p):
-    st = sub.compute_stats([sub.parse_log(path) for path in COMMITTED], sub.parse_against(against))
+    st = stats.compute_stats([logfile.parse_log(path) for path in COMMITTED], stats.parse_against(against))
     assert st["test"]["t"] == pytest.approx(t, rel=1e-9) and st["test"]["p"] == pytest.approx(p, rel=1e-9)
 
 
 def test_ttest_edge_cases():
-    assert sub.one_sided_ttest([0.1])["p"] is None                   # one run: no test
-    assert sub.one_sided_ttest([0.1, 0.1])["p"] == 0.0               # no spread, above the margin
-    assert sub.one_sided_ttest([0.001, 0.001])["p"] == 1.0           # no spread, below the margin
+    assert stats.one_sided_ttest([0.1])["p"] is None                   # one run: no test
+    assert stats.one_sided_ttest([0.1, 0.1])["p"] == 0.0               # no spread, above the margin
+    assert stats.one_sided_ttest([0.001, 0.001])["p"] == 1.0           # no spread, below the margin
 
 
 def test_parse_against_forms(tmp_path):
-    assert sub.parse_against("val_loss=2.0")[:2] == ("val_loss", 2.0)
-    assert sub.parse_against("val_bpb=1.2244")[:2] == ("val_bpb", 1.2244)
-    kind, value, desc = sub.parse_against("1.2244")
+    assert stats.parse_against("val_loss=2.0")[:2] == ("val_loss", 2.0)
+    assert stats.parse_against("val_bpb=1.2244")[:2] == ("val_bpb", 1.2244)
+    kind, value, desc = stats.parse_against("1.2244")
     assert (kind, value) == ("val_bpb", 1.2244) and "bare number" in desc
     p = tmp_path / "submission.json"
     p.write_text(json.dumps({"val_bpb": 1.22}))
-    assert sub.parse_against(str(p))[:2] == ("val_bpb", 1.22)
+    assert stats.parse_against(str(p))[:2] == ("val_bpb", 1.22)
     for bad in ("val_loss=x", "nope", str(tmp_path)):
         with pytest.raises(sub.UsageError):
-            sub.parse_against(bad)
+            stats.parse_against(bad)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -635,7 +637,7 @@ def test_ttt_score_and_compliance_line_are_parsed(real_runs, tmp_path):
                 "chunks_adapted:3 eval_time_ms:999\ncompliance bytes_total:1 bytes_limit:16000000 bytes_ok:1 "
                 "train_s:1.0 train_ok:1 eval_s:1.0 eval_ok:1 ttt:score_first val_tokens:9 val_sha256:abc\n"
                 + final + "\n")
-    run = sub.parse_log(doctor(real_runs.logs[0], tmp_path / "demo_s1337.txt", add_ttt))
+    run = logfile.parse_log(doctor(real_runs.logs[0], tmp_path / "demo_s1337.txt", add_ttt))
     assert run.status == "complete" and run._get("ttt", "val_bpb") == 2.5
     assert run.compliance["val_sha256"] == "abc"
 
@@ -784,7 +786,7 @@ def test_record_dir_refuses_and_leaves_no_half_written_folder(committed, tmp_pat
         if len(calls) == 2:
             raise OSError(28, "No space left on device")
         return shutil.copyfile(src, dst)
-    monkeypatch.setattr(sub.shutil, "copyfile", failing_copy)
+    monkeypatch.setattr(record_folder.shutil, "copyfile", failing_copy)
     with pytest.raises(sub.UsageError, match="No space left on device"):
         run_tool(*base, "--name", "mine", "--overwrite", "--blurb", "new")
     monkeypatch.undo()
