@@ -5,7 +5,7 @@
     python3 bench/minigolf.py rows                             # the registry of named rows
     python3 bench/minigolf.py run baseline ours --seeds 1337 42 2025
     python3 bench/minigolf.py run ours_time --seeds 1337 --wallclock auto
-    python3 bench/minigolf.py table                            # markdown table; updates results/MINIGOLF.md
+    python3 bench/minigolf.py table                            # updates results/MINIGOLF.md and its PNG
     python3 bench/minigolf.py sizes ours shape_8x96             # Gaussian-weight size estimate, no training
     python3 bench/minigolf.py run baseline ours --seeds 1 --smoke  # minutes, not hours: checks the harness
 
@@ -42,6 +42,8 @@ TABLE_DOC = REPO / "results" / "MINIGOLF.md"
 TABLE_BEGIN, TABLE_END = "<!-- minigolf-table:begin -->", "<!-- minigolf-table:end -->"
 PAIRED_BEGIN, PAIRED_END = "<!-- minigolf-paired:begin -->", "<!-- minigolf-paired:end -->"
 PARITY_BEGIN, PARITY_END = "<!-- minigolf-parity:begin -->", "<!-- minigolf-parity:end -->"
+STANDINGS_BEGIN, STANDINGS_END = "<!-- minigolf-standings:begin -->", "<!-- minigolf-standings:end -->"
+FIGURE = REPO / "results" / "minigolf" / "standings.png"
 
 CAP = 1_000_000
 LIMIT_LINE, CAPPED_LINE = "SIZE_LIMIT = 16_000_000", f"SIZE_LIMIT = {CAP:_}"
@@ -215,6 +217,11 @@ ROWS = {r.name: r for r in (
 
 class HarnessError(Exception):
     """Reported as one `error: ...` line, exit status 2."""
+
+
+# Where ours stands: the rows that open results/MINIGOLF.md. `ours_fp32` is ours in the record's precision (eager
+# fp32), so it is the row to read against `record`; `ours` is the default as a user runs it (compiled).
+STANDINGS = ("ours", "ours_fp32", "record", "baseline")
 
 
 # ------------------------------------------------------------------------------------------ shards and the val cut
@@ -933,12 +940,104 @@ def parity_table(summary: list[dict]) -> str:
     return "\n".join(out)
 
 
-def replace_section(doc: str, table: str, begin: str = TABLE_BEGIN, end: str = TABLE_END) -> str:
-    """The document with the text between the markers replaced (markers appended when absent)."""
+def standard_error(values: list[float]) -> float | None:
+    return statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else None
+
+
+def standings_table(records: list[dict]) -> str:
+    """Ours, the record and the baseline: mean ± standard error over seeds, the deltas between them, and where
+    each number came from (seeds, commits, dates)."""
+    ok = {name: [r for r in records if r["row"] == name and r.get("exit_code") == 0 and r.get("val_bpb") is not None]
+          for name in STANDINGS}
+    scores = {name: [r["val_bpb"] for r in runs] for name, runs in ok.items()}
+
+    def versus(name: str, ref: str) -> str:
+        return format_delta(delta(scores[name], scores[ref])) if name != ref and scores[name] and scores[ref] else ""
+
+    lines = ["| row | what it is | seeds | val_bpb (mean ± SE) | Δ vs baseline | Δ vs record | bytes (largest) "
+             "| s/step | commits | dates (UTC) |", "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | --- | --- |"]
+    for name in STANDINGS:
+        runs = sorted(ok[name], key=lambda r: r["date"])
+        if not runs:
+            lines.append(f"| {name} | {ROWS[name].about} | not run | | | | | | | |")
+            continue
+        se = standard_error(scores[name])
+        score = f"{statistics.fmean(scores[name]):.4f}" + (f" ± {se:.4f}" if se is not None else "")
+        size = max(r["bytes_total"] for r in runs)
+        commits = ", ".join(dict.fromkeys((r.get("commit") or "?")[:7] for r in runs))
+        days = sorted({r["date"][:10] for r in runs})
+        lines.append(f"| {name} | {ROWS[name].about} | {', '.join(str(r['seed']) for r in runs)} | {score} | "
+                     f"{versus(name, 'baseline')} | {versus(name, 'record')} | {size:,}"
+                     f"{'' if size <= CAP else ' OVER'} | {statistics.fmean(r['s_per_step'] for r in runs):.3f} | "
+                     f"{commits} | {days[0]}{' .. ' + days[-1] if len(days) > 1 else ''} |")
+    lines += ["", f"SE: standard error of the mean over seeds (std/√n); Δ: difference of means ± its standard error; "
+              f"bytes: code + model, cap {CAP:,} (OVER: above it); s/step: mean over the seeds, CPU seconds. "
+              "Every number is computed from `results/minigolf/runs.jsonl` by `python3 bench/minigolf.py table`."]
+    return "\n".join(lines)
+
+
+def plot_standings(summary: list[dict], records: list[dict], path: Path) -> None:
+    """The standings (mean ± SE) and every technique row's same-seed delta against its `plain` base (± SE over
+    seeds; a single-seed row is drawn hollow, with no bar), as one PNG."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    techniques = [s for s in summary if s["base"] == "plain" and s["vs_base_seeds"]]
+    off_scale = [s for s in techniques if abs(s["vs_base_seeds"][0]) > 0.05]  # sp8192: the vocabulary, not a tweak
+    techniques = sorted((s for s in techniques if s not in off_scale), key=lambda s: s["vs_base_seeds"][0])
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 8.5), gridspec_kw=dict(width_ratios=[1, 1.3]))
+
+    scores = {name: [r["val_bpb"] for r in records if r["row"] == name and r.get("exit_code") == 0
+                     and r.get("val_bpb") is not None] for name in STANDINGS}
+    shown = [name for name in STANDINGS if scores[name]][::-1]
+    for y, name in enumerate(shown):
+        m, se = statistics.fmean(scores[name]), standard_error(scores[name])
+        left.errorbar(m, y, xerr=se, fmt="o", color="C0" if name.startswith("ours") else "C7", capsize=5, ms=7)
+        left.annotate(f"{m:.4f}" + (f" ± {se:.4f}" if se else "") + f"  (n={len(scores[name])})", (m, y),
+                      xytext=(0, 10), textcoords="offset points", ha="center", fontsize=9)
+    left.set_yticks(range(len(shown)), shown)
+    left.set_ylim(-0.6, len(shown) - 0.4)
+    lo, hi = left.get_xlim()
+    left.set_xlim(lo - 0.1 * (hi - lo), hi + 0.1 * (hi - lo))
+    left.set_xlabel("val_bpb (lower is better), mean ± standard error over seeds")
+    left.set_title("Standings: ours against the record and the baseline")
+    left.grid(axis="x", alpha=0.3)
+
+    # A single-seed row has no error of its own: it is read against 2 std of its base's seeds (the decision rule).
+    base_std = {s["row"]: s["std"] for s in summary}.get("plain") or 0.0
+    for y, s in enumerate(techniques):
+        d, se = s["vs_base_seeds"]
+        beyond = abs(d) > 2 * (se if se is not None else base_std)
+        color = ("C2" if d < 0 else "C3") if beyond else "C7"
+        right.errorbar(d, y, xerr=se, fmt="o", color=color, capsize=3, ms=6, mfc=color if se is not None else "white")
+    right.set_yticks(range(len(techniques)),
+                     [s["row"] + ("" if s["vs_base_seeds"][1] is not None else "  (1 seed)") for s in techniques])
+    right.axvline(0, color="black", lw=0.8)
+    right.set_xlabel("Δ val_bpb against `plain`, same seeds: mean ± standard error")
+    note = "; ".join(f"{s['row']} {s['vs_base_seeds'][0]:+.4f}" for s in off_scale)
+    right.set_title("Technique rows: `plain` + one change. Filled: 3 seeds, ± SE; hollow: one seed\n"
+                    f"green/red: a gain/loss beyond 2 SE (one seed: beyond 2 std of plain, {2 * base_std:.4f})"
+                    + (f"\noff the scale: {note}" if note else ""), fontsize=10)
+    right.margins(x=0.08)
+    right.grid(axis="x", alpha=0.3)
+    fig.suptitle("Mini-golf: 600 steps on a 2-core CPU, proxy data; from results/minigolf/runs.jsonl", fontsize=11)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def replace_section(doc: str, table: str, begin: str = TABLE_BEGIN, end: str = TABLE_END, first: bool = False) -> str:
+    """The document with the text between the markers replaced. Markers absent: the block is appended, or with
+    `first` put before the first `## ` section."""
     block = f"{begin}\n{table}\n{end}"
     if begin in doc and end in doc:
         head, rest = doc.split(begin, 1)
         return head + block + rest.split(end, 1)[1]
+    if first and "\n## " in doc:
+        head, rest = doc.split("\n## ", 1)
+        return f"{head}\n{block}\n\n## {rest}"
     return doc.rstrip("\n") + ("\n\n" if doc.strip() else "") + block + "\n"
 
 
@@ -955,16 +1054,25 @@ def cmd_table(args: argparse.Namespace) -> int:
     table = "\n\n".join(heading(k) + render_table(summarize(rs), rs) for k, rs in sorted(kinds.items()))
     paired = "\n\n".join(heading(k) + paired_table(rs) for k, rs in sorted(kinds.items()))
     parity = "\n\n".join(heading(k) + parity_table(summarize(rs)) for k, rs in sorted(kinds.items()))
-    print(table, paired, parity, sep="\n\n")
+    figures = {k: args.figure if len(kinds) == 1 else args.figure.with_name(
+        f"{args.figure.stem}_{k.replace(' ', '_')}{args.figure.suffix}") for k in kinds}
+    standings = "\n\n".join(
+        heading(k) + f"![standings and technique deltas]({os.path.relpath(figures[k], args.doc.parent)})\n\n"
+        + standings_table(rs) for k, rs in sorted(kinds.items()))
+    print(standings, table, paired, parity, sep="\n\n")
     if args.write:
         doc = args.doc.read_text(encoding="utf-8") if args.doc.exists() else (
             "# Mini-golf results\n\nThe Parameter Golf rules scaled down to a 2-core CPU (bench/README.md, Mini-golf): "
             f"code + model <= {CAP:,} bytes, proxy data, the official baseline run side by side. Written by "
             "`python3 bench/minigolf.py table` from results/minigolf/runs.jsonl.\n")
+        doc = replace_section(doc, standings, STANDINGS_BEGIN, STANDINGS_END, first=True)
         doc = replace_section(replace_section(doc, table), paired, PAIRED_BEGIN, PAIRED_END)
         doc = replace_section(doc, parity, PARITY_BEGIN, PARITY_END)
         args.doc.write_text(doc, encoding="utf-8")
         print(f"updated {args.doc}")
+        for k, rs in kinds.items():
+            plot_standings(summarize(rs), rs, figures[k])
+            print(f"wrote {figures[k]}")
     return 0
 
 
@@ -1066,6 +1174,7 @@ def build_parser() -> argparse.ArgumentParser:
     table = sub.add_parser("table", help="markdown table of the results; updates results/MINIGOLF.md")
     table.add_argument("--results", type=Path, default=None, help=f"default {DEFAULT_RESULTS.relative_to(REPO)}")
     table.add_argument("--doc", type=Path, default=TABLE_DOC, help="document whose marked section is replaced")
+    table.add_argument("--figure", type=Path, default=FIGURE, help="PNG of the standings and technique deltas")
     table.add_argument("--no-write", dest="write", action="store_false", help="print only")
     sub.add_parser("rows", help="list the registry")
     sizes = sub.add_parser("sizes", parents=[common], help="estimated bytes of rows' models (Gaussian weights)")

@@ -347,6 +347,43 @@ def test_table_section_is_replaced_between_markers_only():
     assert mg.replace_section("# T\n", "| t |") == f"# T\n\n{mg.TABLE_BEGIN}\n| t |\n{mg.TABLE_END}\n"
 
 
+def test_table_writes_the_standings_first_and_the_figure(tmp_path):
+    def run(row, bpb, seed, commit, script="ours"):
+        return record(row, bpb, script, seed=seed, commit=commit * 40, date=f"2026-12-0{seed % 7 + 1}T10:00:00+00:00",
+                      machine=dict(cpu="cpu", cores=2, hostname="vm", boot_id="b", bf16=True))
+    runs = [run("baseline", b, k, "a", "baseline") for k, b in ((1337, 2.11), (42, 2.12), (2025, 2.13))]
+    runs += [run("ours", b, k, "b" if k == 1337 else "c") for k, b in ((1337, 1.90), (42, 1.92), (2025, 1.94))]
+    runs += [run("record", b, k, "d", "record") for k, b in ((1337, 1.95), (42, 1.97))]
+    runs += [run("plain", b, k, "e") for k, b in ((1337, 2.00), (42, 2.02))]
+    runs += [run("smear", 1.99, 1337, "e"), run("xsa", 2.01, 1337, "e"), run("xsa", 2.00, 42, "e")]
+    results, doc, figure = tmp_path / "runs.jsonl", tmp_path / "MINIGOLF.md", tmp_path / "minigolf" / "standings.png"
+    results.write_text("".join(mg.json.dumps(r) + "\n" for r in runs))
+    doc.write_text(f"# Mini-golf\n\nintro\n\n## Decision table\n\n| t |\n\n{mg.TABLE_BEGIN}\nold\n{mg.TABLE_END}\n")
+    argv = ["table", "--results", str(results), "--doc", str(doc), "--figure", str(figure)]
+    assert mg.main(argv) == 0
+
+    text = doc.read_text()
+    assert text.index(mg.STANDINGS_BEGIN) < text.index("## Decision table") < text.index(mg.TABLE_BEGIN)
+    standings = text.split(mg.STANDINGS_BEGIN)[1].split(mg.STANDINGS_END)[0]
+    assert "![standings and technique deltas](minigolf/standings.png)" in standings
+    # mean ± standard error (0.02 / sqrt 3), the difference of means against the baseline and the record, the commits
+    assert ("| 1337, 42, 2025 | 1.9200 ± 0.0115 | -0.2000 ± 0.0129 | -0.0400 ± 0.0153 | 900,000 | 0.500 | "
+            "bbbbbbb, ccccccc |") in standings
+    assert "| baseline |" in standings and "| ours_fp32 |" in standings and "not run" in standings
+    assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and figure.stat().st_size > 20_000
+    assert mg.main(argv) == 0 and doc.read_text() == text  # regenerating changes nothing
+
+
+def test_the_committed_results_open_with_the_standings_that_runs_jsonl_gives():
+    text = (mg.REPO / "results" / "MINIGOLF.md").read_text()
+    first_section = text.split("\n## ", 2)[1]
+    assert first_section.startswith("Standings\n") and mg.STANDINGS_BEGIN in first_section
+    committed = text.split(mg.STANDINGS_BEGIN)[1].split(mg.STANDINGS_END)[0]
+    records = [r for r in mg.read_results(mg.DEFAULT_RESULTS) if not r.get("smoke")]
+    assert mg.standings_table(records) in committed  # every number of the standings is the data's
+    assert "(minigolf/standings.png)" in committed and mg.FIGURE.is_file()
+
+
 def test_paired_measures_come_from_one_runs_own_log():
     m = mg.paired_measures(OURS_LOG)
     assert m["pre_export"] == pytest.approx(3.95352508)

@@ -3,8 +3,9 @@
 The three runs (one per seed) are made once per pytest session by the `real_runs` fixture; every failure case is a
 copy of one of those logs edited in the test (a truncated log, an oversize artifact, a log whose code differs,
 mismatched configs, ...). The cross-checks of a log's scores against each other run on a synthetic log, written
-line by line in the format train_gpt.py logs, so that they need no training run. The t-test is checked against scipy when it is installed, and always against the
-closed forms of Student's t for df=1 (0.5 - atan(t)/pi) and df=2 (0.5 - t / (2 sqrt(2 + t^2))).
+line by line in the format train_gpt.py logs, so that they need no training run. The t-test (scipy.stats) is checked
+against the closed forms of Student's t for df=1 (0.5 - atan(t)/pi) and df=2 (0.5 - t / (2 sqrt(2 + t^2))), and
+against the values the tool's hand-written Student t gave before scipy replaced it.
 """
 import hashlib
 import importlib.util
@@ -15,6 +16,7 @@ import os
 import re
 import shutil
 import subprocess
+import statistics
 import sys
 from pathlib import Path
 
@@ -34,6 +36,8 @@ ITERATIONS = 12
 _spec = importlib.util.spec_from_file_location("submission_tool", TOOL)
 sub = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(sub)
+sys.path.insert(0, str(TOOL.parent))
+from submit import checks, logfile, record_folder, stats  # noqa: E402  (the tool's modules, beside it)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -138,7 +142,7 @@ def table_row(out: str, run_id: str) -> str:
 def test_parse_real_logs(real_runs):
     code = TRAIN.read_bytes()
     for seed, log in zip(SEEDS, real_runs.logs):
-        run = sub.parse_log(log)
+        run = logfile.parse_log(log)
         assert run.status == "complete", run.problem
         assert (run.run_id, run.seed) == (f"demo_s{seed}", seed)
         assert run.steps == ITERATIONS and run.total_steps == ITERATIONS
@@ -159,9 +163,9 @@ def test_parse_real_logs(real_runs):
 
 
 def test_three_seeds_pass_with_stats_and_submission_json(real_runs, tmp_path):
-    runs = [sub.parse_log(p) for p in real_runs.logs]
+    runs = [logfile.parse_log(p) for p in real_runs.logs]
     losses = [r.val_loss for r in runs]
-    m, s = sub.mean_std(losses)
+    m, s = stats.mean_std(losses)
     ref = m + 0.005 + 20 * s / math.sqrt(3)          # t = 20 by construction: p < 0.01 with df = 2
     out_json = tmp_path / "submission.json"
     rc, out = run_tool(*real_runs.logs, "--code", TRAIN, "--against", f"val_loss={ref!r}", "--write", out_json,
@@ -187,7 +191,7 @@ def test_three_seeds_pass_with_stats_and_submission_json(real_runs, tmp_path):
     assert data["bytes_code"] == len(TRAIN.read_bytes())
     assert data["bytes_total"] == max(r.bytes_field("bytes_total") for r in runs)
     assert sorted(data["seeds"]) == sorted(SEEDS) and len(data["seed_results"]) == 3
-    assert data["p_value"] == pytest.approx(sub.t_sf(20.0, 2), rel=1e-5)
+    assert data["p_value"] == pytest.approx(0.5 - 20 / (2 * math.sqrt(2 + 20 ** 2)), rel=1e-5)  # Student t, df 2
     assert data["compliant"] is True
     assert data["hardware"] == "1x cpu"
     assert "not FineWeb" in data["dataset"] and not data["dataset"].startswith("FineWeb")
@@ -202,7 +206,7 @@ def test_record_needs_8xh100_logs(real_runs, tmp_path):
         t = sub_field(t, "env", "device_name", "NVIDIA_H100_80GB_HBM3")
         return sub_field(t, "env", "world_size", 8)
     logs = [doctor(p, tmp_path / p.name, h100) for p in real_runs.logs]
-    m, s = sub.mean_std([sub.parse_log(p).val_loss for p in logs])
+    m, s = stats.mean_std([logfile.parse_log(p).val_loss for p in logs])
     rc, out = run_tool(*logs, "--code", TRAIN, "--against", f"val_loss={m + 0.005 + 20 * s / math.sqrt(3)!r}",
                        "--require-record")
     assert rc == 0, out
@@ -210,7 +214,7 @@ def test_record_needs_8xh100_logs(real_runs, tmp_path):
 
 
 def test_not_significant_and_require_record(real_runs):
-    m, _ = sub.mean_std([sub.parse_log(p).val_loss for p in real_runs.logs])
+    m, _ = stats.mean_std([logfile.parse_log(p).val_loss for p in real_runs.logs])
     args = [*real_runs.logs, "--code", TRAIN, "--against", f"val_loss={m + 0.005!r}"]
     rc, out = run_tool(*args)
     assert rc == 0 and "p < 0.01: NO" in out and "record: NO" in out     # compliant, just not a record
@@ -219,9 +223,9 @@ def test_not_significant_and_require_record(real_runs):
 
 
 def test_against_val_bpb_and_submission_json(real_runs, tmp_path):
-    runs = [sub.parse_log(p) for p in real_runs.logs]
+    runs = [logfile.parse_log(p) for p in real_runs.logs]
     ratio = sum(r.val_loss / r.val_bpb for r in runs) / 3
-    bpb = sub.mean_std([r.val_bpb for r in runs])[0] + 0.1
+    bpb = stats.mean_std([r.val_bpb for r in runs])[0] + 0.1
     _, by_loss = run_tool(*real_runs.logs, "--code", TRAIN, "--against", f"val_loss={bpb * ratio!r}")
     _, by_bpb = run_tool(*real_runs.logs, "--code", TRAIN, "--against", f"val_bpb={bpb!r}")
     _, bare = run_tool(*real_runs.logs, "--code", TRAIN, "--against", repr(bpb))
@@ -237,18 +241,18 @@ def test_fineweb_label_only_for_a_fineweb_data_path(real_runs, tmp_path):
     logs = [doctor(p, tmp_path / p.name, lambda t: sub_field(t, "hparam", "DATA_PATH",
                                                               "./data/datasets/fineweb10B_sp1024"))
             for p in real_runs.logs]
-    assert sub.dataset_label([sub.parse_log(p) for p in logs]) == "FineWeb (fineweb10B_sp1024)"
-    assert "not FineWeb" in sub.dataset_label([sub.parse_log(p) for p in real_runs.logs])
+    assert checks.dataset_label([logfile.parse_log(p) for p in logs]) == "FineWeb (fineweb10B_sp1024)"
+    assert "not FineWeb" in checks.dataset_label([logfile.parse_log(p) for p in real_runs.logs])
     # A folder named like the export but whose data/prepare.py manifest says otherwise is not FineWeb.
     fake = tmp_path / "fineweb10B_sp1024"
     fake.mkdir()
     (fake / "manifest.json").write_text(json.dumps({"source": "demo: docstrings of the Python stdlib"}))
     logs = [doctor(p, tmp_path / p.name, lambda t: sub_field(t, "hparam", "DATA_PATH", fake))
             for p in real_runs.logs]
-    label = sub.dataset_label([sub.parse_log(p) for p in logs])
+    label = checks.dataset_label([logfile.parse_log(p) for p in logs])
     assert label == "fineweb10B_sp1024 (not FineWeb: demo: docstrings of the Python stdlib)"
     (fake / "manifest.json").write_text(json.dumps({"source": "hf://datasets/x/fineweb10B_sp1024"}))
-    assert sub.dataset_label([sub.parse_log(p) for p in logs]).startswith("FineWeb (fineweb10B_sp1024;")
+    assert checks.dataset_label([logfile.parse_log(p) for p in logs]).startswith("FineWeb (fineweb10B_sp1024;")
 
     out_json = tmp_path / "s.json"
     run_tool(*real_runs.logs, "--code", TRAIN, "--write", out_json, "--dataset", "my proxy", "--hardware", "x")
@@ -387,18 +391,18 @@ def test_time_limits(real_runs, tmp_path):
 def test_appended_runs_and_odd_source(real_runs, tmp_path):
     twice = tmp_path / "twice.txt"
     twice.write_bytes(real_runs.logs[0].read_bytes() + real_runs.logs[0].read_bytes())
-    assert "more than one run" in sub.parse_log(twice).problem
+    assert "more than one run" in logfile.parse_log(twice).problem
     # A source without a final newline, holding lines that look like log events, is cut by byte count.
     odd = b"x = 1\ncode_end\nfinal_submission val_loss:0.1 val_bpb:0.1\nerror: no"
-    run = sub.parse_log(doctor(real_runs.logs[0], tmp_path / "odd.txt", code=odd))
-    ref = sub.parse_log(real_runs.logs[0])
+    run = logfile.parse_log(doctor(real_runs.logs[0], tmp_path / "odd.txt", code=odd))
+    ref = logfile.parse_log(real_runs.logs[0])
     assert run.status == "complete" and run.code == odd and run.val_loss == ref.val_loss
 
 
 def test_val_data_line_describes_the_val_split(real_runs):
     for log in real_runs.logs:
-        got = sub.parse_log(log).val_data
-        want = sub._kv(real_runs.val_data.split()[1:])
+        got = logfile.parse_log(log).val_data
+        want = logfile.kv(real_runs.val_data.split()[1:])
         assert {k: int(got[k]) for k in ("tokens", "targets", "bytes")} == {k: int(want[k]) for k in
                                                                             ("tokens", "targets", "bytes")}
         assert float(got["targets_per_byte"]) == pytest.approx(float(want["targets_per_byte"]), abs=1e-10)
@@ -439,7 +443,7 @@ def synthetic_log(path: Path, extra_exact: str = "") -> Path:
              "train_time_ms:1000 eval_time_ms:3000"]
     code = TRAIN.read_bytes()
     last = extra_exact.split() if extra_exact else ["", "val_loss:4.55000000", f"val_bpb:{bpb(4.55)}"]
-    fields = sub._kv(last)
+    fields = logfile.kv(last)
     tail = "\n".join(lines).replace("{c}", str(len(code))).replace("{t}", str(100_000 + len(code)))
     tail = tail.replace("{loss}", fields["val_loss"]).replace("{bpb}", fields["val_bpb"])
     path.write_bytes(join_log(code, ("\n" + tail + "\n").encode()))
@@ -460,14 +464,14 @@ def test_an_edited_final_score_fails_and_is_not_written(tmp_path, key, value):
     assert rc == 1
     assert [line for line in fail_lines(out) if "final_sliding_exact" in line] == [
         f"FAIL syn: scores: final_submission {key} {value} != "
-        f"{sub.parse_log(log).final_exact[1][key]} of final_sliding_exact"]
+        f"{logfile.parse_log(log).final_exact[1][key]} of final_sliding_exact"]
     assert not (tmp_path / "submission.json").exists()
 
 
 @pytest.mark.parametrize("event", ["pre_export_exact", "final_roundtrip_exact"])
 def test_an_exact_line_whose_bpb_is_not_its_loss_in_bits_per_byte_fails(tmp_path, event):
     # 1e-5 relative: ten times the tolerance, a thousand times the rounding of 8 printed decimals.
-    loss = sub.parse_log(synthetic_log(tmp_path / "syn.txt"))._get(
+    loss = logfile.parse_log(synthetic_log(tmp_path / "syn.txt"))._get(
         {"pre_export_exact": "pre_export", "final_roundtrip_exact": "roundtrip"}[event], "val_loss")
     off = f"{float(bpb(loss)) * (1 + 1e-5):.8f}"
     log = doctor(tmp_path / "syn.txt", tmp_path / "edited.txt", lambda t: sub_field(t, event, "val_bpb", off))
@@ -538,58 +542,59 @@ def test_usage_errors(args, tmp_path):
 # Statistics
 # ----------------------------------------------------------------------------------------------------------
 
-GRID_T = [-40.0, -7.5, -2.0, -1.0, -0.3, 0.0, 1e-4, 0.3, 1.0, 1.96, 2.5, 4.0, 9.9, 31.8, 200.0]
-GRID_DF = [1, 2, 3, 4, 5, 7.5, 9, 19, 30, 99, 1000]
+@pytest.mark.parametrize("d", [[0.010, 0.012], [0.006, 0.004, 0.0051], [0.02, -0.01, 0.03], [0.0049, 0.0052]])
+def test_t_test_p_is_the_closed_form_tail_for_one_and_two_degrees_of_freedom(d):
+    got = stats.one_sided_ttest(d, 0.005)
+    t = (statistics.mean(d) - 0.005) / (statistics.stdev(d) / math.sqrt(len(d)))
+    tail = 0.5 - math.atan(t) / math.pi if len(d) == 2 else 0.5 - t / (2 * math.sqrt(2 + t * t))
+    assert got["df"] == len(d) - 1 and got["t"] == pytest.approx(t, rel=1e-12)
+    assert got["p"] == pytest.approx(tail, rel=1e-9)
 
 
-def test_t_sf_closed_forms():
-    for t in GRID_T:
-        assert sub.t_sf(t, 1) == pytest.approx(0.5 - math.atan(t) / math.pi, abs=1e-12)
-        assert sub.t_sf(t, 2) == pytest.approx(0.5 - t / (2 * math.sqrt(2 + t * t)), abs=1e-12)
-    assert sub.t_sf(math.inf, 3) == 0.0 and sub.t_sf(-math.inf, 3) == 1.0
+# The tool's t-test as the hand-written Student t (a continued fraction for the incomplete beta function) computed
+# it before scipy replaced it, recorded at commit 42f57d3: (d, t, p) for the sets of improvements above, and
+# (--against, t, p) for the committed logs/cpu_demo_s*.txt (submission.json: p_value 0.017396, t 5.220262).
+RECORDED_TTESTS = [
+    ([0.010, 0.012, 0.009], 6.047431568147633, 0.013135504439852343),
+    ([0.006, 0.004, 0.0051, 0.007], 0.8209557939927525, 0.23591569413386565),
+    ([0.02, -0.01, 0.03, 0.0, 0.011], 0.735097072389308, 0.2515263590287671),
+    ([0.0049, 0.0052], 0.3333333333333315, 0.3975836176504339),
+]
+RECORDED_COMMITTED = [
+    ("val_loss=4.70", 5.220262440168167, 0.017395970721558438),
+    ("val_bpb=2.98", 4.9215815731569394, 0.019446135716681398),
+]
 
 
-def test_t_sf_matches_scipy():
-    stats = pytest.importorskip("scipy.stats")
-    special = pytest.importorskip("scipy.special")
-    for df in GRID_DF:
-        for t in GRID_T:
-            assert abs(sub.t_sf(t, df) - stats.t.sf(t, df)) < 1e-6, (t, df)
-            assert abs(sub.t_cdf(t, df) - stats.t.cdf(t, df)) < 1e-6, (t, df)
-    for a, b, x in [(0.5, 0.5, 0.3), (2.0, 0.5, 0.99), (15.0, 0.5, 0.2), (500.0, 0.5, 0.999), (1.0, 3.0, 0.5)]:
-        assert abs(sub.betainc_reg(a, b, x) - special.betainc(a, b, x)) < 1e-9
+@pytest.mark.parametrize("d, t, p", RECORDED_TTESTS)
+def test_t_test_repeats_the_recorded_values(d, t, p):
+    got = stats.one_sided_ttest(d, 0.005)
+    assert got["t"] == pytest.approx(t, rel=1e-9) and got["p"] == pytest.approx(p, rel=1e-9)
 
 
-@pytest.mark.parametrize("d", [
-    [0.010, 0.012, 0.009],
-    [0.006, 0.004, 0.0051, 0.007],
-    [0.02, -0.01, 0.03, 0.0, 0.011],
-    [0.0049, 0.0052],
-])
-def test_one_sided_ttest_matches_scipy(d):
-    stats = pytest.importorskip("scipy.stats")
-    ours = sub.one_sided_ttest(d, 0.005)
-    ref = stats.ttest_1samp(d, 0.005, alternative="greater")
-    assert abs(ours["t"] - ref.statistic) < 1e-6 and abs(ours["p"] - ref.pvalue) < 1e-6
+@pytest.mark.parametrize("against, t, p", RECORDED_COMMITTED)
+def test_t_test_of_the_committed_logs_repeats_the_recorded_values(against, t, p):
+    st = stats.compute_stats([logfile.parse_log(path) for path in COMMITTED], stats.parse_against(against))
+    assert st["test"]["t"] == pytest.approx(t, rel=1e-9) and st["test"]["p"] == pytest.approx(p, rel=1e-9)
 
 
 def test_ttest_edge_cases():
-    assert sub.one_sided_ttest([0.1])["p"] is None                   # one run: no test
-    assert sub.one_sided_ttest([0.1, 0.1])["p"] == 0.0               # no spread, above the margin
-    assert sub.one_sided_ttest([0.001, 0.001])["p"] == 1.0           # no spread, below the margin
+    assert stats.one_sided_ttest([0.1])["p"] is None                   # one run: no test
+    assert stats.one_sided_ttest([0.1, 0.1])["p"] == 0.0               # no spread, above the margin
+    assert stats.one_sided_ttest([0.001, 0.001])["p"] == 1.0           # no spread, below the margin
 
 
 def test_parse_against_forms(tmp_path):
-    assert sub.parse_against("val_loss=2.0")[:2] == ("val_loss", 2.0)
-    assert sub.parse_against("val_bpb=1.2244")[:2] == ("val_bpb", 1.2244)
-    kind, value, desc = sub.parse_against("1.2244")
+    assert stats.parse_against("val_loss=2.0")[:2] == ("val_loss", 2.0)
+    assert stats.parse_against("val_bpb=1.2244")[:2] == ("val_bpb", 1.2244)
+    kind, value, desc = stats.parse_against("1.2244")
     assert (kind, value) == ("val_bpb", 1.2244) and "bare number" in desc
     p = tmp_path / "submission.json"
     p.write_text(json.dumps({"val_bpb": 1.22}))
-    assert sub.parse_against(str(p))[:2] == ("val_bpb", 1.22)
+    assert stats.parse_against(str(p))[:2] == ("val_bpb", 1.22)
     for bad in ("val_loss=x", "nope", str(tmp_path)):
         with pytest.raises(sub.UsageError):
-            sub.parse_against(bad)
+            stats.parse_against(bad)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -632,7 +637,7 @@ def test_ttt_score_and_compliance_line_are_parsed(real_runs, tmp_path):
                 "chunks_adapted:3 eval_time_ms:999\ncompliance bytes_total:1 bytes_limit:16000000 bytes_ok:1 "
                 "train_s:1.0 train_ok:1 eval_s:1.0 eval_ok:1 ttt:score_first val_tokens:9 val_sha256:abc\n"
                 + final + "\n")
-    run = sub.parse_log(doctor(real_runs.logs[0], tmp_path / "demo_s1337.txt", add_ttt))
+    run = logfile.parse_log(doctor(real_runs.logs[0], tmp_path / "demo_s1337.txt", add_ttt))
     assert run.status == "complete" and run._get("ttt", "val_bpb") == 2.5
     assert run.compliance["val_sha256"] == "abc"
 
@@ -781,7 +786,7 @@ def test_record_dir_refuses_and_leaves_no_half_written_folder(committed, tmp_pat
         if len(calls) == 2:
             raise OSError(28, "No space left on device")
         return shutil.copyfile(src, dst)
-    monkeypatch.setattr(sub.shutil, "copyfile", failing_copy)
+    monkeypatch.setattr(record_folder.shutil, "copyfile", failing_copy)
     with pytest.raises(sub.UsageError, match="No space left on device"):
         run_tool(*base, "--name", "mine", "--overwrite", "--blurb", "new")
     monkeypatch.undo()
