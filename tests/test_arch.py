@@ -85,6 +85,7 @@ def test_recurrence_on_runs_the_span_twice_and_every_other_block_once():
     assert calls == [1, 2, 2, 2, 1]
 
 
+@pytest.mark.slow
 def test_compiled_model_follows_the_recurrence_switch():
     torch._dynamo.reset()
     model = randomised(tg.GPT(small_hp(recur_layers="2,3")))
@@ -153,6 +154,7 @@ def test_invalid_feature_settings_name_the_variable(field, value):
         small_hp(**{field: value}).validate(1)
 
 
+@pytest.mark.slow
 def test_training_with_every_feature_on_enables_recurrence_and_scores_the_artifact(tiny_dataset, tmp_path):
     env = tiny_env(tiny_dataset, "allfeatures", ITERATIONS=20, EVAL_STRIDE=0, WARMUP_STEPS=2, ROPE_DIMS=8,
                    LN_SCALE=1, XSA_LAST_N=2, PARALLEL_START=2, RECUR_LAYERS="1,2", RECUR_START_FRAC=0.5, SMEAR=1,

@@ -11,6 +11,8 @@ import pytest
 import train_gpt as tg
 from conftest import parse_line, run_train, tiny_env
 
+pytestmark = pytest.mark.slow  # runs train_gpt.py end to end (README: the quick tier)
+
 # Two layers keep compilation affordable; MLP_MULT=1 and BIGRAM_DIM=64 make every matrix but the GQA key/value
 # projections 64 x 64, so Muon's Newton-Schulz compiles for two shapes only.
 EVERY_OPTION = dict(NUM_LAYERS=2, MLP_MULT=1, ROPE_DIMS=8, LN_SCALE=1, QK_GAIN_INIT=5, XSA_LAST_N=2,

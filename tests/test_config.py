@@ -88,6 +88,7 @@ def test_partial_rope_default_is_a_quarter_of_the_head_unless_set(monkeypatch):
     assert from_env(monkeypatch, MODEL_DIM=96, NUM_HEADS=4, ROPE_DIMS=0).rope_dims == 0  # 0 = the whole head
 
 
+@pytest.mark.slow
 def test_every_depth_from_1_to_12_runs_on_the_default_block_indices(tiny_dataset, tmp_path, monkeypatch, capsys):
     # The tiny corpus with a 2k-token validation shard: each run is 2 steps, an export and two scoring passes.
     write_shard(tmp_path / "fineweb_val_000000.bin",

@@ -8,6 +8,8 @@ import pytest
 import train_gpt as tg
 from conftest import parse_line, run_train
 
+pytestmark = pytest.mark.slow  # runs train_gpt.py end to end (README: the quick tier)
+
 # Only sizes, step counts and the evaluation's batch sizes change; the block indices (RECUR_LAYERS, PARALLEL_START,
 # XSA_LAST_N) keep their defaults, so the model keeps the default's 11 blocks.
 SHRUNK = dict(MODEL_DIM="64", NUM_HEADS="4", NUM_KV_HEADS="2", TRAIN_SEQ_LEN="64", TRAIN_BATCH_TOKENS="2048",

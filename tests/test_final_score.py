@@ -37,6 +37,7 @@ def one_error(result) -> str:
 BUDGET_TOLERANCE_S = 1.0
 
 
+@pytest.mark.slow
 def test_an_evaluation_ends_within_its_budget(tiny_dataset, tmp_path):
     budget = 3.0
     result = run_train(tmp_path, tiny_env(tiny_dataset, "budget", EVAL_SECONDS=budget, **TTT))
@@ -47,6 +48,7 @@ def test_an_evaluation_ends_within_its_budget(tiny_dataset, tmp_path):
     assert "final_submission" in result.stdout
 
 
+@pytest.mark.slow
 def test_a_budget_that_scoring_alone_cannot_meet_is_reported_not_hidden(tiny_dataset, tmp_path):
     result = run_train(tmp_path, tiny_env(tiny_dataset, "overrun", EVAL_SECONDS=0.01, **TTT))
     assert "over its 0.01 s budget" in one_error(result)
@@ -70,6 +72,7 @@ def test_every_rate_is_checked_before_training(name, value, monkeypatch):
         tg.Hyperparameters.from_env().validate(world_size=1)
 
 
+@pytest.mark.slow
 def test_a_score_that_is_not_finite_is_an_error_and_the_artifact_stays(tiny_dataset, tmp_path):
     result = run_train(tmp_path, tiny_env(tiny_dataset, "nan", TTT_LR="1e30", **TTT))
     assert "the final score is not finite" in one_error(result)
@@ -83,6 +86,7 @@ def test_a_score_that_is_not_finite_is_an_error_and_the_artifact_stays(tiny_data
 # ----------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_second_run_with_a_run_id_in_use_refuses_to_start(tiny_dataset, tmp_path):
     (tmp_path / "artifacts").mkdir()
     with open(tmp_path / "artifacts/busy.lock", "w") as held:
@@ -109,6 +113,7 @@ def test_the_reload_refuses_an_artifact_other_than_the_one_written(tmp_path):
 # ----------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_log_line_that_cannot_be_written_whole_is_not_written_at_all(tmp_path):
     """A file-size limit stands in for a full disk: the line would cross it halfway. The log keeps none of it, the
     screen never shows it, and the caller gets one user error."""

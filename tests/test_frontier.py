@@ -101,6 +101,7 @@ def test_every_stretch_of_training_is_a_state_compiled_before_the_clock():
                                                    (128, True, True)]
 
 
+@pytest.mark.slow
 def test_a_run_with_a_growing_context_switches_at_its_fraction(tiny_dataset, tmp_path):
     env = tiny_env(tiny_dataset, "grow", TRAIN_SEQ_SCHEDULE="32@0,64@0.5", ITERATIONS=20, EVAL_STRIDE=0,
                    WARMUP_STEPS=2)
@@ -191,6 +192,7 @@ def test_the_ladder_goes_below_four_bits_when_nothing_else_fits():
     assert len(blob) <= budget and min(t.bits for t in tensors) < 4
 
 
+@pytest.mark.slow
 def test_a_run_whose_model_cannot_fit_by_pruning_still_ends_with_a_score(tiny_dataset, tmp_path):
     """The ladder makes the artifact fit a limit 20% below its natural size: no oversize stop, a final score."""
     env = tiny_env(tiny_dataset, "ladder", ITERATIONS=6, EVAL_STRIDE=0, COMPRESSOR="zlib")

@@ -192,6 +192,7 @@ def gptq_run(tiny_dataset, tmp_path_factory):
     return env, result.stdout
 
 
+@pytest.mark.slow
 def test_gptq_run_logs_its_calibration_and_counts_it_as_training_time(gptq_run):
     _, out = gptq_run
     gptq = parse_line(out, "gptq")
@@ -208,6 +209,7 @@ def test_gptq_run_roundtrip_score_is_close_to_the_pre_export_score(gptq_run):
     assert abs(post - pre) < ROUNDTRIP_TOLERANCE_BPB
 
 
+@pytest.mark.slow
 def test_a_run_just_over_the_limit_prunes_to_fit_and_is_scored(gptq_run, tmp_path):
     env, out = gptq_run
     fits = int(parse_line(out, "artifact")["bytes_model"])

@@ -48,6 +48,7 @@ def test_flash_attention_3_is_used_when_it_imports_and_matches_sdpa(fa3):
         assert torch.allclose(got, with_fa3.logits(x), atol=1e-5)
 
 
+@pytest.mark.slow
 def test_a_run_with_flash_attention_3_logs_it_and_scores(tiny_dataset, tmp_path):
     env = tiny_env(tiny_dataset, "fa3", ITERATIONS=4, EVAL_STRIDE=0,
                    PYTHONPATH=os.pathsep.join(filter(None, [str(STANDIN), os.environ.get("PYTHONPATH")])))
@@ -161,6 +162,7 @@ def _two_rank_muon(rank, init_file, out_dir):
     dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_two_ranks_split_the_work_and_reach_the_one_rank_result_exactly(tmp_path):
     mp.spawn(_two_rank_muon, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2)
     params, grads = muon_problem()
@@ -184,6 +186,7 @@ def _ddp_trainer(rank, init_file, dataset_path, tokenizer, out_dir):
     dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_ddp_does_not_broadcast_buffers_every_forward(tiny_dataset, tmp_path):
     mp.spawn(_ddp_trainer, args=(str(tmp_path / "init"), str(tiny_dataset.path), str(tiny_dataset.tokenizer),
                                  str(tmp_path)), nprocs=2)

@@ -64,6 +64,7 @@ def test_logits_are_soft_capped():
         assert model.logits(torch.randint(0, 97, (1, 8))).abs().max() <= 5.0
 
 
+@pytest.mark.slow
 def test_qat_switch_flips_a_compiled_model_without_recompiling_stale_values():
     """A published record's late QAT never ran: compile froze a Python flag. Ours is a buffer read at run time."""
     torch._dynamo.reset()

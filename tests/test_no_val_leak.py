@@ -29,6 +29,7 @@ def main_in_process(env: dict, cwd, monkeypatch) -> None:
         torch.set_num_threads(threads)
 
 
+@pytest.mark.slow
 def test_training_and_warmup_never_see_validation_tokens(tiny_dataset, split_vocab_dataset, monkeypatch):
     env = tiny_env(tiny_dataset, "leak", DATA_PATH=split_vocab_dataset, WARMUP_STEPS=3, ITERATIONS=6,
                    VAL_LOSS_EVERY=3, EVAL_STRIDE=16)
@@ -47,6 +48,7 @@ def test_training_and_warmup_never_see_validation_tokens(tiny_dataset, split_voc
     assert seen["no_grad"] >= 256, "the spy must also see evaluation (otherwise this test could not fail)"
 
 
+@pytest.mark.slow
 def test_gptq_hessians_are_collected_from_training_tokens_only(tiny_dataset, split_vocab_dataset, monkeypatch):
     env = tiny_env(tiny_dataset, "leakgptq", DATA_PATH=split_vocab_dataset, ITERATIONS=4, EVAL_STRIDE=0, GPTQ=1,
                    GPTQ_CALIB_BATCHES=3)

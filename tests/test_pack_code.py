@@ -65,6 +65,7 @@ def test_summary_line_gives_both_sizes_and_the_ratio(tmp_path):
                                        f"{size} bytes ({ratio:.2f}x smaller)"]
 
 
+@pytest.mark.slow
 def test_packed_run_scores_and_exports_exactly_like_the_plain_run(plain_and_packed_runs):
     keys = ("val_loss", "val_bpb", "bytes_model")
     plain, packed = plain_and_packed_runs["plain"][2], plain_and_packed_runs["packed"][2]
@@ -81,6 +82,7 @@ def test_packed_run_embeds_the_packed_file_in_its_log(plain_and_packed_runs):
     assert code_block(log.read_bytes()) == script.read_bytes()
 
 
+@pytest.mark.slow
 def test_packed_copy_runs_under_torch_distributed_run_and_counts_its_own_size(packed, tiny_dataset, tmp_path):
     env = tiny_env(tiny_dataset, "tworank", ITERATIONS=6, WARMDOWN_ITERS=2, EVAL_STRIDE=0, COMPILE=0)
     res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",

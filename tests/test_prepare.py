@@ -355,6 +355,7 @@ def test_a_folder_left_by_a_killed_build_is_resumed_without_force(tmp_path, docs
     assert decoded_split(out, "val") == docs[:10] and not (out / prepare.TMP_DIR).exists()
 
 
+@pytest.mark.slow
 def test_out_pointing_at_a_file_is_a_one_line_error(tmp_path, capsys):
     (tmp_path / "ds").write_text("a file")
     msg = cli_error(capsys, "--out", tmp_path / "ds")
@@ -389,6 +390,7 @@ def demo(tmp_path_factory) -> tuple[Path, dict, float]:
     return out, manifest, time.monotonic() - t0
 
 
+@pytest.mark.slow
 def test_demo_builds_offline_in_under_30_seconds_with_enough_val_tokens(demo):
     out, manifest, seconds = demo
     assert seconds < 30
@@ -400,6 +402,7 @@ def test_demo_builds_offline_in_under_30_seconds_with_enough_val_tokens(demo):
                                                "tokenizer.model", "tokenizer.vocab", "manifest.json"}
 
 
+@pytest.mark.slow
 def test_demo_is_byte_identical_from_run_to_run(demo, tmp_path):
     out, _, _ = demo
     result = run_cli("--out", tmp_path / "again")
@@ -408,6 +411,7 @@ def test_demo_is_byte_identical_from_run_to_run(demo, tmp_path):
     assert folder_digest(tmp_path / "again") == folder_digest(out)
 
 
+@pytest.mark.slow
 def test_demo_text_round_trips_through_its_own_tokenizer(demo):
     out, _, _ = demo
     val = decoded_split(out, "val")

@@ -36,6 +36,7 @@ def assert_one_line_error(result, message: str) -> None:
 DIVERGING = dict(MATRIX_LR="1e9", SCALAR_LR="1e9", TIED_EMBED_LR="1e9", GRAD_CLIP_NORM="0")
 
 
+@pytest.mark.slow
 def test_divergence_between_log_steps_stops_a_wallclock_run_without_an_artifact(tiny_dataset, tmp_path):
     env = tiny_env(tiny_dataset, "nan", ITERATIONS=100000, MAX_WALLCLOCK_SECONDS=3, TRAIN_LOG_EVERY=100000,
                    **DIVERGING)
@@ -44,6 +45,7 @@ def test_divergence_between_log_steps_stops_a_wallclock_run_without_an_artifact(
     assert "final_submission" not in result.stdout and not list(tmp_path.glob("artifacts/*"))
 
 
+@pytest.mark.slow
 def test_short_runs_export_what_they_trained_with_the_default_ema(tiny_dataset, tmp_path):
     """EMA_DECAY 0.997 after 30 steps would keep ~91% of the initial weights; the warmed-up decay does not."""
     result = run_train(tmp_path, tiny_env(tiny_dataset, "ema", ITERATIONS=30, EMA_DECAY=0.997, EVAL_STRIDE=0))
@@ -62,6 +64,7 @@ def test_short_runs_export_what_they_trained_with_the_default_ema(tiny_dataset, 
     (dict(RUN_ID="../escape"), "RUN_ID='../escape' may hold only"),
     (dict(MLP_MULT="0"), "MLP_MULT must be positive"),
 ])
+@pytest.mark.slow
 def test_bad_output_locations_and_settings_fail_at_start_up(tiny_dataset, tmp_path, override, message):
     (tmp_path / "a_file").write_text("x")
     result = run_train(tmp_path, tiny_env(tiny_dataset, "early", **override))
@@ -69,6 +72,7 @@ def test_bad_output_locations_and_settings_fail_at_start_up(tiny_dataset, tmp_pa
     assert "val_data" not in result.stdout  # nothing was read or trained
 
 
+@pytest.mark.slow
 def test_a_rerun_with_the_same_run_id_keeps_the_earlier_log(tiny_dataset, tmp_path):
     env = tiny_env(tiny_dataset, "twice", ITERATIONS=2, EVAL_STRIDE=0)
     first = run_train(tmp_path, env)
@@ -87,6 +91,7 @@ def test_a_rerun_with_the_same_run_id_keeps_the_earlier_log(tiny_dataset, tmp_pa
 @pytest.mark.parametrize("content,message", [(b"", "is not a readable SentencePiece model"),
                                              (b"not a model", "is not a readable SentencePiece model"),
                                              (None, "is not a readable SentencePiece model")])
+@pytest.mark.slow
 def test_an_empty_unreadable_or_foreign_tokenizer_is_one_line(tiny_dataset, tmp_path, content, message):
     path = tmp_path / "tok.model"
     if content is None:
@@ -96,6 +101,7 @@ def test_an_empty_unreadable_or_foreign_tokenizer_is_one_line(tiny_dataset, tmp_
     assert_one_line_error(run_train(tmp_path, tiny_env(tiny_dataset, "tok", TOKENIZER_PATH=path)), message)
 
 
+@pytest.mark.slow
 def test_a_tokenizer_other_than_the_datasets_is_refused(tiny_dataset, tmp_path):
     data = tmp_path / "data"
     data.mkdir()
@@ -106,6 +112,7 @@ def test_a_tokenizer_other_than_the_datasets_is_refused(tiny_dataset, tmp_path):
     assert_one_line_error(result, "is not the tokenizer of DATA_PATH")
 
 
+@pytest.mark.slow
 def test_a_shard_path_that_is_a_folder_is_one_line(tiny_dataset, tmp_path):
     data = tmp_path / "data"
     (data / "fineweb_val_000000.bin").mkdir(parents=True)
@@ -155,6 +162,7 @@ def test_an_artifact_declaring_a_huge_payload_is_refused_before_decompressing(tm
         tg.read_artifact(str(path))
 
 
+@pytest.mark.slow
 def test_a_small_artifact_that_inflates_to_a_gibibyte_is_stopped_at_its_declared_size(tmp_path):
     """A 33 KB zstd stream of 1 GiB of zeros behind an honest-looking header: the loader must not allocate it."""
     compressor, chunk = zstandard.ZstdCompressor(level=3).compressobj(), bytes(1 << 20)
@@ -201,6 +209,7 @@ def test_an_artifact_of_another_configuration_is_one_user_error(tmp_path):
 # ----------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_an_export_failure_on_rank_0_ends_every_rank_with_one_error_line(tiny_dataset, tmp_path):
     script = tmp_path / "train_gpt.py"
     source = (REPO / "train_gpt.py").read_text()

@@ -139,6 +139,7 @@ def table_row(out: str, run_id: str) -> str:
 # The three real runs
 # ----------------------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_parse_real_logs(real_runs):
     code = TRAIN.read_bytes()
     for seed, log in zip(SEEDS, real_runs.logs):
@@ -750,6 +751,7 @@ def test_record_dir_from_the_committed_logs(committed, tmp_path):
     assert "p = 0.017396" in readme
 
 
+@pytest.mark.slow
 def test_record_dir_refuses_and_leaves_no_half_written_folder(committed, tmp_path, monkeypatch):
     records = tmp_path / "records"
     base = [*COMMITTED, "--code", committed, "--record-dir", records, "--date", "2026-11-29"]

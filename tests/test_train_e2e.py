@@ -11,6 +11,8 @@ import pytest
 import train_gpt as tg
 from conftest import parse_line, run_train, tiny_env
 
+pytestmark = pytest.mark.slow  # runs train_gpt.py end to end (README: the quick tier)
+
 ROUNDTRIP_TOLERANCE_BPB = 0.02  # int6 blocks + int8 embedding after QAT, on a 150k-parameter model
 
 

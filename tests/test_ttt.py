@@ -293,6 +293,7 @@ def _two_rank_ttt(rank, init_file, out):
     dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_two_ranks_score_like_one(tokens, tmp_path):
     mp.spawn(_two_rank_ttt, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2)
     _, (loss, bpb, stats) = ttt_scores(tokens)
