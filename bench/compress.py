@@ -17,8 +17,10 @@ Methods:
                              as another, each through back end X; T transposes every matrix (a column's codes
                              in a run); sort also orders each matrix's rows by their projection on the codes'
                              leading singular vector (the permutation is stored)
-Reference: each quantised tensor's order-0 entropy (its codes' empirical distribution), summed; the `rest`
-column is everything that is not a code (fp16 scales and tensors, table) in raw bytes.
+Reference: each quantised tensor's (and LQER factor's) order-0 entropy, its codes' empirical distribution,
+summed (H0); `rest` is everything that is not a code (fp16 scales and tensors, header), raw and through lzma 9e.
+`vs ref` compares a method's bytes with H0 + lzma(rest). `rans` also prints its code part alone (rANS words and
+lane states) against H0 and against its own classes' entropy (each AWQ group apart from its tensor).
 """
 import argparse
 import ast
@@ -272,15 +274,25 @@ def main() -> None:
         p = dict(parse(payload), payload=payload)
         weights = sum(rows * cols for *_, (_, rows, cols) in p["matrices"])
         h0 = sum(entropy_bytes(p["codes"][o:o + r * c]) for *_, (o, r, c) in p["matrices"])
-        print(f"\n{path}: {len(payload):,} payload bytes, {weights:,} codes, order-0 entropy {h0:,.0f} bytes "
-              f"({8 * h0 / weights:.4f} bits/code), rest {len(p['rest']):,} bytes raw")
-        print(f"{'method':<16}{'bytes':>12}{'bits/code':>11}{'vs H0+rest':>11}{'enc s':>8}{'dec s':>8}")
+        tid, tables = tg.code_tables(tg.payload_header(payload))
+        h0_classes = sum(entropy_bytes(p["codes"][tid == t]) for t in range(tables))
+        rest_lzma = len(BACKENDS["lzma"][0](p["rest"]))
+        ref = h0 + rest_lzma
+        print(f"\n{path}: {len(payload):,} payload bytes, {weights:,} codes, order-0 entropy per tensor (H0) "
+              f"{h0:,.0f} bytes ({8 * h0 / weights:.4f} bits/code), per rans class {h0_classes:,.0f}; rest "
+              f"{len(p['rest']):,} bytes raw, {rest_lzma:,} through lzma; ref = H0 + lzma(rest) = {ref:,.0f}")
+        print(f"{'method':<16}{'bytes':>12}{'bits/code':>11}{'vs ref':>9}{'enc s':>8}{'dec s':>8}")
         for name in tqdm(args.methods, desc=os.path.basename(path), leave=False, disable=not sys.stderr.isatty()):
             r = measure(name, p)
             r.update(artifact=path, payload_bytes=len(payload), codes=weights, h0_bytes=round(h0),
-                     rest_bytes=len(p["rest"]))
+                     h0_classes_bytes=round(h0_classes), rest_bytes=len(p["rest"]), rest_lzma_bytes=rest_lzma)
             print(f"{name:<16}{r['bytes']:>12,}{8 * r['bytes'] / weights:>11.4f}"
-                  f"{r['bytes'] / (h0 + len(p['rest'])) - 1:>+11.2%}{r['encode_s']:>8}{r['decode_s']:>8}", flush=True)
+                  f"{r['bytes'] / ref - 1:>+9.2%}{r['encode_s']:>8}{r['decode_s']:>8}", flush=True)
+            if name == "rans":
+                blob = tg.rans_encode(payload)
+                r["rans_code_bytes"] = coded = len(blob) - 4 - int.from_bytes(blob[:4], "little")
+                print(f"{'':<16}codes {coded:,} bytes: {coded / h0 - 1:+.2%} vs H0, "
+                      f"{coded / h0_classes - 1:+.2%} vs its classes' entropy; lzma part {len(blob) - coded:,}")
             if args.json:
                 with open(args.json, "a") as f:
                     f.write(json.dumps(r) + "\n")
