@@ -20,7 +20,8 @@ Methods:
 Reference: each quantised tensor's (and LQER factor's) order-0 entropy, its codes' empirical distribution,
 summed (H0); `rest` is everything that is not a code (fp16 scales and tensors, header), raw and through lzma 9e.
 `vs ref` compares a method's bytes with H0 + lzma(rest). `rans` also prints its code part alone (rANS words and
-lane states) against H0 and against its own classes' entropy (each AWQ group apart from its tensor).
+lane states) against H0 and against its own model's entropy (codes shifted per column, a table per row class
+and per AWQ group: train_gpt.matrix_model, code_tables).
 """
 import argparse
 import ast
@@ -74,6 +75,22 @@ def entropy_bytes(x: np.ndarray) -> float:
     return float(-(p * np.log2(p)).sum() * x.size / 8)
 
 
+def rans_class_entropy(payload: bytes) -> float:
+    """The order-0 entropy that rans codes against: codes shifted per column, one table per class (matrix_model,
+    code_tables), summed over the classes."""
+    header = tg.payload_header(payload)
+    codes, rows = np.frombuffer(payload, np.int8, header["codes"], 4).copy(), []
+    for offset, shape in tg.matrices(header):
+        m = codes[offset:offset + math.prod(shape)].reshape(shape)
+        shift, classes = tg.matrix_model(m)
+        m -= shift
+        rows.append(classes)
+    tid, tables = tg.code_tables(header, rows)
+    counts = np.bincount(tid.astype(np.int64) * 256 + codes.view(np.uint8), minlength=256 * tables).reshape(tables, -1)
+    p = counts / np.maximum(1, counts.sum(1, keepdims=True))
+    return float(-(counts * np.log2(np.where(counts > 0, p, 1))).sum() / 8)
+
+
 # ------------------------------------------------------------------------------------------ back ends
 
 
@@ -100,7 +117,8 @@ for _level in (1, 2, 3, 4):
 
 
 def frame(streams: list[bytes]) -> bytes:
-    return len(streams).to_bytes(4, "little") + b"".join(len(s).to_bytes(4, "little") for s in streams) + b"".join(streams)
+    sizes = b"".join(len(s).to_bytes(4, "little") for s in streams)
+    return len(streams).to_bytes(4, "little") + sizes + b"".join(streams)
 
 
 def unframe(blob: bytes) -> list[bytes]:
@@ -274,8 +292,7 @@ def main() -> None:
         p = dict(parse(payload), payload=payload)
         weights = sum(rows * cols for *_, (_, rows, cols) in p["matrices"])
         h0 = sum(entropy_bytes(p["codes"][o:o + r * c]) for *_, (o, r, c) in p["matrices"])
-        tid, tables = tg.code_tables(tg.payload_header(payload))
-        h0_classes = sum(entropy_bytes(p["codes"][tid == t]) for t in range(tables))
+        h0_classes = rans_class_entropy(payload)
         rest_lzma = len(BACKENDS["lzma"][0](p["rest"]))
         ref = h0 + rest_lzma
         print(f"\n{path}: {len(payload):,} payload bytes, {weights:,} codes, order-0 entropy per tensor (H0) "
