@@ -6,13 +6,16 @@ every way below. Every method is decoded and checked byte for byte (or code for 
     python3 bench/compress.py ARTIFACT.pgz [...] [--methods zstd brotli ...] [--json out.jsonl]
 
 Methods:
+  rans                       the export's default (train_gpt.rans_encode / rans_decode)
   zstd, lzma, brotli, zpaq   the whole payload through one back end (zstd-22 on the byte-shuffled payload is the
                              export before this benchmark; brotli 11 / window 2^24, lzma preset 9e, ZPAQ level 5
                              of the `zpaq` package on PyPI, one thread)
   record                     the #1855 record's `pergroup` compressor, its own functions executed from
                              ../shared/anchors/record_1855_train_gpt.py (needs the `lrzip` program): matrices by
                              role, rows reordered, transposed, each group through lrzip's ZPAQ mode; the rest
-                             through torch.save + brotli, as that script stores it
+                             through torch.save + brotli, as that script stores it; record-T the same with
+                             lrzip's -T (its LZO pre-test off: lrzip 0.651 stores a group raw when LZO cannot
+                             shrink it, so ZPAQ runs on every group only with -T)
   group-X, groupT-X, sort-X  ours: each role's codes (all layers of one role back to back) as one stream, the rest
                              as another, each through back end X; T transposes every matrix (a column's codes
                              in a run); sort also orders each matrix's rows by their projection on the codes'
