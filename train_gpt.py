@@ -125,7 +125,7 @@ class Hyperparameters:
     gptq: bool = True
     gptq_calib_batches: int = 32
     gptq_reserve_seconds: float = 12.0
-    compressor: str = "zstd"
+    compressor: str = "rans"
     byte_shuffle: bool = True
     awq_group: bool = True
     lqer_rank: int = 4
@@ -1131,6 +1131,140 @@ def have_brotli() -> bool:
     return True
 
 
+RANS_BITS, RANS_LOW, RANS_MAX_TABLES, RANS_ROW_CLASSES = 15, 1 << 16, 2048, 4  # lane states stay in [2^16, 2^32)
+
+
+def payload_header(payload: bytes) -> dict:
+    return json.loads(payload[len(payload) - 4 - int.from_bytes(payload[-4:], "little"):-4])
+
+
+def order0_bytes(x: np.ndarray) -> float:
+    p = np.bincount(x.ravel().view(np.uint8))
+    p = p[p > 0] / x.size
+    return float(-(p * np.log2(p)).sum() * x.size / 8)
+
+
+def matrix_model(m: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Side data that makes a matrix's codes cheaper to code: a shift per column (its mean code: a briefly trained
+    embedding's columns sit up to +-19 codes off centre) and one of RANS_ROW_CLASSES tables per row, by the spread
+    of its shifted codes (its rows range from flat to peaked). Each is kept only where the entropy it saves exceeds
+    its own cost, so small matrices keep one table and no shift."""
+    shift = np.round(m.mean(0)).clip(-127, 127).astype(np.int8)
+    if order0_bytes(m - shift) + m.shape[1] / 2 >= order0_bytes(m):
+        shift[:] = 0
+    z = m - shift
+    spread = z.astype(np.float32).std(1)
+    rows = np.searchsorted(np.quantile(spread, np.arange(1, RANS_ROW_CLASSES) / RANS_ROW_CLASSES), spread)
+    split = sum(order0_bytes(z[rows == k]) for k in range(RANS_ROW_CLASSES))
+    if split + 150 * (RANS_ROW_CLASSES - 1) + m.shape[0] / 4 >= order0_bytes(z):
+        rows[:] = 0
+    return shift, rows.astype(np.uint8)
+
+
+def matrices(header: dict) -> list[tuple[int, list]]:
+    """Offset and shape of every quantised matrix's codes (not LQER factors), in header order."""
+    return [(e["codes"][0], e["shape"]) for e in header["tensors"] if "codes" in e and len(e["shape"]) == 2]
+
+
+def code_tables(header: dict, row_classes: list[np.ndarray]) -> tuple[np.ndarray, int]:
+    """Which frequency table codes each code, and how many tables: per quantised matrix one per row class
+    (matrix_model), per LQER factor one, since they differ in bit width and spread, and one more for a matrix's
+    AWQ group, whose columns sit on an 8-bit grid of their own."""
+    n, tables, classes = header["codes"], 1, iter(row_classes)
+    tid = np.zeros(n, np.int16)
+    for e in header["tensors"]:
+        blocks = [e["codes"]] if "codes" in e else []
+        for i, (offset, count) in enumerate(blocks + ([e["lqer"][0], e["lqer"][2]] if "lqer" in e else [])):
+            if not 0 <= offset <= offset + count <= n:
+                raise ValueError(f"code block [{offset}, +{count}) outside the {n} codes")
+            if i == 0 and len(e["shape"]) == 2:
+                tid[offset:offset + count].reshape(e["shape"])[:] = tables + next(classes)[:, None].astype(np.int16)
+                tables += RANS_ROW_CLASSES
+            else:
+                tid[offset:offset + count], tables = tables, tables + 1
+        if "group" in e:
+            offset, count = e["codes"]
+            tid[offset:offset + count].reshape(e["shape"])[:, e["group"]:e["group"] + AWQ_WIDTH] = tables
+            tables += 1
+    if tables > RANS_MAX_TABLES:
+        raise ValueError(f"{tables} code tables, over {RANS_MAX_TABLES}")
+    return tid, tables
+
+
+def rans_encode(payload: bytes) -> bytes:
+    """The codes through an interleaved order-0 rANS coder, each matrix shifted and its rows classed by
+    matrix_model, a table per code_tables class; the side data, the tables and the rest of the payload (fp16 data,
+    header) through lzma. Lane j codes positions j, j + lanes, ..., so each step codes one contiguous row of
+    symbols for all lanes at once, as numpy operations."""
+    header = payload_header(payload)
+    n, codes = header["codes"], np.frombuffer(payload, np.int8, header["codes"], 4).copy()
+    models = []
+    for offset, shape in matrices(header):
+        m = codes[offset:offset + math.prod(shape)].reshape(shape)
+        models.append(matrix_model(m))
+        m -= models[-1][0]  # int8 arithmetic wraps, so any shift is lossless
+    tid, tables = code_tables(header, [rows for _, rows in models])
+    lanes = min(4096, max(1, n >> 12))  # more lanes: fewer numpy steps, 4 more bytes of final state each
+    sym = codes.view(np.uint8) ^ 128
+    counts = np.bincount(tid.astype(np.int64) * 256 + sym, minlength=256 * tables).reshape(tables, 256)
+    total = np.maximum(1, counts.sum(1, keepdims=True))
+    freq = np.where(counts > 0, np.maximum(1, counts * (1 << RANS_BITS) // total), 0)  # every seen symbol >= 1
+    freq[np.arange(tables), freq.argmax(1)] += (1 << RANS_BITS) - freq.sum(1)
+    cum = np.cumsum(freq, 1) - freq
+    tid, sym = (np.append(a, np.full(-n % lanes, a[-1] if n else 0, a.dtype)).reshape(-1, lanes) for a in (tid, sym))
+    x, words = np.full(lanes, RANS_LOW, np.uint64), []
+    for s in reversed(range(len(sym))):
+        f, c = freq[tid[s], sym[s]].astype(np.uint64), cum[tid[s], sym[s]].astype(np.uint64)
+        big = x >= f << (32 - RANS_BITS)
+        words.append((x[big] & 0xFFFF).astype("<u2").tobytes())
+        x = np.where(big, x >> 16, x)
+        x = (x // f << RANS_BITS) + x % f + c
+    side = b"".join(shift.tobytes() + rows.tobytes() for shift, rows in models)
+    meta = lzma.compress(lanes.to_bytes(2, "little") + len(side).to_bytes(4, "little") + side
+                         + freq.astype("<u2").tobytes() + payload[:4] + payload[4 + n:], preset=9 | lzma.PRESET_EXTREME)
+    return len(meta).to_bytes(4, "little") + meta + x.astype("<u4").tobytes() + b"".join(reversed(words))
+
+
+def rans_decode(blob: bytes, limit: int) -> bytes:
+    """rans_encode's inverse, bounded by `limit`, the declared payload size: the codes must fit in it, and nothing
+    allocated is much larger."""
+    size = int.from_bytes(blob[:4], "little")
+    meta = lzma.LZMADecompressor().decompress(blob[4:4 + size], 2 * limit + 512 * RANS_MAX_TABLES)
+    header, lanes, side = payload_header(meta), int.from_bytes(meta[:2], "little"), int.from_bytes(meta[2:6], "little")
+    n, shapes = header["codes"], matrices(header)
+    if n > limit or not 1 <= lanes <= 4096 or side != sum(rows + cols for _, (rows, cols) in shapes):
+        raise ValueError(f"rANS header ({n} codes, {lanes} lanes, {side} side bytes) does not fit the payload")
+    models, at = [], 6
+    for _, (rows, cols) in shapes:
+        models.append((np.frombuffer(meta, np.int8, cols, at), np.frombuffer(meta, np.uint8, rows, at + cols)))
+        at += rows + cols
+    if any((classes >= RANS_ROW_CLASSES).any() for _, classes in models):
+        raise ValueError("rANS row classes out of range")
+    tid, tables = code_tables(header, [classes for _, classes in models])
+    freq = np.frombuffer(meta, "<u2", 256 * tables, at).reshape(tables, 256).astype(np.int64)
+    if (freq.sum(1) != 1 << RANS_BITS).any():
+        raise ValueError("rANS frequency tables do not sum to the precision")
+    cum, lookup = np.cumsum(freq, 1) - freq, np.stack([np.repeat(np.arange(256, dtype=np.uint8), f) for f in freq])
+    tid = np.append(tid, np.full(-n % lanes, tid[-1] if n else 0, np.int16)).reshape(-1, lanes)
+    x = np.frombuffer(blob, "<u4", lanes, 4 + size).astype(np.uint64)
+    words = np.frombuffer(blob, "<u2", offset=4 + size + 4 * lanes).astype(np.uint64)
+    out, used = np.empty(tid.shape, np.uint8), 0
+    for s in range(len(tid)):
+        slot = (x & ((1 << RANS_BITS) - 1)).astype(np.int64)
+        out[s] = sym = lookup[tid[s], slot]
+        x = (freq[tid[s], sym] * (x >> RANS_BITS).astype(np.int64) + slot - cum[tid[s], sym]).astype(np.uint64)
+        small = np.flatnonzero(x < RANS_LOW)
+        if used + small.size > words.size:
+            raise ValueError("rANS stream is truncated")
+        x[small] = x[small] << 16 | words[used:used + small.size]
+        used += small.size
+    codes = (out.ravel()[:n] ^ 128).view(np.int8)
+    for (offset, shape), (shift, _) in zip(shapes, models):
+        codes[offset:offset + math.prod(shape)].reshape(shape)[:] += shift
+    rest = meta[at + 512 * tables:]
+    return rest[:4] + codes.tobytes() + rest[4:]
+
+
 # Per method: its id in the artifact, compress, and decompress(data, n) that stops after about n bytes of output, so a
 # hostile artifact cannot make the loader allocate more than its header declares.
 COMPRESSORS = {
@@ -1141,15 +1275,16 @@ COMPRESSORS = {
     "zlib": (2, lambda b: zlib.compress(b, 9), lambda b, n: zlib.decompressobj().decompress(b, n)),
     "brotli": (3, lambda b: package("brotli").compress(b, quality=11, lgwin=24),
                lambda b, n: package("brotli").Decompressor().process(b, output_buffer_limit=n)),
+    "rans": (4, rans_encode, rans_decode),
 }
 MAX_PAYLOAD_BYTES = 1 << 28  # a 16 MB artifact unpacks to ~30 MB; anything near this cap is not ours
 
 
 def encode_artifact(p: Packed, method: str, shuffle: bool = False) -> bytes:
-    """Magic, the id of the compressor used, the compressed payload. `best` keeps the smallest of zstd, lzma and
-    brotli (brotli only where it is installed: it is not a requirement)."""
+    """Magic, the id of the compressor used, the compressed payload. `best` keeps the smallest of rans, zstd, lzma
+    and brotli (brotli only where it is installed: it is not a requirement)."""
     payload = serialize(p, shuffle)
-    names = ["zstd", "lzma"] + ["brotli"] * have_brotli() if method == "best" else [method]
+    names = ["rans", "zstd", "lzma"] + ["brotli"] * have_brotli() if method == "best" else [method]
     head = ARTIFACT_MAGIC + len(payload).to_bytes(8, "little")
     return min((head + bytes([COMPRESSORS[n][0]]) + COMPRESSORS[n][1](payload) for n in names), key=len)
 
@@ -1171,7 +1306,7 @@ def prune_to_fit(p: Packed, budget: float, method: str, shuffle: bool = False) -
     zeroing every +-1 code is not enough (the caller reports the size). The search runs on quick_size mapped to the
     real compressor by the line through the last two payloads encoded both ways (the first: the unpruned one and
     zero); each real encode that still comes out over the budget becomes a point of that line, so it takes a few
-    real encodes in all, where each is about a minute for zstd-22 at full size."""
+    real encodes in all (at full size seconds each for rans, about a minute for zstd-22)."""
     blob = encode_artifact(p, method, shuffle)
     if len(blob) <= budget:
         return blob, 0, len(blob)

@@ -1,10 +1,13 @@
 """Careless or hostile input: no run exits 0 with a broken artifact, no file is lost, every user error is one line."""
 import errno
 import json
+import lzma
 import hashlib
 import math
+import re
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -162,21 +165,59 @@ def test_an_artifact_declaring_a_huge_payload_is_refused_before_decompressing(tm
         tg.read_artifact(str(path))
 
 
+def zeros_stream(method: str, mib: int) -> bytes:
+    """`mib` MiB of zeros as one stream of `method`, fed a MiB at a time so the test itself stays small."""
+    chunk = bytes(1 << 20)
+    if method == "zstd":
+        c = zstandard.ZstdCompressor(level=3).compressobj()
+        return b"".join(c.compress(chunk) for _ in range(mib)) + c.flush()
+    if method == "brotli":
+        c = pytest.importorskip("brotli").Compressor(quality=1)
+        return b"".join(c.process(chunk) for _ in range(mib)) + c.finish()
+    c = lzma.LZMACompressor(preset=0) if method == "lzma" else zlib.compressobj(1)
+    return b"".join(c.compress(chunk) for _ in range(mib)) + c.flush()
+
+
+def rans_claiming(codes: int) -> bytes:
+    """A rANS stream whose payload header claims `codes` codes, with one valid table and no data."""
+    table = np.zeros(256, "<u2")
+    table[128] = 1 << tg.RANS_BITS
+    header = json.dumps(dict(tensors=[], codes=codes, shuffle=False)).encode()
+    meta = lzma.compress((4096).to_bytes(2, "little") + bytes(4) + table.tobytes() + tg.PAYLOAD_MAGIC + header
+                         + len(header).to_bytes(4, "little"))
+    return len(meta).to_bytes(4, "little") + meta
+
+
+# Per method: a small stream that would inflate to far more than the 1000 bytes its artifact declares, and what the
+# loader says. Half a gibibyte at least: a loader that inflated it would show in the peak memory.
+BOMBS = {"zstd": (lambda: zeros_stream("zstd", 1024), "where the header declares 1000"),
+         "lzma": (lambda: zeros_stream("lzma", 512), "where the header declares 1000"),
+         "zlib": (lambda: zeros_stream("zlib", 512), "where the header declares 1000"),
+         "brotli": (lambda: zeros_stream("brotli", 1024), "where the header declares 1000"),
+         "rans": (lambda: rans_claiming(1 << 30), "1073741824 codes.*does not fit the payload")}
+
+
+def test_every_compressor_has_a_bomb_test():
+    assert set(BOMBS) == set(tg.COMPRESSORS)
+
+
 @pytest.mark.slow
-def test_a_small_artifact_that_inflates_to_a_gibibyte_is_stopped_at_its_declared_size(tmp_path):
-    """A 33 KB zstd stream of 1 GiB of zeros behind an honest-looking header: the loader must not allocate it."""
-    compressor, chunk = zstandard.ZstdCompressor(level=3).compressobj(), bytes(1 << 20)
-    bomb = b"".join(compressor.compress(chunk) for _ in range(1024)) + compressor.flush()
+@pytest.mark.parametrize("method", sorted(BOMBS))
+def test_a_small_artifact_that_inflates_past_its_declared_size_is_stopped_there(tmp_path, method):
+    """A stream of at least 512 MiB of zeros (or a rANS header claiming a gibibyte of codes) behind an
+    honest-looking header: the loader must not allocate it."""
+    build, message = BOMBS[method]
+    bomb = build()
     path = tmp_path / "bomb.pgz"
-    path.write_bytes(tg.ARTIFACT_MAGIC + (1000).to_bytes(8, "little") + bytes([0]) + bomb)
+    path.write_bytes(tg.ARTIFACT_MAGIC + (1000).to_bytes(8, "little") + bytes([tg.COMPRESSORS[method][0]]) + bomb)
     # VmHWM (peak resident memory of this process image) restarts at exec, unlike ru_maxrss, which a child
     # inherits from a large parent such as this pytest process.
     probe = (f"import re, sys; sys.path.insert(0, {str(REPO)!r}); import train_gpt as tg\n"
              f"try:\n    tg.read_artifact({str(path)!r})\nexcept tg.UserError as e:\n    print(e)\n"
              f"print(int(re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read())[1]) // 1024)")
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120).stdout.split("\n")
-    assert len(bomb) < 100_000 and "where the header declares 1000" in out[0]
-    assert int(out[1]) < 600  # MiB: torch alone is ~250; a gibibyte of zeros would show
+    assert len(bomb) < 5_000_000 and re.search(message, out[0]), out
+    assert int(out[1]) < 600  # MiB: torch alone is ~250; half a gibibyte of zeros would show
 
 
 @pytest.mark.parametrize("damage", ["truncated", "bad_json", "impossible_shape", "bad_offset"])
