@@ -114,3 +114,36 @@ def test_caseops_round_trips_every_proxy_document(name):
         assert caseops.decode(encoded) == doc
         changed += encoded != doc
     assert changed > 0.9 * len(docs)  # real text has capitals: the transform did something
+
+
+# --------------------------------------------------------------------------- datasets
+
+
+def load_record_transform():
+    spec = importlib.util.spec_from_file_location("record_lossless_caps", RECORD / "lossless_caps.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.skipif(not RECORD_TOKENIZER.is_file() or not PROXY.is_dir(),
+                    reason="needs ../shared/anchors/record_2135 and ../shared/data/proxy")
+def test_with_the_records_tokenizer_the_proxy_val_split_is_the_records_tokens_and_byte_sidecar(tmp_path):
+    """The reference is computed the records' way: their transform, their tokenizer, and their
+    byte counts over SentencePiece's piece surfaces (which need the protobuf package)."""
+    pytest.importorskip("google.protobuf")
+    import sentencepiece as spm
+    record = load_record_transform()
+    val = proxy_docs("docs_val.jsonl.gz")
+    train = proxy_docs("docs_train.jsonl.gz")[:50]
+    prepare.build_dataset(None, tmp_path / "ds", documents=val + train, tokenizer=RECORD_TOKENIZER,
+                          val_docs=len(val), caseops_on=True)
+    sp = spm.SentencePieceProcessor(model_file=str(RECORD_TOKENIZER))
+    tokens, nbytes = [], []
+    for doc in val:
+        pieces = sp.encode(record.encode_lossless_caps_v2(doc), out_type="proto").pieces
+        tokens += [prepare.BOS_ID] + [p.id for p in pieces]
+        nbytes += [0] + record.surface_piece_original_byte_counts(
+            [p.surface for p in pieces], text_transform_name=record.LOSSLESS_CAPS_CASEOPS_V1)
+    assert np.array_equal(prepare.read_shard(tmp_path / "ds" / "fineweb_val_000000.bin"), tokens)
+    assert np.array_equal(prepare.read_shard(tmp_path / "ds" / "fineweb_val_bytes_000000.bin"), nbytes)
