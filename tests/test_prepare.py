@@ -656,3 +656,50 @@ def test_proxy_rebuild_is_byte_identical_to_the_shipped_shards(tmp_path, vocab, 
                           tokenizer=SHARED / "tokenizers" / f"fineweb_{vocab}_bpe.model", val_docs=2500)
     for name in compare:
         assert (tmp_path / "ds" / name).read_bytes() == (PROXY / f"sp{vocab}" / name).read_bytes(), name
+
+
+# --------------------------------------------------------------------------- leak-proof split
+
+
+def test_a_build_whose_training_repeats_a_val_document_is_refused_naming_both(tmp_path, docs):
+    leaky = docs[:20] + docs[40:60] + [docs[3]] + docs[60:80] + [docs[11]]
+    with pytest.raises(prepare.PrepareError) as err:
+        prepare.build_dataset(None, tmp_path / "ds", documents=leaky, val_docs=20, vocab_size=300)
+    msg = str(err.value)
+    assert msg.startswith("2 validation document(s) also appear in training")
+    assert "val document 3 = train document 20" in msg and "val document 11 = train document 41" in msg
+    assert not (tmp_path / "ds" / "manifest.json").exists()
+    assert not prepare.shard_files(tmp_path / "ds")
+
+
+def test_check_leak_passes_a_clean_dataset(built, capsys):
+    folder, _ = built
+    assert prepare.main(["--check-leak", str(folder)]) == 0
+    assert "no validation document appears in training" in capsys.readouterr().out
+
+
+def test_check_leak_names_the_val_documents_found_in_a_training_shard(built, tmp_path, capsys, docs):
+    folder, _ = built
+    copy = tmp_path / "leaky"
+    copy.mkdir()
+    for p in folder.iterdir():
+        (copy / p.name).write_bytes(p.read_bytes())
+    val = split_docs(split_tokens(folder, "val"))
+    last = prepare.shard_files(copy, "train")[-1]
+    planted = np.concatenate([prepare.read_shard(last), [prepare.BOS_ID], val[7]])
+    prepare.write_shard(last, planted)
+    n_train = len(split_docs(split_tokens(folder, "train")))
+    msg = cli_error(capsys, "--check-leak", copy)
+    assert msg.startswith("error: 1 validation document(s) also appear in training")
+    assert f"val document 7 = train document {n_train}" in msg
+    assert _preview_of(docs[7]) in msg  # the document is shown decoded
+
+
+def _preview_of(doc: str) -> str:
+    return repr(doc[:20])[1:-1]
+
+
+@pytest.mark.skipif(not (PROXY / "sp1024").is_dir(), reason="needs ../shared/data/proxy")
+def test_check_leak_passes_the_proxy(capsys):
+    prepare.check_leak(PROXY / "sp1024")
+    assert "2,500 val and 78,890 train documents" in capsys.readouterr().out
