@@ -73,7 +73,12 @@ VARIANT_REPOS = {
     "sp1024": "willdepueoai/parameter-golf",
     "sp4096": "kevclark/parameter-golf",
     "sp8192": "kevclark/parameter-golf",
+    "sp8192_caseops": "romeerp/parameter-golf-caseops-v1",
 }
+# The CaseOps export (used by the records from #1729 on) publishes no manifest: its files
+# are found by name, val shards and their byte sidecars counted until the first missing one.
+CASEOPS_DATASET = "fineweb10B_sp8192_lossless_caps_caseops_v1_reserved"
+CASEOPS_TOKENIZER = "tokenizers/fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.model"
 
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".ndjson", ".ndjson.gz")
 
@@ -978,11 +983,16 @@ def _hf():
     return huggingface_hub
 
 
-def _fetch(hf, repo_id: str, remote: str, staging: Path, endpoint: str | None, revision: str | None) -> Path:
+def _fetch(hf, repo_id: str, remote: str, staging: Path, endpoint: str | None, revision: str | None,
+           missing_ok: bool = False) -> Path | None:
     folder, _, name = remote.rpartition("/")
     try:
         path = hf.hf_hub_download(repo_id=repo_id, filename=name, subfolder=folder or None, repo_type="dataset",
                                   revision=revision, local_dir=staging, endpoint=endpoint)
+    except hf.utils.EntryNotFoundError:
+        if missing_ok:
+            return None
+        raise PrepareError(f"{remote} is not in {repo_id}") from None
     except Exception as e:  # noqa: BLE001 - any network/HTTP failure becomes one readable line
         msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise PrepareError(f"download of {remote} from {repo_id} failed: {type(e).__name__}: {msg}") from None
@@ -1026,11 +1036,18 @@ def download_variant(variant: str, out_dir: Path, *, train_shards: int = DEFAULT
     except AttributeError:
         pass
     out = Path(out_dir)
-    dataset_dir = f"{REMOTE_ROOT}/datasets/fineweb10B_{variant}"
+    caseops_on = variant == "sp8192_caseops"
+    dataset_dir = f"{REMOTE_ROOT}/datasets/{CASEOPS_DATASET if caseops_on else f'fineweb10B_{variant}'}"
     identity = {"source": f"hf://datasets/{repo_id}/{dataset_dir}", "revision": revision or "main"}
     make_out_dir(out)
     check_out_dir(out, identity, force)
     staging = _fresh_tmp(out)
+    if caseops_on:
+        try:
+            return _download_caseops(hf, repo_id, dataset_dir, identity, out, staging, train_shards, endpoint,
+                                     revision)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
     try:
         published = _load_published_manifest(hf, repo_id, staging, endpoint, revision)
         dataset, tok = _published_entry(published, variant)
@@ -1056,6 +1073,35 @@ def download_variant(variant: str, out_dir: Path, *, train_shards: int = DEFAULT
         write_manifest(out, manifest)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+    return manifest
+
+
+def _download_caseops(hf, repo_id, dataset_dir, identity, out, staging, train_shards, endpoint, revision) -> dict:
+    base = {"tool": "data/prepare.py", "identity": identity, "source": identity["source"],
+            "text_transform": caseops.NAME}
+    write_manifest(out, {**base, "complete": False})
+    tok = {"model_path": CASEOPS_TOKENIZER}
+    _download_tokenizer(hf, repo_id, tok, None, out, staging, endpoint, revision)
+    _check_caseops_tokenizer(load_tokenizer(out / TOKENIZER_MODEL), "the downloaded tokenizer")
+    get = lambda name, missing_ok=False: _download_shard(  # noqa: E731
+        hf, repo_id, f"{dataset_dir}/{name}", out, staging, endpoint, revision, missing_ok)
+    with Progress("downloading sp8192_caseops", unit=" files") as bar:
+        n_val = 0
+        while get(f"fineweb_val_{n_val:06d}.bin", missing_ok=True):
+            sidecar = f"fineweb_val_bytes_{n_val:06d}.bin"
+            get(sidecar)
+            if check_shard(out / sidecar) != check_shard(out / f"fineweb_val_{n_val:06d}.bin"):
+                raise PrepareError(f"{sidecar} does not have one entry per token of fineweb_val_{n_val:06d}.bin")
+            n_val += 1
+            bar.update(2)
+        if n_val == 0:
+            raise PrepareError(f"{repo_id} has no {dataset_dir}/fineweb_val_000000.bin")
+        for i in range(train_shards):
+            if not get(f"fineweb_train_{i:06d}.bin", missing_ok=True):
+                raise PrepareError(f"sp8192_caseops has only {i} train shards on {repo_id}; asked for {train_shards}")
+            bar.update()
+    manifest = _download_manifest(out, base, {}, f"hf://datasets/{repo_id}/{REMOTE_ROOT}/{CASEOPS_TOKENIZER}")
+    write_manifest(out, manifest)
     return manifest
 
 
@@ -1097,38 +1143,45 @@ def _place_upstream_copies(out: Path, tok: dict, model: Path, vocab: Path | None
             atomic_write_bytes(tok_dir / Path(remote).name, staged.read_bytes())
 
 
-def _download_shard(hf, repo_id, remote, out, staging, endpoint, revision) -> None:
+def _download_shard(hf, repo_id, remote, out, staging, endpoint, revision, missing_ok: bool = False) -> bool:
+    """Fetch one shard unless a good copy is there; False if it is missing and `missing_ok`."""
     target = out / remote.rpartition("/")[2]
     if target.exists():
         try:
             check_shard(target)
-            return  # a good copy from an earlier run: keep it, never re-download it
+            return True  # a good copy from an earlier run: keep it, never re-download it
         except PrepareError:
             pass  # a damaged copy is replaced, but only by a verified one
-    staged = _fetch(hf, repo_id, remote, staging, endpoint, revision)
+    staged = _fetch(hf, repo_id, remote, staging, endpoint, revision, missing_ok)
+    if staged is None:
+        return False
     try:
         check_shard(staged)
     except PrepareError as e:
         staged.unlink(missing_ok=True)
         raise PrepareError(f"downloaded {e} (from {repo_id}); nothing was replaced") from None
     os.replace(staged, target)
+    return True
 
 
 def _download_manifest(out: Path, base: dict, dataset: dict, tok_source: str) -> dict:
     sp = load_tokenizer(out / TOKENIZER_MODEL)
     shards, splits = {}, {}
-    files = shard_files(out)
+    files = shard_files(out) + shard_files(out, "val_bytes")
     with Progress("hashing shards", total=len(files), unit=" files") as bar:
         for path in files:
             shards[path.name] = {"tokens": check_shard(path), "sha256": sha256_file(path)}
             bar.update()
     stats = dataset.get("stats") or {}
     for split in ("val", "train"):
-        names = [n for n in shards if n.startswith(f"fineweb_{split}_")]
+        names = [p.name for p in shard_files(out, split)]
         every = split == "val" or len(names) == int(stats.get("files_train", -1))
         splits[split] = {"docs": stats.get(f"docs_{split}") if every else None,
                          "bytes": None,  # the published export does not record text bytes
                          "tokens": sum(shards[n]["tokens"] for n in names), "shards": len(names)}
+    sidecar = shard_files(out, "val_bytes")
+    if sidecar:
+        splits["val"]["sidecar_bytes"] = sum(int(read_shard(p, mmap=True).sum(dtype=np.int64)) for p in sidecar)
     return {**base, "complete": True, "tokenizer": TOKENIZER_MODEL,
             "tokenizer_source": tok_source,
             "tokenizer_sha256": sha256_file(out / TOKENIZER_MODEL),

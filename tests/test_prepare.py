@@ -640,6 +640,72 @@ def test_download_without_huggingface_hub_says_how_to_install_it(tmp_path, monke
         prepare.download_variant("sp1024", tmp_path / "ds", train_shards=1)
 
 
+CASEOPS_DIR = "datasets/datasets/fineweb10B_sp8192_lossless_caps_caseops_v1_reserved"
+CASEOPS_MODEL = "datasets/tokenizers/fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.model"
+
+
+@pytest.fixture(scope="module")
+def caseops_model() -> bytes:
+    return prepare.train_tokenizer([prepare.caseops.encode(d) for d in make_docs(300, seed=2)], vocab_size=400,
+                                   reserved=prepare.caseops.MARKERS)
+
+
+def published_caseops(model: bytes, n_val=2, n_train=3) -> dict[str, bytes]:
+    """A miniature of the CaseOps export: no manifest, val shards each with a byte sidecar."""
+    rng = np.random.default_rng(1)
+    shard = lambda n, top: prepare.shard_header(n) + rng.integers(0, top, n).astype("<u2").tobytes()  # noqa: E731
+    files = {CASEOPS_MODEL: model}
+    for i in range(n_val):
+        files[f"{CASEOPS_DIR}/fineweb_val_{i:06d}.bin"] = shard(2000 + i, 400)
+        files[f"{CASEOPS_DIR}/fineweb_val_bytes_{i:06d}.bin"] = shard(2000 + i, 5)
+    for i in range(n_train):
+        files[f"{CASEOPS_DIR}/fineweb_train_{i:06d}.bin"] = shard(9000 + i, 400)
+    return files
+
+
+def test_caseops_download_fetches_every_val_shard_its_sidecar_and_the_first_n_train_shards(tmp_path, caseops_model):
+    files = published_caseops(caseops_model)
+    out = tmp_path / "ds"
+    with StandIn(files) as hub:
+        manifest = prepare.download_variant("sp8192_caseops", out, train_shards=2, endpoint=hub.url)
+    assert {repo for _, repo, _, _ in hub.log} == {"romeerp/parameter-golf-caseops-v1"}
+    expect = [f"fineweb_val_{i:06d}.bin" for i in range(2)] + [f"fineweb_val_bytes_{i:06d}.bin" for i in range(2)] + \
+             [f"fineweb_train_{i:06d}.bin" for i in range(2)]
+    for name in expect:
+        assert (out / name).read_bytes() == files[f"{CASEOPS_DIR}/{name}"], name
+    assert not (out / "fineweb_train_000002.bin").exists()
+    assert (out / "tokenizer.model").read_bytes() == caseops_model
+    assert manifest["text_transform"] == prepare.caseops.NAME and manifest["complete"]
+    assert manifest["splits"]["val"]["tokens"] == 4001 and manifest["splits"]["val"]["shards"] == 2
+    sidecar = sum(int(np.frombuffer(files[f"{CASEOPS_DIR}/fineweb_val_bytes_{i:06d}.bin"][1024:], "<u2").sum())
+                  for i in range(2))
+    assert manifest["splits"]["val"]["sidecar_bytes"] == sidecar
+    assert set(manifest["shards"]) == set(expect)
+
+
+def test_caseops_download_refuses_a_sidecar_that_does_not_match_its_val_shard(tmp_path, caseops_model):
+    files = published_caseops(caseops_model)
+    name = f"{CASEOPS_DIR}/fineweb_val_bytes_000001.bin"
+    files[name] = prepare.shard_header(5) + bytes(10)
+    with StandIn(files) as hub:
+        with pytest.raises(prepare.PrepareError, match="val_bytes_000001.bin does not have one entry per token"):
+            prepare.download_variant("sp8192_caseops", tmp_path / "ds", train_shards=1, endpoint=hub.url)
+
+
+def test_caseops_download_refuses_a_tokenizer_without_the_markers(tmp_path, caseops_model, tok_model):
+    files = published_caseops(caseops_model)
+    files[CASEOPS_MODEL] = tok_model.read_bytes()
+    with StandIn(files) as hub:
+        with pytest.raises(prepare.PrepareError, match="not a CaseOps tokenizer"):
+            prepare.download_variant("sp8192_caseops", tmp_path / "ds", train_shards=1, endpoint=hub.url)
+
+
+def test_caseops_download_refuses_more_train_shards_than_published(tmp_path, caseops_model):
+    with StandIn(published_caseops(caseops_model)) as hub:
+        with pytest.raises(prepare.PrepareError, match="only 3 train shards"):
+            prepare.download_variant("sp8192_caseops", tmp_path / "ds", train_shards=4, endpoint=hub.url)
+
+
 # --------------------------------------------------------------------------- proxy identity (slow)
 
 PROXY = SHARED / "data" / "proxy"
