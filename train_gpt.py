@@ -384,10 +384,9 @@ def build_byte_tables(sp: spm.SentencePieceProcessor, vocab_size: int) -> tuple[
 
 def count_target_bytes(prev: torch.Tensor, target: torch.Tensor, tables: tuple,
                        positions: torch.Tensor | None = None) -> torch.Tensor:
-    """UTF-8 bytes of each target; with a byte sidecar, `tables` is (sidecar,) and the targets' val stream
-    `positions` index it."""
-    if len(tables) == 1:
-        return tables[0][positions.clamp_max(tables[0].numel() - 1)]  # past the end: warm-up data, never scored
+    """UTF-8 bytes of each target. With a byte sidecar, `tables` is (sidecar,), indexed by the targets' positions."""
+    if len(tables) == 1:  # positions past its end are warm-up data, never scored
+        return tables[0][positions.clamp_max(tables[0].numel() - 1)]
     base, leading_space, boundary = tables
     return base[target] + (leading_space[target] & ~boundary[prev]).to(base.dtype)
 
@@ -1720,13 +1719,12 @@ def load_validation(hp: Hyperparameters, device: torch.device) -> torch.Tensor:
 
 def load_byte_sidecar(hp: Hyperparameters, sp: spm.SentencePieceProcessor, n_tokens: int,
                       device: torch.device) -> torch.Tensor | None:
-    """Per val token, the UTF-8 bytes of the original text it stands for (fineweb_val_bytes_*.bin, written with
-    CaseOps data: the tokenizer sees transformed text, so its pieces cannot count the original bytes)."""
+    """Per val token, the bytes of the original text it stands for: CaseOps pieces are of the transformed text."""
     files = sorted(glob.glob(os.path.join(hp.data_path, "fineweb_val_bytes_[0-9]*.bin")))
     if not files:
         if sp.piece_to_id("\ue001") != sp.unk_id():
-            raise UserError(f"{hp.tokenizer_path} is a CaseOps tokenizer but {hp.data_path} has no byte sidecar "
-                            f"(fineweb_val_bytes_*.bin): rebuild it with `python data/prepare.py --caseops`")
+            raise UserError(f"{hp.tokenizer_path} is a CaseOps tokenizer but {hp.data_path} has no "
+                            f"fineweb_val_bytes_*.bin: build it with `python data/prepare.py --caseops`")
         return None
     counts = np.concatenate([read_shard(f, 1 << 16) for f in files])
     if counts.size != n_tokens:
@@ -2189,11 +2187,10 @@ def run(hp: Hyperparameters, rank: int, world_size: int, device: torch.device, l
     sidecar = load_byte_sidecar(hp, sp, val_tokens.numel(), device)
     tables = (sidecar,) if sidecar is not None else tuple(
         torch.from_numpy(t).to(device) for t in build_byte_tables(sp, hp.vocab_size))
-    positions = torch.arange(1, val_tokens.numel(), device=device)
-    n_bytes = int(count_target_bytes(val_tokens[:-1], val_tokens[1:], tables, positions).sum())
+    n_bytes = int(count_target_bytes(val_tokens[:-1], val_tokens[1:], tables,
+                                     torch.arange(1, val_tokens.numel(), device=device)).sum())
     log(f"val_data tokens:{val_tokens.numel()} targets:{val_tokens.numel() - 1} bytes:{n_bytes} "
-        f"targets_per_byte:{(val_tokens.numel() - 1) / n_bytes:.10f} "
-        f"bytes_from:{'sidecar' if sidecar is not None else 'tokenizer'}")
+        f"targets_per_byte:{(val_tokens.numel() - 1) / n_bytes:.10f}")
     trainer = Trainer(hp, rank, world_size, device, log)
     n_params = sum(p.numel() for p in trainer.model.parameters())
     log(f"model params:{n_params} layers:{hp.num_layers} dim:{hp.model_dim} heads:{hp.num_heads} "
