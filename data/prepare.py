@@ -749,11 +749,10 @@ def _preview(text: str, n: int = 50) -> str:
     return repr(text[:n] + ("..." if len(text) > n else ""))
 
 
-def leak_error(pairs: list[tuple[int, int, str]], how: str) -> PrepareError:
+def leak_error(pairs: list[tuple[int, int, str]], how: str, fix: str) -> PrepareError:
     shown = "; ".join(f"val document {v} = train document {t} ({_preview(text)})" for v, t, text in pairs[:5])
     more = f" and {len(pairs) - 5} more" if len(pairs) > 5 else ""
-    return PrepareError(f"{len(pairs)} validation document(s) also appear in training ({how}): {shown}{more}; "
-                        "remove the duplicates from the input")
+    return PrepareError(f"{len(pairs)} validation document(s) also appear in training ({how}): {shown}{more}; {fix}")
 
 
 def encode_to_shards(sp, docs: Iterable[str], val_docs: int, tmp: Path, shard_tokens: int,
@@ -798,7 +797,7 @@ def encode_to_shards(sp, docs: Iterable[str], val_docs: int, tmp: Path, shard_to
                 st["tokens"] += int(toks.size)
             seen += len(batch)
         if leaks:
-            raise leak_error(leaks, "same text")
+            raise leak_error(leaks, "same text", "remove the duplicates from the input")
         shards = [s for w in writers.values() for s in w.close()]
     except BaseException:
         for w in writers.values():
@@ -915,6 +914,10 @@ def build_dataset(inputs: Iterable | None, out_dir: Path, *, tokenizer: Path | N
             result = encode_to_shards(sp, open_docs(bar), val_docs, tmp, shard_tokens, threads,
                                       caseops.encode if caseops_on else None)
         _check_split_sizes(result["splits"]["val"]["docs"] + result["splits"]["train"]["docs"], val_docs)
+        val = result["splits"]["val"]
+        if caseops_on and val["sidecar_bytes"] != val["bytes"]:
+            note(f"note: the byte sidecar counts {val['sidecar_bytes']:,} of the val documents' {val['bytes']:,} bytes: "
+                 "the tokenizer drops the rest (leading/trailing whitespace), so BPB does not count them")
 
         names = [name for name, _ in result["shards"]]
         manifest = {
@@ -1349,7 +1352,7 @@ def check_leak(folder: Path, stream=None) -> dict:
         pairs = [(v, t, text(doc[1:])) for v, t, doc in pairs]
         for v, t, doc in pairs:
             print(f"  leak: val document {v} = train document {t}: {_preview(doc, 70)}", file=stream)
-        raise leak_error(pairs, "same tokens")
+        raise leak_error(pairs, "same tokens", "do not train on this dataset; rebuild it with data/prepare.py")
     print("  no validation document appears in training", file=stream)
     return {"val_docs": n_val, "train_docs": n_train}
 
