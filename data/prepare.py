@@ -776,12 +776,12 @@ def encode_to_shards(sp, docs: Iterable[str], val_docs: int, tmp: Path, shard_to
                 if not part:
                     continue
                 st = stats[split]
-                # An empty document has no content that could leak.
                 for i, doc in enumerate(part):
-                    if doc and split == "val":
-                        val_keys.setdefault(_doc_key(doc), st["docs"] + i)
-                    elif doc and _doc_key(doc) in val_keys:
-                        leaks.append((val_keys[_doc_key(doc)], st["docs"] + i, doc))
+                    key = _doc_key(doc) if doc else None  # an empty document has no content that could leak
+                    if key and split == "val":
+                        val_keys.setdefault(key, st["docs"] + i)
+                    elif key in val_keys:
+                        leaks.append((val_keys[key], st["docs"] + i, doc))
                 texts = [transform(d) for d in part] if transform else part
                 if transform and split == "val":
                     toks, nbytes = _encode_with_bytes(sp, texts, threads)
