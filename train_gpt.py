@@ -325,7 +325,7 @@ def read_shard(path: str, vocab_size: int) -> np.ndarray:
 
 
 def shard_files(data_path: str, split: str) -> list[str]:
-    files = sorted(glob.glob(os.path.join(data_path, f"fineweb_{split}_*.bin")))
+    files = sorted(glob.glob(os.path.join(data_path, f"fineweb_{split}_[0-9]*.bin")))  # not fineweb_val_bytes_*
     if not files:
         raise UserError(f"no {split} shards match {data_path}/fineweb_{split}_*.bin: set DATA_PATH "
                         f"(build a dataset with `python data/prepare.py --out DIR`)")
@@ -395,7 +395,11 @@ def build_byte_tables(sp: spm.SentencePieceProcessor, vocab_size: int) -> tuple[
     return base, leading_space, boundary
 
 
-def count_target_bytes(prev: torch.Tensor, target: torch.Tensor, tables: tuple) -> torch.Tensor:
+def count_target_bytes(prev: torch.Tensor, target: torch.Tensor, tables: tuple,
+                       positions: torch.Tensor | None = None) -> torch.Tensor:
+    """UTF-8 bytes of each target. With a byte sidecar, `tables` is (sidecar,), indexed by the targets' positions."""
+    if len(tables) == 1:  # positions past its end are warm-up data, never scored
+        return tables[0][positions.clamp_max(tables[0].numel() - 1)]
     base, leading_space, boundary = tables
     return base[target] + (leading_space[target] & ~boundary[prev]).to(base.dtype)
 
@@ -1499,11 +1503,11 @@ def add_scores(sums: torch.Tensor, losses: torch.Tensor, x: torch.Tensor, y: tor
     """Add (loss, targets, bytes) of the scored positions to `sums`. With `per_target`, each scored target's loss
     is also written at its stream position, so tests can see exactly what was scored with which weights."""
     losses = losses.detach().double()
+    positions = begins[:, None] + torch.arange(x.size(1), device=x.device)
     sums[0] += (losses * scored).sum()
     sums[1] += scored.sum()
-    sums[2] += (count_target_bytes(x, y, tables) * scored).sum()
+    sums[2] += (count_target_bytes(x, y, tables, positions + 1) * scored).sum()
     if per_target is not None:
-        positions = begins[:, None] + torch.arange(x.size(1), device=x.device)
         per_target[positions[scored]] = losses[scored].to(per_target.dtype)
 
 
@@ -1951,6 +1955,21 @@ def load_validation(hp: Hyperparameters, device: torch.device) -> torch.Tensor:
     if tokens.size < 2:
         raise UserError(f"validation split in {hp.data_path} has {tokens.size} tokens; need at least 2")
     return torch.from_numpy(tokens.astype(np.int64)).to(device)
+
+
+def load_byte_sidecar(hp: Hyperparameters, sp: spm.SentencePieceProcessor, n_tokens: int,
+                      device: torch.device) -> torch.Tensor | None:
+    """Per val token, the bytes of the original text it stands for: CaseOps pieces are of the transformed text."""
+    files = sorted(glob.glob(os.path.join(hp.data_path, "fineweb_val_bytes_[0-9]*.bin")))
+    if not files:
+        if sp.piece_to_id("\ue001") != sp.unk_id():
+            raise UserError(f"{hp.tokenizer_path} is a CaseOps tokenizer but {hp.data_path} has no "
+                            f"fineweb_val_bytes_*.bin: build it with `python data/prepare.py --caseops`")
+        return None
+    counts = np.concatenate([read_shard(f, 1 << 16) for f in files])
+    if counts.size != n_tokens:
+        raise UserError(f"{hp.data_path}: the byte sidecar has {counts.size} entries for {n_tokens} val tokens")
+    return torch.from_numpy(counts.astype(np.int32)).to(device)
 
 
 def diverged(step: int) -> UserError:
@@ -2431,9 +2450,12 @@ def run(hp: Hyperparameters, rank: int, world_size: int, device: torch.device, l
     torch.manual_seed(hp.seed)
     np.random.seed(hp.seed)
     sp = load_tokenizer(hp)
-    tables = tuple(torch.from_numpy(t).to(device) for t in build_byte_tables(sp, hp.vocab_size))
     val_tokens = load_validation(hp, device)
-    n_bytes = int(count_target_bytes(val_tokens[:-1], val_tokens[1:], tables).sum())
+    sidecar = load_byte_sidecar(hp, sp, val_tokens.numel(), device)
+    tables = (sidecar,) if sidecar is not None else tuple(
+        torch.from_numpy(t).to(device) for t in build_byte_tables(sp, hp.vocab_size))
+    n_bytes = int(count_target_bytes(val_tokens[:-1], val_tokens[1:], tables,
+                                     torch.arange(1, val_tokens.numel(), device=device)).sum())
     log(f"val_data tokens:{val_tokens.numel()} targets:{val_tokens.numel() - 1} bytes:{n_bytes} "
         f"targets_per_byte:{(val_tokens.numel() - 1) / n_bytes:.10f}")
     trainer = Trainer(hp, rank, world_size, device, log)

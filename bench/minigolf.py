@@ -59,7 +59,12 @@ SMOKE_ITERATIONS = 8
 BOS = 1
 SHARD_MAGIC, SHARD_VERSION, HEADER_INTS = 20240520, 1, 256
 LOG_COPY_MAX_BYTES = 64_000  # stdout without the embedded source; anything bigger stays in the work folder
-VOCABS = {"sp1024": 1024, "sp8192": 8192}
+# The caseops pair: a plain and a CaseOps sp8192 BPE trained the same way (data/prepare.py: byte fallback, identity
+# normalisation) on the proxy's training documents, so the transform is the only difference (the official sp8192
+# was trained on FineWeb, not like for like). Both val cuts are the same documents: the same UTF-8 bytes, which the
+# plain run counts from its pieces and the CaseOps run from its byte sidecar (each run's val_data line says so).
+PROXY_TRAINED = {"proxy8192": [], "proxy8192_caseops": ["--caseops"]}
+VOCABS = {"sp1024": 1024, "sp8192": 8192, "proxy8192": 8192, "proxy8192_caseops": 8192}
 
 # The starting shape, applied to both scripts (same variable names in both).
 SHAPE = dict(NUM_LAYERS=4, MODEL_DIM=128, NUM_HEADS=4, NUM_KV_HEADS=2, TRAIN_SEQ_LEN=512, TRAIN_BATCH_TOKENS=8192,
@@ -204,6 +209,10 @@ ROWS = {r.name: r for r in (
     row("ttt", "+ score-first LoRA TTT per document (rank 16, chunks of 48), no phases", TTT=1, TTT_PHASES=0),
     row("ttt_phases", "+ LoRA TTT with 3 global SGD phases over the first 200 documents", TTT=1, TTT_PHASES=3),
     row("sp8192", "sp8192 data, dim 96, int6 embedding", **SP8192),
+    row("proxy8192", "ours on an sp8192 BPE trained on the proxy's training documents (caseops' base)", base="ours",
+        **{**SP8192, "data": "proxy8192"}),
+    row("caseops", "ours on the same BPE trained on CaseOps text (BPB from the byte sidecar)", base="proxy8192",
+        **{**SP8192, "data": "proxy8192_caseops"}),
     # The best shape under the cap, on top of the recipe (`sizes` estimates the bytes; block indices rescaled).
     row("shape_6x96", "ours with 6 layers", base="ours", **SP8192, NUM_LAYERS=6,
         XSA_LAST_N=6, PARALLEL_START=4, RECUR_LAYERS="2,3"),
@@ -304,13 +313,34 @@ def build_sp8192_train(shared: Path, work: Path, threads: int) -> list[Path]:
     return sorted(out.glob("fineweb_train_*.bin"))
 
 
+def build_proxy_trained(shared: Path, work: Path, variant: str, threads: int) -> Path:
+    """The proxy with a tokenizer trained on its training documents (plain or CaseOps), built once by
+    data/prepare.py; its val split is the proxy's 2,500 val documents, as the shipped shards'."""
+    out, proxy = work / f"{variant}_build", shared / "data" / "proxy"
+    manifest = out / "manifest.json"
+    if not (manifest.exists() and json.loads(manifest.read_text()).get("complete")):
+        print(f"building {variant} in {out} (a tokenizer trained on the proxy's training documents; minutes, once)",
+              flush=True)
+        cmd = [sys.executable, str(REPO / "data" / "prepare.py"), "--input", str(proxy / "docs_val.jsonl.gz"),
+               str(proxy / "docs_train.jsonl.gz"), "--val-docs", "2500", "--vocab-size", str(VOCABS[variant]),
+               *PROXY_TRAINED[variant], "--out", str(out), "--threads", str(threads)]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise HarnessError(f"data/prepare.py failed: {last_line(done.stderr + done.stdout)}")
+    return out
+
+
 def ensure_data(shared: Path, work: Path, variant: str, smoke: bool, threads: int) -> dict:
     """Cut val shard + links to the train shards, rewritten each time (cheap) so the folder always matches the rules."""
     folder = data_dir(work, variant, smoke)
     folder.mkdir(parents=True, exist_ok=True)
     proxy = shared / "data" / "proxy"
-    train = (sorted((proxy / "sp1024").glob("fineweb_train_*.bin")) if variant == "sp1024"
-             else build_sp8192_train(shared, work, threads))
+    built = build_proxy_trained(shared, work, variant, threads) if variant in PROXY_TRAINED else None
+    if built:
+        train = sorted(built.glob("fineweb_train_[0-9]*.bin"))
+    else:
+        train = (sorted((proxy / "sp1024").glob("fineweb_train_*.bin")) if variant == "sp1024"
+                 else build_sp8192_train(shared, work, threads))
     if not train:
         raise HarnessError(f"no {variant} train shard found")
     names = {shard.name for shard in train}
@@ -321,12 +351,19 @@ def ensure_data(shared: Path, work: Path, variant: str, smoke: bool, threads: in
         link = folder / f"{shard.name}.{os.getpid()}.tmp"
         link.symlink_to(shard.resolve())
         link.replace(folder / shard.name)
-    full = read_shard(proxy / variant / "fineweb_val_000000.bin")
+    full = read_shard((built or proxy / variant) / "fineweb_val_000000.bin")
     if variant == "sp1024" and whole_docs_within(full, VAL_TOKEN_BUDGET) != VAL_DOCS:
         raise HarnessError(f"the proxy val split changed: {whole_docs_within(full, VAL_TOKEN_BUDGET)} whole documents "
                            f"fit in {VAL_TOKEN_BUDGET:,} sp1024 tokens, VAL_DOCS says {VAL_DOCS}")
     val = cut_docs(full, SMOKE_VAL_DOCS if smoke else VAL_DOCS)
     write_shard(folder / "fineweb_val_000000.bin", val)
+    if built:  # the tokenizer travels with the data; a sidecar is cut with the val shard it parallels
+        tok = folder / f"tokenizer.model.{os.getpid()}.tmp"
+        shutil.copyfile(built / "tokenizer.model", tok)
+        tok.replace(folder / "tokenizer.model")
+        if (built / "fineweb_val_bytes_000000.bin").exists():
+            write_shard(folder / "fineweb_val_bytes_000000.bin",
+                        read_shard(built / "fineweb_val_bytes_000000.bin")[:val.size])
     return dict(variant=variant, smoke=smoke, path=str(folder), val_docs=SMOKE_VAL_DOCS if smoke else VAL_DOCS,
                 val_tokens=int(val.size), val_sha16=sha16(folder / "fineweb_val_000000.bin"),
                 train_tokens=int(sum((s.stat().st_size - 4 * HEADER_INTS) // 2 for s in train)))
@@ -420,7 +457,8 @@ def row_env(r: Row, seed: int, run_id: str, data: Path, shared: Path, threads: i
         env = {k: str(v) for k, v in SHAPE.items()}
         if r.script == "ours":
             env.update(ours_settings(r), COMPILE=str(compile_))
-        env.update(WARMUP_STEPS=str(warmup), DATA_PATH=str(data), TOKENIZER_PATH=str(tokenizer(shared, r.data)),
+        tok = data / "tokenizer.model" if r.data in PROXY_TRAINED else tokenizer(shared, r.data)
+        env.update(WARMUP_STEPS=str(warmup), DATA_PATH=str(data), TOKENIZER_PATH=str(tok),
                    VOCAB_SIZE=str(VOCABS[r.data]), RUN_ID=run_id, SEED=str(seed))
     env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     if smoke:

@@ -36,6 +36,8 @@ from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
+import caseops
+
 SHARD_MAGIC = 20240520
 SHARD_VERSION = 1
 HEADER_INTS = 256
@@ -71,7 +73,12 @@ VARIANT_REPOS = {
     "sp1024": "willdepueoai/parameter-golf",
     "sp4096": "kevclark/parameter-golf",
     "sp8192": "kevclark/parameter-golf",
+    "sp8192_caseops": "romeerp/parameter-golf-caseops-v1",
 }
+# The CaseOps export (used by the records from #1729 on) publishes no manifest: its files
+# are found by name, val shards and their byte sidecars counted until the first missing one.
+CASEOPS_DATASET = "fineweb10B_sp8192_lossless_caps_caseops_v1_reserved"
+CASEOPS_TOKENIZER = "tokenizers/fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.model"
 
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".ndjson", ".ndjson.gz")
 
@@ -214,8 +221,10 @@ def sha256_file(path: Path) -> str:
 
 
 def shard_files(folder: Path, split: str | None = None) -> list[Path]:
+    """Token shards of a split (both by default); split "val_bytes" gives the CaseOps byte sidecar,
+    which shares the fineweb_val_ prefix but is not part of the val split."""
     splits = [split] if split else ["val", "train"]
-    return [p for s in splits for p in sorted(Path(folder).glob(f"fineweb_{s}_*.bin"))]
+    return [p for s in splits for p in sorted(Path(folder).glob(f"fineweb_{s}_[0-9]*.bin"))]
 
 
 class ShardWriter:
@@ -531,10 +540,11 @@ class _TrainingLines:
             self.error = e
 
 
-def train_tokenizer(docs: Iterable[str], vocab_size: int) -> bytes:
+def train_tokenizer(docs: Iterable[str], vocab_size: int, reserved: str = "") -> bytes:
     """Train a byte-fallback BPE (ids 0..3 = pad, BOS, EOS, unk like the official
     tokenizers) and return the .model bytes. Identity normalisation keeps every byte of
-    the text, so decode(encode(text)) == text."""
+    the text, so decode(encode(text)) == text. Each character of `reserved` becomes a
+    piece of its own (ids 4, 5, ...) that never merges with its neighbours."""
     spm = _spm()
     buf = io.BytesIO()
     lines = _TrainingLines(docs, TOKENIZER_TRAIN_BYTES)
@@ -551,6 +561,7 @@ def train_tokenizer(docs: Iterable[str], vocab_size: int) -> bytes:
             split_digits=True,
             character_coverage=0.9995,
             pad_id=0, bos_id=1, eos_id=2, unk_id=3,
+            user_defined_symbols=list(reserved),
             num_threads=TOKENIZER_TRAIN_THREADS,
             minloglevel=2,
         )
@@ -620,7 +631,7 @@ def check_out_dir(out: Path, identity: dict, force: bool = False) -> None:
     if old is None:
         # Shards are refused even with force: a download keeps any valid shard already in
         # place, so it would mix someone else's tokens into the dataset.
-        if shard_files(out):
+        if shard_files(out) or shard_files(out, "val_bytes"):
             raise PrepareError(f"{out} already holds fineweb_*.bin shards but no {MANIFEST}; "
                                "use an empty folder or delete those shards")
         if not force and not _only_our_leftovers(out):
@@ -655,7 +666,7 @@ def _commit(out: Path, tmp: Path, names: list[str], manifest: dict) -> None:
     for name in names:
         os.replace(tmp / name, out / name)
     keep = set(names)
-    for stale in shard_files(out):
+    for stale in shard_files(out) + shard_files(out, "val_bytes"):
         if stale.name not in keep:
             stale.unlink()
     write_manifest(out, manifest)
@@ -684,14 +695,79 @@ def _batches(docs: Iterable[str], max_bytes: int) -> Iterator[list[str]]:
         yield batch
 
 
+def _proto_fields(buf: bytes) -> Iterator[tuple[int, int | bytes]]:
+    """(field number, value) of a serialized protobuf message: varints as ints, everything
+    else as bytes. Enough to read SentencePiece's output without the protobuf package."""
+    i = 0
+    while i < len(buf):
+        key, i = _varint(buf, i)
+        kind = key & 7
+        if kind == 0:
+            value, i = _varint(buf, i)
+        elif kind == 2:
+            n, i = _varint(buf, i)
+            value, i = buf[i:i + n], i + n
+        elif kind in (1, 5):
+            value, i = buf[i:i + (8 if kind == 1 else 4)], i + (8 if kind == 1 else 4)
+        else:
+            raise PrepareError(f"unexpected protobuf wire type {kind} in SentencePiece output")
+        yield key >> 3, value
+
+
+def _varint(buf: bytes, i: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        b = buf[i]
+        value |= (b & 0x7F) << shift
+        i += 1
+        if b < 0x80:
+            return value, i
+        shift += 7
+
+
+def _encode_with_bytes(sp, texts: list[str], threads: int) -> tuple[np.ndarray, np.ndarray]:
+    """Tokens ([BOS] + ids per CaseOps-transformed document) and, per token, the UTF-8 bytes of
+    the original text it stands for (BOS 0). Each piece's surface (SentencePieceText.pieces:
+    id = field 2, surface = field 3) is the span of the input it covers, whatever the
+    tokenizer's normalisation does; a byte-fallback character's bytes go to its last piece."""
+    ids, counts = [], []
+    for blob in sp.encode(texts, out_type="serialized_proto", num_threads=threads):
+        pieces = [dict(_proto_fields(v)) for f, v in _proto_fields(blob) if f == 2]
+        ids += [BOS_ID] + [int(p.get(2, 0)) for p in pieces]
+        counts += [0] + caseops.original_bytes(bytes(p.get(3, b"")).decode("utf-8") for p in pieces)
+    toks, nbytes = np.array(ids, dtype=np.int32), np.array(counts, dtype=np.int64)
+    if nbytes.size and int(nbytes.max()) > 0xFFFF:
+        raise PrepareError(f"a token stands for {int(nbytes.max())} bytes, more than the uint16 byte sidecar holds")
+    return toks, nbytes
+
+
+def _doc_key(doc: str) -> bytes:
+    return hashlib.blake2b(doc.encode("utf-8"), digest_size=16).digest()
+
+
+def _preview(text: str, n: int = 50) -> str:
+    return repr(text[:n] + ("..." if len(text) > n else ""))
+
+
+def leak_error(pairs: list[tuple[int, int, str]], how: str, fix: str) -> PrepareError:
+    shown = "; ".join(f"val document {v} = train document {t} ({_preview(text)})" for v, t, text in pairs[:5])
+    more = f" and {len(pairs) - 5} more" if len(pairs) > 5 else ""
+    return PrepareError(f"{len(pairs)} validation document(s) also appear in training ({how}): {shown}{more}; {fix}")
+
+
 def encode_to_shards(sp, docs: Iterable[str], val_docs: int, tmp: Path, shard_tokens: int,
-                     threads: int | None = None) -> dict:
+                     threads: int | None = None, transform: Callable[[str], str] | None = None) -> dict:
     """Tokenize documents in order: the first `val_docs` go to the val split, the rest
-    to train. Returns per-split counts and the written (shard name, tokens)."""
+    to train. Returns per-split counts and the written (shard name, tokens). With a
+    `transform` (CaseOps) documents are transformed before encoding and the val split gets
+    a byte sidecar. Raises, writing nothing, if a val document reappears in training."""
     threads = threads or os.cpu_count() or 1
     vocab = int(sp.vocab_size())
-    writers = {"val": ShardWriter(tmp, "val", shard_tokens), "train": ShardWriter(tmp, "train", shard_tokens)}
-    stats = {s: {"docs": 0, "bytes": 0, "tokens": 0} for s in writers}
+    names = ["val", "train"] + (["val_bytes"] if transform else [])
+    writers = {s: ShardWriter(tmp, s, shard_tokens) for s in names}
+    stats = {s: {"docs": 0, "bytes": 0, "tokens": 0} for s in ("val", "train")}
+    val_keys: dict[bytes, int] = {}
+    leaks: list[tuple[int, int, str]] = []
     seen = 0
     try:
         for batch in _batches(docs, ENCODE_BATCH_BYTES):
@@ -699,16 +775,30 @@ def encode_to_shards(sp, docs: Iterable[str], val_docs: int, tmp: Path, shard_to
             for split, part in (("val", batch[:n_val]), ("train", batch[n_val:])):
                 if not part:
                     continue
-                toks = _encode_batch(sp, part, threads)
+                st = stats[split]
+                for i, doc in enumerate(part):
+                    key = _doc_key(doc) if doc else None  # an empty document has no content that could leak
+                    if key and split == "val":
+                        val_keys.setdefault(key, st["docs"] + i)
+                    elif key in val_keys:
+                        leaks.append((val_keys[key], st["docs"] + i, doc))
+                texts = [transform(d) for d in part] if transform else part
+                if transform and split == "val":
+                    toks, nbytes = _encode_with_bytes(sp, texts, threads)
+                    writers["val_bytes"].write(nbytes)
+                    st["sidecar_bytes"] = st.get("sidecar_bytes", 0) + int(nbytes.sum())
+                else:
+                    toks = _encode_batch(sp, texts, threads)
                 if toks.size and int(toks.max()) >= vocab:
                     raise PrepareError(f"tokenizer produced id {int(toks.max())} >= its vocab size {vocab}")
                 writers[split].write(toks)
-                st = stats[split]
                 st["docs"] += len(part)
                 st["bytes"] += sum(len(t.encode("utf-8")) for t in part)
                 st["tokens"] += int(toks.size)
             seen += len(batch)
-        shards = writers["val"].close() + writers["train"].close()
+        if leaks:
+            raise leak_error(leaks, "same text", "remove the duplicates from the input")
+        shards = [s for w in writers.values() for s in w.close()]
     except BaseException:
         for w in writers.values():
             w.abort()
@@ -724,7 +814,7 @@ def _check_split_sizes(total: int, val_docs: int) -> None:
                            "lower --val-docs so some are left for training")
 
 
-def _train_on(open_docs: Callable[[], Iterator[str]], val_docs: int, vocab_size: int) -> bytes:
+def _train_on(open_docs: Callable[[], Iterator[str]], val_docs: int, vocab_size: int, caseops_on: bool) -> bytes:
     seen = 0
 
     def counted() -> Iterator[str]:
@@ -734,7 +824,10 @@ def _train_on(open_docs: Callable[[], Iterator[str]], val_docs: int, vocab_size:
             yield doc
 
     try:
-        return train_tokenizer(itertools.islice(counted(), val_docs, None), vocab_size)
+        train_docs = itertools.islice(counted(), val_docs, None)
+        if caseops_on:
+            return train_tokenizer(map(caseops.encode, train_docs), vocab_size, reserved=caseops.MARKERS)
+        return train_tokenizer(train_docs, vocab_size)
     except NoTrainingText:
         if seen <= val_docs:  # the trainer saw the whole input: explain it in split terms
             _check_split_sizes(seen, val_docs)
@@ -744,11 +837,14 @@ def _train_on(open_docs: Callable[[], Iterator[str]], val_docs: int, vocab_size:
 def build_dataset(inputs: Iterable | None, out_dir: Path, *, tokenizer: Path | None = None,
                   vocab_size: int | None = None, val_docs: int = DEFAULT_VAL_DOCS,
                   shard_tokens: int = DEFAULT_SHARD_TOKENS, threads: int | None = None,
-                  documents: list[str] | None = None, source=None, force: bool = False) -> dict:
+                  documents: list[str] | None = None, source=None, force: bool = False,
+                  caseops_on: bool = False) -> dict:
     """Build a dataset folder from text files (`inputs`) or from an in-memory list of
     `documents`. With `tokenizer` the given SentencePiece model is used as is, otherwise
     a byte-fallback BPE of `vocab_size` is trained on the training documents. `force`
-    writes into a non-empty folder that this tool did not make."""
+    writes into a non-empty folder that this tool did not make. `caseops_on` stores the
+    CaseOps transform of every document (data/caseops.py), with the markers reserved in a
+    trained tokenizer, plus the val byte sidecar."""
     out = Path(out_dir)
     if val_docs < 0:
         raise PrepareError("--val-docs must be >= 0")
@@ -791,8 +887,15 @@ def build_dataset(inputs: Iterable | None, out_dir: Path, *, tokenizer: Path | N
                                f"so at most {MAX_VOCAB:,} are supported")
         tok_id = f"trained-bpe:vocab={vocab_size}:byte-fallback:identity"
         tok_source = f"trained here: SentencePiece BPE, vocab {vocab_size}, byte fallback, identity normalisation"
+        if caseops_on:
+            tok_id += ":caseops"
+            tok_source += ", on CaseOps text with its 4 markers reserved (ids 4-7)"
+    if caseops_on and tokenizer is not None:
+        _check_caseops_tokenizer(sp, str(tokenizer))
 
     identity = {"content_sha256": content_id, "tokenizer": tok_id, "val_docs": val_docs, "shard_tokens": shard_tokens}
+    if caseops_on:  # only then, so folders built before CaseOps existed keep their identity
+        identity["text_transform"] = caseops.NAME
     make_out_dir(out)
     check_out_dir(out, identity, force)
     tmp = _fresh_tmp(out)
@@ -800,7 +903,7 @@ def build_dataset(inputs: Iterable | None, out_dir: Path, *, tokenizer: Path | N
         if tokenizer is None:
             note(f"training a {vocab_size}-token BPE tokenizer on the training documents ...")
             t0 = time.monotonic()
-            model_bytes = _train_on(open_docs, val_docs, vocab_size)
+            model_bytes = _train_on(open_docs, val_docs, vocab_size, caseops_on)
             sp = load_tokenizer(model_bytes, "trained tokenizer")
             vocab_file = None
             note(f"tokenizer trained in {time.monotonic() - t0:.1f}s")
@@ -808,8 +911,13 @@ def build_dataset(inputs: Iterable | None, out_dir: Path, *, tokenizer: Path | N
         atomic_write_bytes(tmp / TOKENIZER_VOCAB, (vocab_file or vocab_text(sp)).encode("utf-8"))
 
         with Progress("tokenizing", total=total_bytes, unit=" MB", scale=1e6) as bar:
-            result = encode_to_shards(sp, open_docs(bar), val_docs, tmp, shard_tokens, threads)
+            result = encode_to_shards(sp, open_docs(bar), val_docs, tmp, shard_tokens, threads,
+                                      caseops.encode if caseops_on else None)
         _check_split_sizes(result["splits"]["val"]["docs"] + result["splits"]["train"]["docs"], val_docs)
+        val = result["splits"]["val"]
+        if caseops_on and val["sidecar_bytes"] != val["bytes"]:
+            note(f"note: the byte sidecar counts {val['sidecar_bytes']:,} of the val documents' {val['bytes']:,} bytes: "
+                 "the tokenizer drops the rest (leading/trailing whitespace), so BPB does not count them")
 
         names = [name for name, _ in result["shards"]]
         manifest = {
@@ -819,6 +927,7 @@ def build_dataset(inputs: Iterable | None, out_dir: Path, *, tokenizer: Path | N
             "complete": True,
             "identity": identity,
             "source": source,
+            "text_transform": caseops.NAME if caseops_on else "identity",
             "tokenizer": TOKENIZER_MODEL,
             "tokenizer_source": tok_source,
             "tokenizer_sha256": hashlib.sha256(model_bytes).hexdigest(),
@@ -835,6 +944,16 @@ def build_dataset(inputs: Iterable | None, out_dir: Path, *, tokenizer: Path | N
     return manifest
 
 
+def _check_caseops_tokenizer(sp, what: str) -> None:
+    # A tokenizer without the markers as pieces of their own would merge them into words
+    # (or byte-fall-back on them), so its pieces would mix case with content.
+    pieces = {sp.id_to_piece(i) for i in range(sp.vocab_size())}
+    missing = [f"U+{ord(m):04X}" for m in caseops.MARKERS if m not in pieces]
+    if missing:
+        raise PrepareError(f"{what} is not a CaseOps tokenizer: it has no piece for the marker(s) "
+                           f"{', '.join(missing)}; train one with --caseops --vocab-size N")
+
+
 def _read_model(path: Path) -> bytes:
     try:
         return path.read_bytes()
@@ -846,13 +965,14 @@ def _read_model(path: Path) -> bytes:
 
 def build_demo(out_dir: Path, *, tokenizer: Path | None = None, vocab_size: int | None = None,
                val_docs: int = DEMO_VAL_DOCS, shard_tokens: int = DEFAULT_SHARD_TOKENS,
-               force: bool = False) -> dict:
+               force: bool = False, caseops_on: bool = False) -> dict:
     """The offline default: a small dataset from the standard library's docstrings."""
     docs = demo_documents()
     source = (f"demo: docstrings of the Python {sys.version_info.major}.{sys.version_info.minor}."
               f"{sys.version_info.micro} standard library, one document per module ({len(docs)} modules)")
     return build_dataset(None, out_dir, documents=docs, source=source, tokenizer=tokenizer,
-                         vocab_size=vocab_size, val_docs=val_docs, shard_tokens=shard_tokens, force=force)
+                         vocab_size=vocab_size, val_docs=val_docs, shard_tokens=shard_tokens, force=force,
+                         caseops_on=caseops_on)
 
 
 # --------------------------------------------------------------------------- download
@@ -866,11 +986,16 @@ def _hf():
     return huggingface_hub
 
 
-def _fetch(hf, repo_id: str, remote: str, staging: Path, endpoint: str | None, revision: str | None) -> Path:
+def _fetch(hf, repo_id: str, remote: str, staging: Path, endpoint: str | None, revision: str | None,
+           missing_ok: bool = False) -> Path | None:
     folder, _, name = remote.rpartition("/")
     try:
         path = hf.hf_hub_download(repo_id=repo_id, filename=name, subfolder=folder or None, repo_type="dataset",
                                   revision=revision, local_dir=staging, endpoint=endpoint)
+    except hf.utils.EntryNotFoundError:
+        if missing_ok:
+            return None
+        raise PrepareError(f"{remote} is not in {repo_id}") from None
     except Exception as e:  # noqa: BLE001 - any network/HTTP failure becomes one readable line
         msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise PrepareError(f"download of {remote} from {repo_id} failed: {type(e).__name__}: {msg}") from None
@@ -914,11 +1039,18 @@ def download_variant(variant: str, out_dir: Path, *, train_shards: int = DEFAULT
     except AttributeError:
         pass
     out = Path(out_dir)
-    dataset_dir = f"{REMOTE_ROOT}/datasets/fineweb10B_{variant}"
+    caseops_on = variant == "sp8192_caseops"
+    dataset_dir = f"{REMOTE_ROOT}/datasets/{CASEOPS_DATASET if caseops_on else f'fineweb10B_{variant}'}"
     identity = {"source": f"hf://datasets/{repo_id}/{dataset_dir}", "revision": revision or "main"}
     make_out_dir(out)
     check_out_dir(out, identity, force)
     staging = _fresh_tmp(out)
+    if caseops_on:
+        try:
+            return _download_caseops(hf, repo_id, dataset_dir, identity, out, staging, train_shards, endpoint,
+                                     revision)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
     try:
         published = _load_published_manifest(hf, repo_id, staging, endpoint, revision)
         dataset, tok = _published_entry(published, variant)
@@ -944,6 +1076,35 @@ def download_variant(variant: str, out_dir: Path, *, train_shards: int = DEFAULT
         write_manifest(out, manifest)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+    return manifest
+
+
+def _download_caseops(hf, repo_id, dataset_dir, identity, out, staging, train_shards, endpoint, revision) -> dict:
+    base = {"tool": "data/prepare.py", "identity": identity, "source": identity["source"],
+            "text_transform": caseops.NAME}
+    write_manifest(out, {**base, "complete": False})
+    tok = {"model_path": CASEOPS_TOKENIZER}
+    _download_tokenizer(hf, repo_id, tok, None, out, staging, endpoint, revision)
+    _check_caseops_tokenizer(load_tokenizer(out / TOKENIZER_MODEL), "the downloaded tokenizer")
+    get = lambda name, missing_ok=False: _download_shard(  # noqa: E731
+        hf, repo_id, f"{dataset_dir}/{name}", out, staging, endpoint, revision, missing_ok)
+    with Progress("downloading sp8192_caseops", unit=" files") as bar:
+        n_val = 0
+        while get(f"fineweb_val_{n_val:06d}.bin", missing_ok=True):
+            sidecar = f"fineweb_val_bytes_{n_val:06d}.bin"
+            get(sidecar)
+            if check_shard(out / sidecar) != check_shard(out / f"fineweb_val_{n_val:06d}.bin"):
+                raise PrepareError(f"{sidecar} does not have one entry per token of fineweb_val_{n_val:06d}.bin")
+            n_val += 1
+            bar.update(2)
+        if n_val == 0:
+            raise PrepareError(f"{repo_id} has no {dataset_dir}/fineweb_val_000000.bin")
+        for i in range(train_shards):
+            if not get(f"fineweb_train_{i:06d}.bin", missing_ok=True):
+                raise PrepareError(f"sp8192_caseops has only {i} train shards on {repo_id}; asked for {train_shards}")
+            bar.update()
+    manifest = _download_manifest(out, base, {}, f"hf://datasets/{repo_id}/{REMOTE_ROOT}/{CASEOPS_TOKENIZER}")
+    write_manifest(out, manifest)
     return manifest
 
 
@@ -985,38 +1146,45 @@ def _place_upstream_copies(out: Path, tok: dict, model: Path, vocab: Path | None
             atomic_write_bytes(tok_dir / Path(remote).name, staged.read_bytes())
 
 
-def _download_shard(hf, repo_id, remote, out, staging, endpoint, revision) -> None:
+def _download_shard(hf, repo_id, remote, out, staging, endpoint, revision, missing_ok: bool = False) -> bool:
+    """Fetch one shard unless a good copy is there; False if it is missing and `missing_ok`."""
     target = out / remote.rpartition("/")[2]
     if target.exists():
         try:
             check_shard(target)
-            return  # a good copy from an earlier run: keep it, never re-download it
+            return True  # a good copy from an earlier run: keep it, never re-download it
         except PrepareError:
             pass  # a damaged copy is replaced, but only by a verified one
-    staged = _fetch(hf, repo_id, remote, staging, endpoint, revision)
+    staged = _fetch(hf, repo_id, remote, staging, endpoint, revision, missing_ok)
+    if staged is None:
+        return False
     try:
         check_shard(staged)
     except PrepareError as e:
         staged.unlink(missing_ok=True)
         raise PrepareError(f"downloaded {e} (from {repo_id}); nothing was replaced") from None
     os.replace(staged, target)
+    return True
 
 
 def _download_manifest(out: Path, base: dict, dataset: dict, tok_source: str) -> dict:
     sp = load_tokenizer(out / TOKENIZER_MODEL)
     shards, splits = {}, {}
-    files = shard_files(out)
+    files = shard_files(out) + shard_files(out, "val_bytes")
     with Progress("hashing shards", total=len(files), unit=" files") as bar:
         for path in files:
             shards[path.name] = {"tokens": check_shard(path), "sha256": sha256_file(path)}
             bar.update()
     stats = dataset.get("stats") or {}
     for split in ("val", "train"):
-        names = [n for n in shards if n.startswith(f"fineweb_{split}_")]
+        names = [p.name for p in shard_files(out, split)]
         every = split == "val" or len(names) == int(stats.get("files_train", -1))
         splits[split] = {"docs": stats.get(f"docs_{split}") if every else None,
                          "bytes": None,  # the published export does not record text bytes
                          "tokens": sum(shards[n]["tokens"] for n in names), "shards": len(names)}
+    sidecar = shard_files(out, "val_bytes")
+    if sidecar:
+        splits["val"]["sidecar_bytes"] = sum(int(read_shard(p, mmap=True).sum(dtype=np.int64)) for p in sidecar)
     return {**base, "complete": True, "tokenizer": TOKENIZER_MODEL,
             "tokenizer_source": tok_source,
             "tokenizer_sha256": sha256_file(out / TOKENIZER_MODEL),
@@ -1137,6 +1305,76 @@ def inspect_dataset(folder: Path, n_tokens: int = 300, tokenizer: Path | None = 
     return {"shards": info, "min_id": lo, "max_id": hi}
 
 
+# --------------------------------------------------------------------------- leak check
+
+
+def _split_documents(files: list[Path]) -> Iterator[np.ndarray]:
+    """The documents ([BOS] + ids) of a split's shards, in order; a document may continue
+    into the next shard."""
+    carry = np.zeros(0, np.uint16)
+    for path in files:
+        toks = np.concatenate((carry, read_shard(path)))
+        starts = np.flatnonzero(toks == BOS_ID)
+        if toks.size and (starts.size == 0 or starts[0] != 0):
+            raise PrepareError(f"{path.name} does not start a document with BOS={BOS_ID} where one is due")
+        for a, b in zip(starts[:-1], starts[1:]):
+            yield toks[a:b]
+        carry = toks[starts[-1]:] if starts.size else toks
+    if carry.size:
+        yield carry
+
+
+def check_leak(folder: Path, stream=None) -> dict:
+    """Refuse (PrepareError) a dataset in which a val document also appears in training.
+    Documents are compared by their token sequences: the tokenizer is deterministic, so
+    equal texts always give equal tokens, and this works on any dataset, a download or a
+    CaseOps one included, without trusting its tokenizer to decode exactly."""
+    stream = stream or sys.stdout
+    folder = Path(folder)
+    val, train = shard_files(folder, "val"), shard_files(folder, "train")
+    if not val or not train:
+        raise PrepareError(f"{folder} needs both fineweb_val_*.bin and fineweb_train_*.bin shards to check")
+    keys: dict[bytes, int] = {}
+    n_val = 0
+    for n_val, doc in enumerate(_split_documents(val), 1):
+        if doc.size > 1:  # an empty document has no content that could leak
+            keys.setdefault(hashlib.blake2b(doc.tobytes(), digest_size=16).digest(), n_val - 1)
+    pairs, n_train = [], 0
+    with Progress("checking train documents", unit=" docs") as bar:
+        for n_train, doc in enumerate(_split_documents(train), 1):
+            key = hashlib.blake2b(doc.tobytes(), digest_size=16).digest() if doc.size > 1 else None
+            if key in keys:
+                pairs.append((keys[key], n_train - 1, doc))
+            bar.update()
+    print(f"checked {folder}: {n_val:,} val and {n_train:,} train documents", file=stream)
+    if pairs:
+        text = _document_text(folder)
+        pairs = [(v, t, text(doc[1:])) for v, t, doc in pairs]
+        for v, t, doc in pairs:
+            print(f"  leak: val document {v} = train document {t}: {_preview(doc, 70)}", file=stream)
+        raise leak_error(pairs, "same tokens", "do not train on this dataset; rebuild it with data/prepare.py")
+    print("  no validation document appears in training", file=stream)
+    return {"val_docs": n_val, "train_docs": n_train}
+
+
+def _document_text(folder: Path) -> Callable[[np.ndarray], str]:
+    """How to show a document: decoded (and CaseOps undone) when the folder's tokenizer is
+    there, else as ids."""
+    tok = folder / TOKENIZER_MODEL
+    if not tok.is_file():
+        return lambda ids: " ".join(map(str, ids[:20].tolist()))
+    sp = load_tokenizer(tok, f"tokenizer {tok}")
+    transformed = (read_manifest(folder) or {}).get("text_transform") == caseops.NAME
+
+    def show(ids: np.ndarray) -> str:
+        text = sp.decode(ids.tolist())
+        try:
+            return caseops.decode(text) if transformed else text
+        except caseops.CaseOpsError:
+            return text
+    return show
+
+
 # --------------------------------------------------------------------------- CLI
 
 
@@ -1151,10 +1389,15 @@ def build_parser() -> argparse.ArgumentParser:
                       help="text files/folders, .jsonl or .jsonl.gz with a 'text' field; read in the order given")
     mode.add_argument("--variant", choices=sorted(VARIANT_REPOS), help="download the published FineWeb export")
     mode.add_argument("--inspect", type=Path, metavar="DIR", help="describe a dataset folder and decode its start")
+    mode.add_argument("--check-leak", type=Path, metavar="DIR",
+                      help="fail if any val document of the dataset in DIR also appears in its training split")
     tok = p.add_mutually_exclusive_group()
     tok.add_argument("--tokenizer", type=Path, metavar="MODEL", help="existing SentencePiece .model to use")
     tok.add_argument("--vocab-size", type=int, metavar="N",
                      help=f"train a byte-fallback BPE of N tokens (default {DEFAULT_VOCAB})")
+    p.add_argument("--caseops", action="store_true",
+                   help="store CaseOps-transformed text (capitalisation as marker tokens) plus the val byte sidecar; "
+                        "a trained tokenizer reserves the markers, a --tokenizer must have them")
     p.add_argument("--val-docs", type=int, metavar="N",
                    help=f"the first N documents form the val split (default {DEFAULT_VAL_DOCS:,}; demo {DEMO_VAL_DOCS})")
     p.add_argument("--shard-tokens", type=int, default=DEFAULT_SHARD_TOKENS, metavar="N",
@@ -1183,22 +1426,27 @@ def run(args: argparse.Namespace) -> int:
     if args.inspect is not None:
         inspect_dataset(args.inspect, n_tokens=args.tokens, tokenizer=args.tokenizer)
         return 0
+    if args.check_leak is not None:
+        check_leak(args.check_leak)
+        return 0
     if args.out is None:
         raise PrepareError("--out DIR is required")
     if args.variant:
-        if args.tokenizer or args.vocab_size or args.val_docs is not None:
-            raise PrepareError("--variant downloads a fixed export; --tokenizer/--vocab-size/--val-docs do not apply")
+        if args.tokenizer or args.vocab_size or args.val_docs is not None or args.caseops:
+            raise PrepareError("--variant downloads a fixed export; --tokenizer/--vocab-size/--val-docs/--caseops "
+                               "do not apply (the CaseOps export is --variant sp8192_caseops)")
         manifest = download_variant(args.variant, args.out, train_shards=args.train_shards, repo_id=args.repo_id,
                                     force=args.force)
     elif args.input:
         val_docs = DEFAULT_VAL_DOCS if args.val_docs is None else args.val_docs
         manifest = build_dataset(args.input, args.out, tokenizer=args.tokenizer, vocab_size=args.vocab_size,
                                  val_docs=val_docs, shard_tokens=args.shard_tokens, threads=args.threads,
-                                 force=args.force)
+                                 force=args.force, caseops_on=args.caseops)
     else:
         val_docs = DEMO_VAL_DOCS if args.val_docs is None else args.val_docs
         manifest = build_demo(args.out, tokenizer=args.tokenizer, vocab_size=args.vocab_size,
-                              val_docs=val_docs, shard_tokens=args.shard_tokens, force=args.force)
+                              val_docs=val_docs, shard_tokens=args.shard_tokens, force=args.force,
+                              caseops_on=args.caseops)
     print(_summary(manifest, args.out, time.monotonic() - t0))
     return 0
 

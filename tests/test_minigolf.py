@@ -127,6 +127,25 @@ def test_runs_started_side_by_side_prepare_the_same_data_folder_without_a_race(t
     assert mg.read_shard(folder / "fineweb_val_000000.bin").tolist() == docs(*range(2, 2 + mg.SMOKE_VAL_DOCS)).tolist()
 
 
+def test_a_caseops_val_cut_keeps_its_byte_sidecar_parallel_and_its_tokenizer_beside_it(tmp_path):
+    shared, work = tmp_path / "shared", tmp_path / "work"
+    (shared / "anchors").mkdir(parents=True)
+    built = work / "proxy8192_caseops_build"  # as data/prepare.py leaves it: complete, so it is not rebuilt
+    built.mkdir(parents=True)
+    (built / "manifest.json").write_text('{"complete": true}')
+    (built / "tokenizer.model").write_bytes(b"model")
+    val = docs(*range(2, 2 + mg.SMOKE_VAL_DOCS + 10))
+    mg.write_shard(built / "fineweb_val_000000.bin", val)
+    mg.write_shard(built / "fineweb_val_bytes_000000.bin", np.arange(val.size) % 7)
+    mg.write_shard(built / "fineweb_train_000000.bin", docs(*[50] * 40))
+    info = mg.ensure_data(shared, work, "proxy8192_caseops", True, 1)
+    folder = Path(info["path"])
+    cut = mg.read_shard(folder / "fineweb_val_000000.bin")
+    assert cut.tolist() == docs(*range(2, 2 + mg.SMOKE_VAL_DOCS)).tolist()
+    assert mg.read_shard(folder / "fineweb_val_bytes_000000.bin").tolist() == (np.arange(cut.size) % 7).tolist()
+    assert (folder / "tokenizer.model").read_bytes() == b"model"
+
+
 # ---------------------------------------------------------------------------- plan
 
 
@@ -160,6 +179,14 @@ def test_ours_runs_the_defaults_and_technique_rows_run_plain_plus_one_change(tmp
     assert "SMEAR" not in ours and ours["TTT"] == "0" and ours["VOCAB_SIZE"] == "8192"
     assert plain["SMEAR"] == "0" and plain["MLP_MULT"] == "3" and plain["VOCAB_SIZE"] == "1024"
     assert {k: v for k, v in smear.items() if plain.get(k) != v and k != "RUN_ID"} == {"SMEAR": "1"}
+
+
+def test_the_caseops_pair_differs_only_in_its_data_and_tokenizer(tmp_path):
+    kw = env_args(tmp_path)
+    plain, caseops = (mg.row_env(mg.ROWS[n], 1, **kw) for n in ("proxy8192", "caseops"))
+    assert mg.ROWS["caseops"].base == "proxy8192" and mg.ROWS["caseops"].data == "proxy8192_caseops"
+    assert plain == caseops  # given the same data folder: the data is the whole difference
+    assert plain["TOKENIZER_PATH"] == str(tmp_path / "tokenizer.model") and plain["VOCAB_SIZE"] == "8192"
 
 
 def test_every_row_is_well_formed():

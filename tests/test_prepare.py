@@ -644,6 +644,72 @@ def test_download_without_huggingface_hub_says_how_to_install_it(tmp_path, monke
         prepare.download_variant("sp1024", tmp_path / "ds", train_shards=1)
 
 
+CASEOPS_DIR = "datasets/datasets/fineweb10B_sp8192_lossless_caps_caseops_v1_reserved"
+CASEOPS_MODEL = "datasets/tokenizers/fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.model"
+
+
+@pytest.fixture(scope="module")
+def caseops_model() -> bytes:
+    return prepare.train_tokenizer([prepare.caseops.encode(d) for d in make_docs(300, seed=2)], vocab_size=400,
+                                   reserved=prepare.caseops.MARKERS)
+
+
+def published_caseops(model: bytes, n_val=2, n_train=3) -> dict[str, bytes]:
+    """A miniature of the CaseOps export: no manifest, val shards each with a byte sidecar."""
+    rng = np.random.default_rng(1)
+    shard = lambda n, top: prepare.shard_header(n) + rng.integers(0, top, n).astype("<u2").tobytes()  # noqa: E731
+    files = {CASEOPS_MODEL: model}
+    for i in range(n_val):
+        files[f"{CASEOPS_DIR}/fineweb_val_{i:06d}.bin"] = shard(2000 + i, 400)
+        files[f"{CASEOPS_DIR}/fineweb_val_bytes_{i:06d}.bin"] = shard(2000 + i, 5)
+    for i in range(n_train):
+        files[f"{CASEOPS_DIR}/fineweb_train_{i:06d}.bin"] = shard(9000 + i, 400)
+    return files
+
+
+def test_caseops_download_fetches_every_val_shard_its_sidecar_and_the_first_n_train_shards(tmp_path, caseops_model):
+    files = published_caseops(caseops_model)
+    out = tmp_path / "ds"
+    with StandIn(files) as hub:
+        manifest = prepare.download_variant("sp8192_caseops", out, train_shards=2, endpoint=hub.url)
+    assert {repo for _, repo, _, _ in hub.log} == {"romeerp/parameter-golf-caseops-v1"}
+    expect = [f"fineweb_val_{i:06d}.bin" for i in range(2)] + [f"fineweb_val_bytes_{i:06d}.bin" for i in range(2)] + \
+             [f"fineweb_train_{i:06d}.bin" for i in range(2)]
+    for name in expect:
+        assert (out / name).read_bytes() == files[f"{CASEOPS_DIR}/{name}"], name
+    assert not (out / "fineweb_train_000002.bin").exists()
+    assert (out / "tokenizer.model").read_bytes() == caseops_model
+    assert manifest["text_transform"] == prepare.caseops.NAME and manifest["complete"]
+    assert manifest["splits"]["val"]["tokens"] == 4001 and manifest["splits"]["val"]["shards"] == 2
+    sidecar = sum(int(np.frombuffer(files[f"{CASEOPS_DIR}/fineweb_val_bytes_{i:06d}.bin"][1024:], "<u2").sum())
+                  for i in range(2))
+    assert manifest["splits"]["val"]["sidecar_bytes"] == sidecar
+    assert set(manifest["shards"]) == set(expect)
+
+
+def test_caseops_download_refuses_a_sidecar_that_does_not_match_its_val_shard(tmp_path, caseops_model):
+    files = published_caseops(caseops_model)
+    name = f"{CASEOPS_DIR}/fineweb_val_bytes_000001.bin"
+    files[name] = prepare.shard_header(5) + bytes(10)
+    with StandIn(files) as hub:
+        with pytest.raises(prepare.PrepareError, match="val_bytes_000001.bin does not have one entry per token"):
+            prepare.download_variant("sp8192_caseops", tmp_path / "ds", train_shards=1, endpoint=hub.url)
+
+
+def test_caseops_download_refuses_a_tokenizer_without_the_markers(tmp_path, caseops_model, tok_model):
+    files = published_caseops(caseops_model)
+    files[CASEOPS_MODEL] = tok_model.read_bytes()
+    with StandIn(files) as hub:
+        with pytest.raises(prepare.PrepareError, match="not a CaseOps tokenizer"):
+            prepare.download_variant("sp8192_caseops", tmp_path / "ds", train_shards=1, endpoint=hub.url)
+
+
+def test_caseops_download_refuses_more_train_shards_than_published(tmp_path, caseops_model):
+    with StandIn(published_caseops(caseops_model)) as hub:
+        with pytest.raises(prepare.PrepareError, match="only 3 train shards"):
+            prepare.download_variant("sp8192_caseops", tmp_path / "ds", train_shards=4, endpoint=hub.url)
+
+
 # --------------------------------------------------------------------------- proxy identity (slow)
 
 PROXY = SHARED / "data" / "proxy"
@@ -660,3 +726,50 @@ def test_proxy_rebuild_is_byte_identical_to_the_shipped_shards(tmp_path, vocab, 
                           tokenizer=SHARED / "tokenizers" / f"fineweb_{vocab}_bpe.model", val_docs=2500)
     for name in compare:
         assert (tmp_path / "ds" / name).read_bytes() == (PROXY / f"sp{vocab}" / name).read_bytes(), name
+
+
+# --------------------------------------------------------------------------- leak-proof split
+
+
+def test_a_build_whose_training_repeats_a_val_document_is_refused_naming_both(tmp_path, docs):
+    leaky = docs[:20] + docs[40:60] + [docs[3]] + docs[60:80] + [docs[11]]
+    with pytest.raises(prepare.PrepareError) as err:
+        prepare.build_dataset(None, tmp_path / "ds", documents=leaky, val_docs=20, vocab_size=300)
+    msg = str(err.value)
+    assert msg.startswith("2 validation document(s) also appear in training")
+    assert "val document 3 = train document 20" in msg and "val document 11 = train document 41" in msg
+    assert not (tmp_path / "ds" / "manifest.json").exists()
+    assert not prepare.shard_files(tmp_path / "ds")
+
+
+def test_check_leak_passes_a_clean_dataset(built, capsys):
+    folder, _ = built
+    assert prepare.main(["--check-leak", str(folder)]) == 0
+    assert "no validation document appears in training" in capsys.readouterr().out
+
+
+def test_check_leak_names_the_val_documents_found_in_a_training_shard(built, tmp_path, capsys, docs):
+    folder, _ = built
+    copy = tmp_path / "leaky"
+    copy.mkdir()
+    for p in folder.iterdir():
+        (copy / p.name).write_bytes(p.read_bytes())
+    val = split_docs(split_tokens(folder, "val"))
+    last = prepare.shard_files(copy, "train")[-1]
+    planted = np.concatenate([prepare.read_shard(last), [prepare.BOS_ID], val[7]])
+    prepare.write_shard(last, planted)
+    n_train = len(split_docs(split_tokens(folder, "train")))
+    msg = cli_error(capsys, "--check-leak", copy)
+    assert msg.startswith("error: 1 validation document(s) also appear in training")
+    assert f"val document 7 = train document {n_train}" in msg
+    assert _preview_of(docs[7]) in msg  # the document is shown decoded
+
+
+def _preview_of(doc: str) -> str:
+    return repr(doc[:20])[1:-1]
+
+
+@pytest.mark.skipif(not (PROXY / "sp1024").is_dir(), reason="needs ../shared/data/proxy")
+def test_check_leak_passes_the_proxy(capsys):
+    prepare.check_leak(PROXY / "sp1024")
+    assert "2,500 val and 78,890 train documents" in capsys.readouterr().out
