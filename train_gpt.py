@@ -1922,9 +1922,11 @@ def setup_distributed() -> tuple[int, int, torch.device]:
     return rank, world_size, device
 
 
-def check_manifest(data_path: str, val_files: list[str]) -> None:
-    """Where the data tool left a manifest.json listing the shards, the val split must be exactly the one it lists:
-    a val shard cut short, swapped or missing would otherwise score a subset and report it as the whole."""
+def check_manifest(data_path: str) -> None:
+    """Where the data tool left a manifest.json listing the shards, the val split (its token shards and byte
+    sidecars) must be exactly the one it lists: a val shard cut short, swapped or missing would otherwise score a
+    subset and report it as the whole."""
+    val_files = glob.glob(os.path.join(data_path, "fineweb_val_*.bin"))
     path = os.path.join(data_path, "manifest.json")
     if not os.path.isfile(path):
         return
@@ -1950,7 +1952,7 @@ def check_manifest(data_path: str, val_files: list[str]) -> None:
 
 def load_validation(hp: Hyperparameters, device: torch.device) -> torch.Tensor:
     files = shard_files(hp.data_path, "val")
-    check_manifest(hp.data_path, files)
+    check_manifest(hp.data_path)
     tokens = np.concatenate([read_shard(f, hp.vocab_size) for f in files])
     if tokens.size < 2:
         raise UserError(f"validation split in {hp.data_path} has {tokens.size} tokens; need at least 2")

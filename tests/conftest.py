@@ -136,3 +136,15 @@ def parse_line(text: str, event: str) -> dict:
     lines = [line for line in text.splitlines() if line.startswith(event + " ") or line.startswith(event + ":")]
     assert lines, f"no {event} line in output:\n{text[-3000:]}"
     return dict(tok.split(":", 1) for tok in lines[-1].split() if ":" in tok)
+
+
+# Fixtures that run train_gpt.py or build a dataset end to end: a test that uses one is in the slow tier
+# (pytest.ini), whatever it checks itself.
+SLOW_FIXTURES = {"real_runs", "plain_and_packed_runs", "gptq_run", "two_rank_run", "recipe_run", "caseops_demo",
+                 "proxy_val_with_record_tokenizer"}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if SLOW_FIXTURES & set(item.fixturenames):
+            item.add_marker(pytest.mark.slow)

@@ -109,6 +109,7 @@ def test_markers_count_zero_bytes_and_an_escaped_marker_counts_its_own_three():
     assert caseops.original_bytes(["\ue004", "", "\ue001x"]) == [0, 0, 4]
 
 
+@pytest.mark.slow
 @needs_proxy
 @pytest.mark.parametrize("name", ["docs_val.jsonl.gz", "docs_train.jsonl.gz"])
 def test_caseops_round_trips_every_proxy_document(name):
@@ -243,6 +244,7 @@ def test_train_gpt_refuses_caseops_data_without_its_byte_sidecar(caseops_demo, t
     shutil.copytree(caseops_demo, copy)
     for p in prepare.shard_files(copy, "val_bytes"):
         p.unlink()
+    (copy / "manifest.json").unlink()  # with it, the missing sidecar is already refused as a changed val split
     result = run_train(tmp_path, demo_env(copy, "nosidecar"))
     assert result.returncode == 2
     assert "is a CaseOps tokenizer but" in result.stdout + result.stderr

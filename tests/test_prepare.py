@@ -769,6 +769,7 @@ def _preview_of(doc: str) -> str:
     return repr(doc[:20])[1:-1]
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not (PROXY / "sp1024").is_dir(), reason="needs ../shared/data/proxy")
 def test_check_leak_passes_the_proxy(capsys):
     prepare.check_leak(PROXY / "sp1024")
