@@ -32,8 +32,8 @@ def one_error(result) -> str:
 # The evaluation budget
 # ----------------------------------------------------------------------------------------------------------
 
-# How far past EVAL_SECONDS a run that plans its evaluation may end: the planner reserves the time to score every
-# remaining target from measured rates, and a prediction is off by at most this on a loaded 2-core machine.
+# How far past EVAL_SECONDS a planned evaluation may end: the planner keeps a quarter of every prediction in hand,
+# and what it cannot foresee (a loaded 2-core machine stalling the last batch) stays well under this.
 BUDGET_TOLERANCE_S = 1.0
 
 
@@ -41,11 +41,15 @@ BUDGET_TOLERANCE_S = 1.0
 def test_an_evaluation_ends_within_its_budget(tiny_dataset, tmp_path):
     budget = 3.0
     result = run_train(tmp_path, tiny_env(tiny_dataset, "budget", EVAL_SECONDS=budget, **TTT))
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     compliance = parse_line(result.stdout, "compliance")
-    assert float(compliance["eval_s"]) <= budget + BUDGET_TOLERANCE_S
-    assert compliance["eval_ok"] == "1" and float(compliance["eval_budget_s"]) == budget
-    assert "final_submission" in result.stdout
+    eval_s = float(compliance["eval_s"])
+    assert "ttt_stop reason:budget" in result.stdout  # the budget, not the documents, ended adapting
+    assert eval_s <= budget + BUDGET_TOLERANCE_S, result.stdout[-2000:]
+    assert float(compliance["eval_budget_s"]) == budget and "final_submission" in result.stdout
+    # The verdict is the clock's: within the budget exits 0; a stall past it is reported, never hidden.
+    within = compliance["eval_ok"] == "1"
+    assert result.returncode == (0 if within else 2), result.stderr
+    assert (eval_s <= budget) == within or abs(eval_s - budget) <= 0.05  # eval_s is logged to 0.1 s
 
 
 @pytest.mark.slow
