@@ -54,6 +54,10 @@ def depth_defaults(num_layers: int) -> dict:
                 recur_layers=",".join(map(str, range(max(0, mid - 2), mid + 1))))
 
 
+# Settings a release replaced: one set from an older command line is named, not silently ignored.
+RETIRED = {"WARMDOWN_ITERS": "WARMDOWN_FRAC (the fraction of training the warm-down takes, e.g. 0.85)"}
+
+
 @dataclasses.dataclass
 class Hyperparameters:
     # Each field is read from the environment variable of the same name in upper case.
@@ -84,6 +88,8 @@ class Hyperparameters:
     bigram_dim: int = 128
     skip_gates: bool = True
     attn_gate: bool = True
+    attn_gate_scale: float = 0.5
+    ortho_init: bool = True
     # Schedule.
     iterations: int = 20000
     max_wallclock_seconds: float = 600.0
@@ -93,7 +99,7 @@ class Hyperparameters:
     grad_accum_steps: int = 0
     warmup_steps: int = 20
     lr_warmup_steps: int = 0
-    warmdown_iters: int = 3500
+    warmdown_frac: float = 0.85
     min_lr_frac: float = 0.1
     # Optimizers.
     matrix_lr: float = 0.026
@@ -109,6 +115,7 @@ class Hyperparameters:
     muon_row_norm: bool = True
     muon_wd: float = 0.095
     adam_wd: float = 0.085
+    scalar_wd: float = 0.02
     beta1: float = 0.9
     beta2: float = 0.99
     adam_eps: float = 1e-8
@@ -156,6 +163,9 @@ class Hyperparameters:
 
     @classmethod
     def from_env(cls) -> "Hyperparameters":
+        for old, new in RETIRED.items():
+            if old in os.environ:
+                raise UserError(f"{old} is no longer read: set {new} instead")
         values = {}
         for f in dataclasses.fields(cls):
             name, raw, kind = f.name.upper(), os.environ.get(f.name.upper()), type(f.default)
@@ -189,7 +199,7 @@ class Hyperparameters:
         for name in ("matrix_lr", "scalar_lr", "tied_embed_lr", "embed_lr", "head_lr", "ttt_lr", "ttt_phase_lr",
                      "adam_eps", "rope_base", "qk_gain_init"):
             need(getattr(self, name) > 0, f"{name.upper()} must be positive, got {getattr(self, name)}")
-        for name in ("muon_wd", "adam_wd", "ttt_wd", "grad_clip_norm"):
+        for name in ("muon_wd", "adam_wd", "scalar_wd", "ttt_wd", "grad_clip_norm"):
             need(getattr(self, name) >= 0, f"{name.upper()} must be >= 0 (0 = off), got {getattr(self, name)}")
         for name in ("beta1", "beta2", "muon_momentum", "muon_momentum_warmup_start"):
             need(0 <= getattr(self, name) < 1, f"{name.upper()} must be in [0, 1), got {getattr(self, name)}")
@@ -249,7 +259,8 @@ class Hyperparameters:
         need(self.iterations > 0, f"ITERATIONS must be positive, got {self.iterations}")
         need(self.max_wallclock_seconds >= 0, "MAX_WALLCLOCK_SECONDS must be >= 0 (0 = no cap)")
         need(self.muon_ns in NS_COEFFICIENTS, f"MUON_NS must be one of {sorted(NS_COEFFICIENTS)}, got {self.muon_ns!r}")
-        need(0.0 <= self.min_lr_frac <= 1.0, f"MIN_LR_FRAC must be in [0, 1], got {self.min_lr_frac}")
+        for name in ("min_lr_frac", "warmdown_frac"):
+            need(0.0 <= getattr(self, name) <= 1.0, f"{name.upper()} must be in [0, 1], got {getattr(self, name)}")
         need(re.fullmatch(r"[A-Za-z0-9_-][A-Za-z0-9_.-]*", self.run_id) is not None,
              f"RUN_ID={self.run_id!r} may hold only letters, digits, '-', '_' and '.' (it names files)")
 
@@ -522,9 +533,11 @@ class Attention(nn.Module):
         self.c_v = CastedLinear(dim, self.kv_heads * self.head_dim, bits)
         self.proj = CastedLinear(dim, dim, bits, zero_init=True)
         self.q_gain = nn.Parameter(torch.full((self.heads,), hp.qk_gain_init))
-        # ATTN_GATE: each head's output times 2 sigmoid(a linear read of the block input's first GATE_CHANNELS), zero
-        # initialised, so it starts as the identity and lets a head quiet itself where its context does not help.
+        # ATTN_GATE: each head's output times sigmoid(ATTN_GATE_SCALE x a linear read of the block input's first
+        # GATE_CHANNELS), zero initialised (x0.5 at the start), so a head can quiet itself where its context does not
+        # help; the scale slows the gate's logits against the shared scalar learning rate (the records' 0.5).
         self.gate = nn.Parameter(torch.zeros(self.heads, GATE_CHANNELS)) if hp.attn_gate else None
+        self.gate_scale = hp.attn_gate_scale
         rope = hp.rope_dims or self.head_dim
         inv_freq = hp.rope_base ** (-torch.arange(0, rope, 2, dtype=torch.float32) / rope)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
@@ -549,7 +562,7 @@ class Attention(nn.Module):
             v_hat = F.normalize(v, dim=-1).unsqueeze(3)
             y = (y - (y * v_hat).sum(-1, keepdim=True) * v_hat).flatten(2, 3)
         if self.gate is not None:
-            y = y * (2 * torch.sigmoid(x[..., :GATE_CHANNELS] @ self.gate.to(x.dtype).T))[..., None]
+            y = y * torch.sigmoid(self.gate_scale * x[..., :GATE_CHANNELS] @ self.gate.to(x.dtype).T)[..., None]
         return self.proj(y.reshape(b, t, -1))
 
 
@@ -625,10 +638,14 @@ class GPT(nn.Module):
         if hp.smear:
             # sigmoid(-3) ~ 0.05: each position starts with almost nothing of its predecessor.
             self.smear_gate = nn.Parameter(torch.full((hp.model_dim,), -3.0))
-        for module in self.modules():
+        for name, module in self.named_modules():
             if isinstance(module, CastedLinear):
                 module.clip_k = hp.qat_clip_k if hp.clip_mode == "std" else 0.0
                 module.qat_bits *= qat
+                # ORTHO_INIT: the input maps start orthogonal (every direction the same gain; the records since
+                # #1855); the output maps stay zero.
+                if hp.ortho_init and name.endswith(("c_q", "c_k", "c_v", "fc")):
+                    nn.init.orthogonal_(module.weight)
 
     def set_qat(self, enabled: bool) -> None:
         for module in self.modules():
@@ -785,8 +802,8 @@ class Muon(torch.optim.Optimizer):
 def build_optimizers(model: GPT, hp: Hyperparameters, rank: int, world_size: int, fused: bool,
                      compile: bool = False):
     # Muon takes the linear layers' weights (blocks and bigram projection); Adam the embedding tables, the
-    # untied head, and everything else (gains, scales, resid_mix, skip weights, smear gate) as scalars without
-    # weight decay: orthogonalising a 2 x dim mixing table would be meaningless.
+    # untied head, and everything else (gains, scales, resid_mix, skip weights, gates) as scalars with their own
+    # SCALAR_WD: orthogonalising a 2 x dim mixing table would be meaningless.
     matrices = [p for name, p in model.named_parameters()
                 if p.ndim == 2 and name.startswith(("blocks.", "bigram_proj.")) and name.endswith(".weight")]
     embeds = [m.weight for m in (model.tok_emb, model.bigram_emb) if m is not None]
@@ -797,7 +814,7 @@ def build_optimizers(model: GPT, hp: Hyperparameters, rank: int, world_size: int
                 hp.muon_ns, hp.muon_row_norm, compile)
     groups = [dict(params=embeds, lr=hp.tied_embed_lr if hp.tie_embeddings else hp.embed_lr,
                    weight_decay=hp.adam_wd),
-              dict(params=scalars, lr=hp.scalar_lr, weight_decay=0.0)]
+              dict(params=scalars, lr=hp.scalar_lr, weight_decay=hp.scalar_wd)]
     if head:
         groups.append(dict(params=head, lr=hp.head_lr, weight_decay=hp.adam_wd))
     adam = torch.optim.AdamW(groups, betas=(hp.beta1, hp.beta2), eps=hp.adam_eps, fused=fused)
@@ -809,16 +826,11 @@ def build_optimizers(model: GPT, hp: Hyperparameters, rank: int, world_size: int
 
 
 def lr_multiplier(step: int, elapsed_ms: float, hp: Hyperparameters) -> float:
-    """Warm-up, flat, then a linear warm-down that reaches MIN_LR_FRAC when either the step budget or the wall
-    clock runs out: the remaining steps are estimated from the measured step time."""
+    """Warm-up, flat, then over the last WARMDOWN_FRAC of training (by steps or the wall clock, whichever is further
+    on) a linear decay towards zero that holds at MIN_LR_FRAC: the records' shape since #1855."""
     warm = min(1.0, (step + 1) / hp.lr_warmup_steps) if hp.lr_warmup_steps > 0 else 1.0
-    remaining = hp.iterations - step
-    if hp.train_seconds > 0 and step > 0:
-        remaining = min(remaining, (1000 * hp.train_seconds - elapsed_ms) / (elapsed_ms / step))
-    if hp.warmdown_iters <= 0:
-        return warm
-    decay = min(1.0, max(remaining, 0.0) / hp.warmdown_iters)
-    return warm * (hp.min_lr_frac + (1 - hp.min_lr_frac) * decay)
+    left = 1.0 - training_progress(step, elapsed_ms, hp)
+    return warm * max(min(1.0, left / hp.warmdown_frac), hp.min_lr_frac) if hp.warmdown_frac > 0 else warm
 
 
 def training_progress(step: int, elapsed_ms: float, hp: Hyperparameters) -> float:

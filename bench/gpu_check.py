@@ -45,7 +45,7 @@ RECORD_TINY = dict(NUM_LAYERS="2", MODEL_DIM="64", NUM_HEADS="4", NUM_KV_HEADS="
 # 128-token window (a chunk may not outgrow its window), and 90 s of evaluation (TTT stops adapting there; on a CPU
 # it would otherwise take most of 570 s).
 TINY = dict(NUM_LAYERS="2", MODEL_DIM="64", NUM_HEADS="4", NUM_KV_HEADS="2", MLP_MULT="1", TRAIN_SEQ_LEN="128",
-            TRAIN_BATCH_TOKENS="4096", VAL_BATCH_SIZE="16384", WARMUP_STEPS="2", WARMDOWN_ITERS="20",
+            TRAIN_BATCH_TOKENS="4096", VAL_BATCH_SIZE="16384", WARMUP_STEPS="2", WARMDOWN_FRAC="0.2",
             MUON_MOMENTUM_WARMUP_STEPS="20", GPTQ_CALIB_BATCHES="2", GPTQ_RESERVE_SECONDS="1",
             TTT_CHUNK_TOKENS="128", XSA_LAST_N="2", PARALLEL_START="1", RECUR_LAYERS="1", EVAL_SECONDS="90")
 

@@ -68,7 +68,7 @@ VOCABS = {"sp1024": 1024, "sp8192": 8192, "proxy8192": 8192, "proxy8192_caseops"
 
 # The starting shape, applied to both scripts (same variable names in both).
 SHAPE = dict(NUM_LAYERS=4, MODEL_DIM=128, NUM_HEADS=4, NUM_KV_HEADS=2, TRAIN_SEQ_LEN=512, TRAIN_BATCH_TOKENS=8192,
-             ITERATIONS=600, WARMDOWN_ITERS=200, MUON_MOMENTUM_WARMUP_STEPS=100, VAL_LOSS_EVERY=0,
+             ITERATIONS=600, WARMDOWN_FRAC=1 / 3, MUON_MOMENTUM_WARMUP_STEPS=100, VAL_LOSS_EVERY=0,
              MAX_WALLCLOCK_SECONDS=0, TRAIN_LOG_EVERY=50)
 # Ours only; the measured eval costs behind both numbers are in bench/README.md. VAL_BATCH_SIZE changes no score
 # (every window is scored exactly once), only speed: 8 windows a batch keep a CPU's caches warm and score the val
@@ -99,7 +99,7 @@ PLAIN = dict(MLP_MULT=3, XSA_LAST_N=0, PARALLEL_START=-1, RECUR_LAYERS="", RECUR
              SKIP_GATES=0, ATTN_GATE=0, MUON_NS="classic", MUON_ROW_NORM=0, MUON_WD=0.04, MIN_LR_FRAC=0,
              EMA_DECAY=0.997, QAT_BITS_MLP=5, EMBED_BITS=8, QAT_START_FRAC=0.85, LOGIT_SOFTCAP_NEG=0, ROPE_DIMS=0,
              LN_SCALE=0, QK_GAIN_INIT=1.5, GPTQ=0, CLIP_MODE="max", BYTE_SHUFFLE=0, AWQ_GROUP=0, LQER_RANK=0,
-             DOC_EVAL=0, TTT=0)
+             DOC_EVAL=0, TTT=0, ORTHO_INIT=0, SCALAR_WD=0)
 TIME_ITERATIONS = 1_000_000  # equal-wall-clock rows stop on the clock, never on the step count
 # The #1855 record's own code, run by ../shared/anchors/record_mini.sh (which sets the same shape as SHAPE with
 # SP8192 and scales its block indices to 4 blocks), in fp32: on a CPU without native bf16 its bf16 weights make a
@@ -463,7 +463,7 @@ def row_env(r: Row, seed: int, run_id: str, data: Path, shared: Path, threads: i
     env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     if smoke:
         n = iterations or SMOKE_ITERATIONS
-        env.update(ITERATIONS=str(n), WARMDOWN_ITERS=str(max(1, n // 3)),
+        env.update(ITERATIONS=str(n),
                    MUON_MOMENTUM_WARMUP_STEPS=str(max(1, n // 6)), TRAIN_LOG_EVERY="1")  # every step: the last too
     env.update(r.env)
     if r.budget == "time":

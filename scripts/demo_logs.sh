@@ -15,12 +15,12 @@ TINY="DATA_PATH=data/demo TOKENIZER_PATH=data/demo/tokenizer.model VOCAB_SIZE=10
 echo "two ranks $(date -u +%T)"
 # shellcheck disable=SC2086  # TINY is a list of assignments, split on purpose
 env $TINY RUN_ID=two_rank_cpu NUM_LAYERS=4 XSA_LAST_N=4 PARALLEL_START=2 RECUR_LAYERS=1,2 ITERATIONS=40 WARMUP_STEPS=3 \
-  WARMDOWN_ITERS=15 MUON_MOMENTUM_WARMUP_STEPS=10 OMP_NUM_THREADS=1 \
+  WARMDOWN_FRAC=0.375 MUON_MOMENTUM_WARMUP_STEPS=10 OMP_NUM_THREADS=1 \
   python3 -m torch.distributed.run --standalone --nproc_per_node=2 train_gpt.py > "$out/two_rank.out" 2>&1
 tail -n 1 logs/two_rank_cpu.txt
 echo "seeds $(date -u +%T)"
 # shellcheck disable=SC2086
-env $TINY NUM_LAYERS=2 XSA_LAST_N=2 PARALLEL_START=1 RECUR_LAYERS=1 ITERATIONS=60 WARMDOWN_ITERS=20 \
+env $TINY NUM_LAYERS=2 XSA_LAST_N=2 PARALLEL_START=1 RECUR_LAYERS=1 ITERATIONS=60 WARMDOWN_FRAC=0.33 \
   MUON_MOMENTUM_WARMUP_STEPS=20 TRAIN_LOG_EVERY=10 OMP_NUM_THREADS=2 \
   SEEDS="1337 42 2025" RUN_ID_PREFIX=cpu_demo LAUNCH=python3 SUBMIT=1 \
   SUBMIT_ARGS="--against val_loss=4.70 --write submission.json --date $(date -u +%Y-%m-%dT%H:%M:%SZ)" \

@@ -77,7 +77,7 @@ PLAIN = dict(xsa_last_n=0, parallel_start=-1, recur_layers="", smear=False, skip
              muon_ns="classic", muon_row_norm=False, muon_wd=0.04, min_lr_frac=0.0, qat_bits_mlp=5,
              embed_bits=8, clip_mode="max", gptq=False, byte_shuffle=False, doc_eval=False, ttt=False,
              qat_start_frac=0.85, qk_gain_init=1.5, rope_dims=0, ln_scale=False, awq_group=False,
-             lqer_rank=0)
+             lqer_rank=0, ortho_init=False, scalar_wd=0.0)
 
 
 def plain_env() -> dict:
@@ -115,7 +115,7 @@ def tiny_env(dataset, run_id: str, **overrides) -> dict:
     env.update(DATA_PATH=str(dataset.path), TOKENIZER_PATH=str(dataset.tokenizer),
                VOCAB_SIZE=str(dataset.vocab_size), NUM_LAYERS="4", MODEL_DIM="64", NUM_HEADS="4", NUM_KV_HEADS="2",
                MLP_MULT="2", TRAIN_SEQ_LEN="64", TRAIN_BATCH_TOKENS="2048", ITERATIONS="40", WARMUP_STEPS="0",
-               WARMDOWN_ITERS="10", VAL_BATCH_SIZE="8192", TRAIN_LOG_EVERY="10", MAX_WALLCLOCK_SECONDS="0",
+               WARMDOWN_FRAC="0.25", VAL_BATCH_SIZE="8192", TRAIN_LOG_EVERY="10", MAX_WALLCLOCK_SECONDS="0",
                EVAL_STRIDE="32", MATRIX_LR="0.04", TIED_EMBED_LR="0.05", SCALAR_LR="0.04", EMA_DECAY="0.9",
                QAT_START_FRAC="0.5", COMPILE="0", RUN_ID=run_id, OMP_NUM_THREADS="1")
     env.update({k: str(v) for k, v in overrides.items()})

@@ -22,6 +22,9 @@ def test_defaults_are_the_8xh100_frontier_recipe(monkeypatch):
     assert "sp8192" in hp.data_path and "8192" in hp.tokenizer_path
     assert (hp.xsa_last_n, hp.parallel_start, hp.recur_span()) == (11, 8, range(3, 6))
     assert (hp.train_seq_len, hp.train_batch_tokens, hp.eval_stride, hp.eval_seq_len) == (2048, 786432, 64, 2048)
+    # The #1855 and #2135 runs' forms: warm-down over 85% to a 0.1 floor, scalar decay 0.02, gate scale 0.5.
+    assert (hp.warmdown_frac, hp.min_lr_frac, hp.scalar_wd, hp.attn_gate_scale, hp.ortho_init) == \
+        (0.85, 0.1, 0.02, 0.5, True)
     hp.validate(8)
     hp.validate(1)
 
@@ -55,6 +58,8 @@ def test_an_empty_text_setting_is_off_and_an_empty_number_keeps_its_default(monk
     (dict(NUM_LAYERS="4", XSA_LAST_N="5"), 1, "XSA_LAST_N"),
     (dict(NUM_LAYERS="4", PARALLEL_START="4"), 1, "PARALLEL_START"),
     (dict(NUM_LAYERS="4", RECUR_LAYERS="3,4"), 1, "RECUR_LAYERS"),
+    (dict(WARMDOWN_FRAC="1.5"), 1, "WARMDOWN_FRAC"),
+    (dict(SCALAR_WD="-0.1"), 1, "SCALAR_WD"),
 ])
 def test_invalid_values_name_the_variable(monkeypatch, env, world, names):
     with pytest.raises(tg.UserError, match=names):
@@ -120,24 +125,35 @@ def test_one_gpu_accumulates_gradients_to_keep_the_global_batch(monkeypatch):
 
 
 def test_lr_warms_up_then_warms_down_to_zero_at_the_wall_clock(monkeypatch):
-    hp = from_env(monkeypatch, LR_WARMUP_STEPS="10", WARMDOWN_ITERS="100", ITERATIONS="100000",
+    hp = from_env(monkeypatch, LR_WARMUP_STEPS="10", WARMDOWN_FRAC="0.2", ITERATIONS="100000",
                   MAX_WALLCLOCK_SECONDS="100", MIN_LR_FRAC="0", GPTQ="0")  # GPTQ=1 would reserve 12 s of it
     assert tg.lr_multiplier(0, 0.0, hp) == pytest.approx(0.1)
-    # 10 ms per step: 100 s allow 10,000 steps; warm-down covers the last 100 of them (the last second).
-    assert tg.lr_multiplier(5000, 50_000.0, hp) == 1.0
-    assert tg.lr_multiplier(9950, 99_500.0, hp) == pytest.approx(0.5)
-    assert tg.lr_multiplier(10000, 100_000.0, hp) == 0.0
+    # The clock is further on than the steps: the warm-down covers its last 20 s.
+    assert tg.lr_multiplier(5000, 70_000.0, hp) == 1.0
+    assert tg.lr_multiplier(5000, 90_000.0, hp) == pytest.approx(0.5)
+    assert tg.lr_multiplier(5000, 100_000.0, hp) == 0.0
 
 
 def test_lr_warms_down_by_steps_without_a_wall_clock(monkeypatch):
-    hp = from_env(monkeypatch, WARMDOWN_ITERS="100", ITERATIONS="1000", MAX_WALLCLOCK_SECONDS="0", MIN_LR_FRAC="0")
+    hp = from_env(monkeypatch, WARMDOWN_FRAC="0.1", ITERATIONS="1000", MAX_WALLCLOCK_SECONDS="0", MIN_LR_FRAC="0")
     assert tg.lr_multiplier(850, 1e9, hp) == 1.0
     assert tg.lr_multiplier(950, 1e9, hp) == pytest.approx(0.5)
     assert tg.training_progress(500, 1e9, hp) == 0.5
 
 
-def test_warm_down_ends_at_the_lr_floor(monkeypatch):
-    hp = from_env(monkeypatch, WARMDOWN_ITERS="100", ITERATIONS="1000", MAX_WALLCLOCK_SECONDS="0", MIN_LR_FRAC="0.1")
-    assert tg.lr_multiplier(850, 1e9, hp) == 1.0
-    assert tg.lr_multiplier(950, 1e9, hp) == pytest.approx(0.55)
-    assert tg.lr_multiplier(1000, 1e9, hp) == pytest.approx(0.1)
+def test_warm_down_heads_for_zero_and_holds_at_the_lr_floor(monkeypatch):
+    hp = from_env(monkeypatch, WARMDOWN_FRAC="0.1", ITERATIONS="1000", MAX_WALLCLOCK_SECONDS="0", MIN_LR_FRAC="0.1")
+    assert tg.lr_multiplier(890, 1e9, hp) == 1.0
+    assert tg.lr_multiplier(950, 1e9, hp) == pytest.approx(0.5)  # the line towards zero, not towards the floor
+    assert tg.lr_multiplier(985, 1e9, hp) == pytest.approx(0.15)
+    assert tg.lr_multiplier(995, 1e9, hp) == pytest.approx(0.1) == tg.lr_multiplier(1000, 1e9, hp)
+
+
+def test_warmdown_frac_0_keeps_the_lr_flat(monkeypatch):
+    hp = from_env(monkeypatch, WARMDOWN_FRAC="0", ITERATIONS="1000", MAX_WALLCLOCK_SECONDS="0")
+    assert tg.lr_multiplier(999, 1e9, hp) == 1.0
+
+
+def test_a_retired_setting_is_named_not_ignored(monkeypatch):
+    with pytest.raises(tg.UserError, match="WARMDOWN_ITERS.*WARMDOWN_FRAC"):
+        from_env(monkeypatch, WARMDOWN_ITERS="3500")

@@ -13,7 +13,7 @@ pytestmark = pytest.mark.slow  # runs train_gpt.py end to end (README: the quick
 # Only sizes, step counts and the evaluation's batch sizes change; the block indices (RECUR_LAYERS, PARALLEL_START,
 # XSA_LAST_N) keep their defaults, so the model keeps the default's 11 blocks.
 SHRUNK = dict(MODEL_DIM="64", NUM_HEADS="4", NUM_KV_HEADS="2", TRAIN_SEQ_LEN="64", TRAIN_BATCH_TOKENS="2048",
-              ITERATIONS="20", WARMUP_STEPS="0", WARMDOWN_ITERS="15", MUON_MOMENTUM_WARMUP_STEPS="5",
+              ITERATIONS="20", WARMUP_STEPS="0", WARMDOWN_FRAC="0.75", MUON_MOMENTUM_WARMUP_STEPS="5",
               MAX_WALLCLOCK_SECONDS="0", TRAIN_LOG_EVERY="10", VAL_BATCH_SIZE="8192", EVAL_STRIDE="32",
               GPTQ_CALIB_BATCHES="2", TTT_LORA_RANK="4", TTT_CHUNK_TOKENS="32", TTT_BATCH_DOCS="8",
               TTT_PREFIX_DOCS="24", COMPILE="0", OMP_NUM_THREADS="1")

@@ -48,12 +48,23 @@ def test_skip_gates_start_as_an_even_mix_and_learn():
     assert model.skip_gates.grad is not None
 
 
-def test_the_attention_gate_starts_as_the_identity():
+def test_the_attention_gate_starts_at_half_of_each_heads_output():
     gated, plain = tg.GPT(small_hp(attn_gate=True)), tg.GPT(small_hp())
     randomised(plain)
     state = {**plain.state_dict(), **{k: v for k, v in gated.state_dict().items() if k.endswith(".attn.gate")}}
     gated.load_state_dict(state)
+    halved = {k: v * 0.5 if k.endswith("attn.proj.weight") else v for k, v in plain.state_dict().items()}
+    plain.load_state_dict(halved)  # the output projection is linear: halving it is halving every head
     assert torch.allclose(logits(gated.eval(), X), logits(plain, X), atol=1e-6)
+
+
+def test_the_attention_gate_scale_multiplies_the_gate_logit():
+    a, b = (randomised(tg.GPT(small_hp(attn_gate=True, attn_gate_scale=s))) for s in (0.5, 1.0))
+    with torch.no_grad():
+        for block_a, block_b in zip(a.blocks, b.blocks):
+            block_a.attn.gate.copy_(2 * block_b.attn.gate)
+    assert not torch.allclose(a.blocks[0].attn.gate, b.blocks[0].attn.gate)
+    assert torch.allclose(logits(a, X), logits(b, X), atol=1e-5)
 
 
 def test_the_attention_gate_reads_the_current_token_only_and_learns():
@@ -207,3 +218,26 @@ def test_a_run_whose_model_cannot_fit_by_pruning_still_ends_with_a_score(tiny_da
     artifact = parse_line(result.stdout, "artifact")
     assert int(artifact["bytes_total"]) <= int(artifact["limit"]) and "fit_lower " in result.stdout
     assert float(parse_line(result.stdout, "final_submission")["val_bpb"]) > 0
+
+
+def test_orthogonal_init_gives_the_input_maps_unit_singular_values_and_keeps_outputs_zero():
+    torch.manual_seed(0)
+    block = tg.GPT(small_hp(ortho_init=True)).blocks[0]
+    for w in (block.attn.c_q.weight, block.attn.c_k.weight, block.attn.c_v.weight, block.mlp.fc.weight):
+        assert torch.allclose(torch.linalg.svdvals(w), torch.ones(min(w.shape)), atol=1e-5)
+    assert not block.attn.proj.weight.any() and not block.mlp.proj.weight.any()
+    plain = tg.GPT(small_hp()).blocks[0].attn.c_q.weight
+    assert torch.linalg.svdvals(plain).std() > 0.05  # the default init is not already orthogonal
+
+
+@pytest.mark.parametrize("wd", [0.0, 0.02])
+def test_scalar_weight_decay_shrinks_control_parameters_by_lr_times_wd(wd):
+    model = tg.GPT(small_hp(scalar_wd=wd, skip_gates=True))
+    _, adam = tg.build_optimizers(model, small_hp(scalar_wd=wd), 0, 1, fused=False)
+    with torch.no_grad():
+        model.skip_gates.fill_(1.0)
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    adam.step()  # no gradient: only the decoupled decay moves a parameter
+    lr = small_hp().scalar_lr
+    assert torch.allclose(model.skip_gates, torch.full_like(model.skip_gates, 1 - lr * wd))

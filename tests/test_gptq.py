@@ -173,7 +173,7 @@ def test_pruning_gives_up_unpruned_when_even_every_unit_code_is_not_enough():
 
 def test_the_loop_leaves_the_reserve_for_hessian_collection():
     hp = plain_hp(gptq=True, max_wallclock_seconds=100, gptq_reserve_seconds=10, iterations=10**6,
-                            warmdown_iters=100)
+                            warmdown_frac=0.01)
     assert hp.train_seconds == 90
     assert tg.lr_multiplier(9000, 90_000.0, hp) == 0.0 and tg.training_progress(0, 90_000.0, hp) == 1.0
     assert plain_hp(max_wallclock_seconds=100, gptq_reserve_seconds=10).train_seconds == 100

@@ -37,7 +37,7 @@ def plain_and_packed_runs(packed, tiny_dataset, tmp_path_factory):
     runs = {}
     for name, script in (("plain", TRAIN), ("packed", packed)):
         cwd = tmp_path_factory.mktemp(f"run_{name}")
-        env = tiny_env(tiny_dataset, name, ITERATIONS=6, WARMDOWN_ITERS=2, EVAL_STRIDE=0, COMPILE=0)
+        env = tiny_env(tiny_dataset, name, ITERATIONS=6, WARMDOWN_FRAC=0.33, EVAL_STRIDE=0, COMPILE=0)
         runs[name] = (script, cwd, subprocess.Popen([sys.executable, str(script)], cwd=cwd, env=env,
                                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     results = {}
@@ -84,7 +84,7 @@ def test_packed_run_embeds_the_packed_file_in_its_log(plain_and_packed_runs):
 
 @pytest.mark.slow
 def test_packed_copy_runs_under_torch_distributed_run_and_counts_its_own_size(packed, tiny_dataset, tmp_path):
-    env = tiny_env(tiny_dataset, "tworank", ITERATIONS=6, WARMDOWN_ITERS=2, EVAL_STRIDE=0, COMPILE=0)
+    env = tiny_env(tiny_dataset, "tworank", ITERATIONS=6, WARMDOWN_FRAC=0.33, EVAL_STRIDE=0, COMPILE=0)
     res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                           str(packed)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]

@@ -53,7 +53,7 @@ def real_runs(tiny_dataset, tmp_path_factory):
     procs = []
     for seed in SEEDS:
         env = tiny_env(tiny_dataset, f"demo_s{seed}", SEED=seed, ITERATIONS=ITERATIONS, TRAIN_LOG_EVERY=4,
-                       VAL_LOSS_EVERY=6, WARMDOWN_ITERS=4)
+                       VAL_LOSS_EVERY=6, WARMDOWN_FRAC=0.33)
         procs.append(subprocess.Popen([sys.executable, str(TRAIN)], cwd=work, env=env, stdout=subprocess.PIPE,
                                       stderr=subprocess.STDOUT, text=True))
     for seed, proc in zip(SEEDS, procs):
