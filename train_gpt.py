@@ -102,7 +102,7 @@ class Hyperparameters:
     warmdown_frac: float = 0.85
     min_lr_frac: float = 0.1
     # Optimizers.
-    matrix_lr: float = 0.026
+    matrix_lr: float = 0.028
     scalar_lr: float = 0.02
     tied_embed_lr: float = 0.03
     embed_lr: float = 0.6
@@ -152,13 +152,13 @@ class Hyperparameters:
     # Score-first test-time training: per-document LoRA, then optional global phases (TTT=0: off).
     ttt: bool = True
     ttt_lora_rank: int = 80
-    ttt_lora_targets: str = "q,k,v,o,mlp,head"
-    ttt_lr: float = 1e-4
-    ttt_wd: float = 0.5
+    ttt_lora_targets: str = "q,v,o,mlp,head"
+    ttt_lr: float = 8e-5
+    ttt_wd: float = 2.0
     ttt_chunk_tokens: int = 48
     ttt_batch_docs: int = 64
     ttt_prefix_docs: int = 2500
-    ttt_phases: int = 3
+    ttt_phases: int = 1
     ttt_phase_lr: float = 1e-3
 
     @classmethod

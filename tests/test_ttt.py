@@ -44,7 +44,9 @@ def stream(lengths, seed=1) -> torch.Tensor:
 # position p was seen" is simply "a target before p" and the perturbation checks below can compare by position.
 # Lengths cross chunks (8), windows (32) and batches (3 documents), and the phases fall after documents 2 and 4.
 LENGTHS = [70, 45, 33, 20, 17, 9, 8, 3, 1, 0]
-RATES = dict(adapt=1e9, score=1e9, train=1e9)  # the budget never binds in these tests unless a test says so
+# The budget never binds in these tests unless a test says so; evaluate_ttt updates the rates it is given, so
+# each call gets a copy.
+RATES = dict(adapt=1e9, score=1e9, train=1e9)
 
 
 def ttt_scores(tokens, seconds=1e9, **overrides):
@@ -52,7 +54,7 @@ def ttt_scores(tokens, seconds=1e9, **overrides):
     model = fresh_model()
     per_target = torch.full((tokens.numel() - 1,), float("nan"), dtype=torch.float64)
     clock = tg.EvalClock(seconds, lambda x: x)
-    result = tg.evaluate_ttt(model, model, tokens, byte_tables(VOCAB), hp(**overrides), 0, 1, clock, RATES,
+    result = tg.evaluate_ttt(model, model, tokens, byte_tables(VOCAB), hp(**overrides), 0, 1, clock, dict(RATES),
                              lambda line: None, per_target)
     return per_target, result
 
@@ -210,7 +212,7 @@ def test_with_no_time_left_ttt_stops_adapting_and_scores_every_document_window(t
     per_target = torch.full((tokens.numel() - 1,), float("nan"), dtype=torch.float64)
     clock = tg.EvalClock(1e-3, lambda x: x)
     time.sleep(0.002)
-    loss, bpb, stats = tg.evaluate_ttt(model, model, tokens, byte_tables(VOCAB), hp(), 0, 1, clock, RATES,
+    loss, bpb, stats = tg.evaluate_ttt(model, model, tokens, byte_tables(VOCAB), hp(), 0, 1, clock, dict(RATES),
                                        lines.append, per_target)
     assert stats["docs_adapted"] == 0 and stats["phases"] == 0 and not per_target.isnan().any()
     assert lines and lines[0].startswith("ttt_stop reason:budget docs_adapted:0 ")
@@ -221,8 +223,9 @@ def test_with_no_time_left_ttt_stops_adapting_and_scores_every_document_window(t
 def simulated_ttt(tokens, monkeypatch, rates, **overrides):
     """TTT on a simulated clock with a 0.55 s budget where adapting a batch takes its token cost at 1,440 tokens/s
     (scoring and phases are free). Returns the clock, the stats and the log lines."""
-    class SimulatedClock:
-        seconds, now = 0.55, 0.0
+    class SimulatedClock(tg.EvalClock):  # the real planning rule (fits) on simulated time
+        def __init__(self):
+            self.seconds, self.now = 0.55, 0.0
 
         def elapsed(self):
             return self.now
@@ -241,16 +244,17 @@ def simulated_ttt(tokens, monkeypatch, rates, **overrides):
 
 
 def test_the_budget_check_stops_adapting_when_the_rest_would_not_fit(tokens, monkeypatch):
-    """The first batch (720 tokens) takes 0.5 s and the second (135) would end past the 0.55 s budget: only the
-    first batch adapts."""
-    _, stats, lines = simulated_ttt(tokens, monkeypatch, dict(adapt=1440, score=1e9, train=1e9))
+    """The first batch (720 tokens) is predicted at 0.4 s, 0.5 s with a quarter in hand, and fits the 0.55 s budget;
+    it takes 0.5 s, and the second (135 tokens), predicted at that pace plus the quarter, would end past it: only
+    the first batch adapts."""
+    _, stats, lines = simulated_ttt(tokens, monkeypatch, dict(adapt=1800, score=1e9, train=1e9))
     assert stats["docs_adapted"] == 3 and lines[0].startswith("ttt_stop reason:budget docs_adapted:3 ")
 
 
 def test_rates_that_flatter_the_machine_are_corrected_after_one_round(tokens, monkeypatch):
     """The same machine, but the warm-up claimed 1e9 tokens/s: the first round shows how far behind it ran, so the
     second is refused as above instead of adapting everything past the budget."""
-    clock, stats, lines = simulated_ttt(tokens, monkeypatch, RATES)
+    clock, stats, lines = simulated_ttt(tokens, monkeypatch, dict(RATES))
     assert stats["docs_adapted"] == 3 and lines[0].startswith("ttt_stop reason:budget docs_adapted:3 ")
     assert clock.now <= clock.seconds
 
@@ -258,7 +262,7 @@ def test_rates_that_flatter_the_machine_are_corrected_after_one_round(tokens, mo
 def test_a_round_that_ends_a_phase_still_corrects_the_rates(tokens, monkeypatch):
     """The first round ends the only phase (after 3 documents): how far it ran behind the flattering rates must
     still stop the second round, as it does without phases."""
-    clock, stats, lines = simulated_ttt(tokens, monkeypatch, RATES, ttt_phases=1, ttt_prefix_docs=3)
+    clock, stats, lines = simulated_ttt(tokens, monkeypatch, dict(RATES), ttt_phases=1, ttt_prefix_docs=3)
     assert stats["docs_adapted"] == 3 and stats["phases"] == 1 and clock.now <= clock.seconds
     assert any(line.startswith("ttt_stop reason:budget docs_adapted:3 ") for line in lines)
 
@@ -287,7 +291,7 @@ def _two_rank_ttt(rank, init_file, out):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     model, tokens = fresh_model(), stream(LENGTHS)
     clock = tg.EvalClock(1e9, lambda x: x)
-    loss, bpb, stats = tg.evaluate_ttt(model, model, tokens, byte_tables(VOCAB), hp(), rank, 2, clock, RATES,
+    loss, bpb, stats = tg.evaluate_ttt(model, model, tokens, byte_tables(VOCAB), hp(), rank, 2, clock, dict(RATES),
                                        lambda line: None)
     torch.save((loss, bpb, stats), os.path.join(out, f"rank{rank}.pt"))
     dist.destroy_process_group()
