@@ -517,7 +517,7 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fa3) -> 
     return y.transpose(1, 2)
 
 
-GATE_CHANNELS = 12  # the attention gate reads this many input channels: the frontier records' sparse gate (#1787)
+GATE_CHANNELS = 12  # the attention and smear gates read this many input channels: the records' sparse gates (#1787)
 
 
 class Attention(nn.Module):
@@ -630,14 +630,16 @@ class GPT(nn.Module):
         self.recur, self.recur_on = hp.recur_span(), False
         self.lora = None  # test-time adapters of the tied output head (DocumentAdapters)
         self.vocab_size, self.bigram_buckets = hp.vocab_size, hp.bigram_buckets
-        self.bigram_emb = self.bigram_proj = self.smear_gate = None
+        self.bigram_emb = self.bigram_proj = self.smear_gate = self.smear_lambda = None
         if hp.bigram_buckets:
             self.bigram_emb = nn.Embedding(hp.bigram_buckets, hp.bigram_dim)
             nn.init.normal_(self.bigram_emb.weight, std=0.005)
             self.bigram_proj = CastedLinear(hp.bigram_dim, hp.model_dim, hp.qat_bits_mlp, zero_init=True)
         if hp.smear:
-            # sigmoid(-3) ~ 0.05: each position starts with almost nothing of its predecessor.
-            self.smear_gate = nn.Parameter(torch.full((hp.model_dim,), -3.0))
+            # Each token decides from its own first GATE_CHANNELS how much of its predecessor to take in; the
+            # strength lambda starts at zero, so the model starts without it (the records' form since #1667).
+            self.smear_gate = nn.Parameter(torch.zeros(GATE_CHANNELS))
+            self.smear_lambda = nn.Parameter(torch.zeros(1))
         for name, module in self.named_modules():
             if isinstance(module, CastedLinear):
                 module.clip_k = hp.qat_clip_k if hp.clip_mode == "std" else 0.0
@@ -663,11 +665,11 @@ class GPT(nn.Module):
             # Fibonacci hashing of the pair id: the top 32 bits of a multiplicative hash spread well.
             bucket = ((prev * (absent + 1) + input_ids) * 2654435761 & 0xFFFFFFFF) * self.bigram_buckets >> 32
             x = x + self.bigram_proj(self.bigram_emb(bucket))
-        x = F.rms_norm(x, (x.size(-1),))
         if self.smear_gate is not None:
             prev = F.pad(x[:, :-1], (0, 0, 1, 0)).masked_fill(is_bos[..., None], 0.0)
-            x = x + torch.sigmoid(self.smear_gate).to(x.dtype) * prev
-        return x
+            gate = torch.sigmoid(x[..., :GATE_CHANNELS] @ self.smear_gate.to(x.dtype))[..., None]
+            x = x + self.smear_lambda.to(x.dtype) * gate * prev
+        return F.rms_norm(x, (x.size(-1),))
 
     def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
         with torch.autocast(input_ids.device.type, torch.bfloat16, enabled=self.bf16):

@@ -117,6 +117,17 @@ def test_a_bos_position_gets_nothing_from_the_token_before_it(feature):
     assert not torch.allclose(seen[0][0, 9], seen[1][0, 9])
 
 
+def test_the_smear_starts_as_the_identity_and_learns_its_strength():
+    smeared, plain = tg.GPT(small_hp(smear=True)), randomised(tg.GPT(small_hp()))
+    smeared.load_state_dict({**plain.state_dict(), "smear_gate": torch.randn(12), "smear_lambda": torch.zeros(1)})
+    x = torch.randint(2, 97, (2, 12))
+    with torch.no_grad():
+        assert torch.equal(smeared.eval().logits(x), plain.logits(x))
+    smeared.train()
+    smeared(x, x).backward()
+    assert smeared.smear_lambda.grad.abs().item() > 0
+
+
 def test_every_parameter_is_in_exactly_one_optimizer_group_with_every_feature_on():
     model = tg.GPT(small_hp(**ALL_ON, tie_embeddings=False))
     muon, adam = tg.build_optimizers(model, small_hp(**ALL_ON, tie_embeddings=False), 0, 1, fused=False)
@@ -125,7 +136,8 @@ def test_every_parameter_is_in_exactly_one_optimizer_group_with_every_feature_on
     assert sorted(placed) == sorted(id(p) for p in model.parameters())
     embed, scalar = adam.param_groups[0]["params"], adam.param_groups[1]["params"]
     assert any(p is model.bigram_proj.weight for p in groups[0])
-    assert any(p is model.bigram_emb.weight for p in embed) and any(p is model.smear_gate for p in scalar)
+    assert any(p is model.bigram_emb.weight for p in embed) and any(p is model.smear_gate for p in scalar) and \
+        any(p is model.smear_lambda for p in scalar)
 
 
 def test_every_tensor_survives_the_artifact_with_every_feature_on(tmp_path):
@@ -135,7 +147,7 @@ def test_every_tensor_survives_the_artifact_with_every_feature_on(tmp_path):
     blob = tg.encode_artifact(tg.pack(tg.quantize_state(state, hp)), hp.compressor)
     tg.write_artifact(str(tmp_path / "m.pgz"), blob)
     loaded = tg.read_artifact(str(tmp_path / "m.pgz"))
-    assert list(loaded) == list(state) and {"bigram_emb.weight", "bigram_proj.weight", "smear_gate"} <= set(state)
+    assert list(loaded) == list(state) and {"bigram_emb.weight", "bigram_proj.weight", "smear_gate", "smear_lambda"} <= set(state)
     for name, tensor in state.items():
         step = tensor.abs().max() / (2 ** (tg.export_bits(name, tensor, hp) - 1) - 1)
         assert loaded[name].shape == tensor.shape
