@@ -130,6 +130,7 @@ class Hyperparameters:
     qat_clip_k: float = 6.0
     clip_search: bool = True
     gptq: bool = True
+    gptq_act_order: bool = False
     gptq_calib_batches: int = 32
     gptq_reserve_seconds: float = 12.0
     compressor: str = "rans"
@@ -874,14 +875,19 @@ def quantize_rows(w: torch.Tensor, bits: int, clip_mode: str = "max", weight: to
 
 
 def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, bits: int, scale: torch.Tensor,
-                  group: tuple[int, int, torch.Tensor] | None = None) -> torch.Tensor:
+                  group: tuple[int, int, torch.Tensor] | None = None, act_order: bool = False) -> torch.Tensor:
     """GPTQ int8 codes of w on the per-row grid `scale`: columns are rounded in order and each rounding error is
     moved onto the columns not yet rounded through the inverse Hessian, so the output X W^T moves least. `group`
-    (first column, width, per-row scale) is a column group rounded at 8 bits on its own grid, in the same solve."""
+    (first column, width, per-row scale) is a column group rounded at 8 bits on its own grid, in the same solve.
+    `act_order` rounds the loudest inputs (largest Hessian diagonal) first, while the most columns are still free
+    to absorb their error."""
     qmax = 2 ** (bits - 1) - 1
-    w, h = w.float().clone(), hessian.float().clone().to(w.device)
     step = scale.float().to(w.device)
     first, width, group_step = group if group else (0, 0, None)
+    order = (torch.argsort(hessian.diagonal(), descending=True, stable=True) if act_order
+             else torch.arange(w.size(1))).to(w.device)
+    in_group = ((order >= first) & (order < first + width)).tolist()
+    w, h = w.float()[:, order], hessian.float().to(w.device)[order][:, order]
     # An input that was always zero leaves its weights free: zero them, and give H a unit diagonal there.
     dead = h.diagonal() == 0
     h[dead, dead] = 1.0
@@ -894,13 +900,13 @@ def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, bits: int, scale: torc
         b1 = min(b0 + GPTQ_BLOCK, w.size(1))
         errs = torch.zeros(w.size(0), b1 - b0, device=w.device)
         for j in range(b0, b1):
-            s, q = (group_step.float(), 127) if first <= j < first + width else (step, qmax)
+            s, q = (group_step.float(), 127) if in_group[j] else (step, qmax)
             codes[:, j] = (w[:, j] / s).round().clamp(-q, q)
             errs[:, j - b0] = (w[:, j] - codes[:, j] * s) / u[j, j]
             w[:, j:b1] -= errs[:, j - b0, None] * u[None, j, j:b1]
         # Columns past the block take the whole block's errors in one matrix product: the point of blocking.
         w[:, b1:] -= errs @ u[b0:b1, b1:]
-    return codes.to(torch.int8)
+    return codes.to(torch.int8)[:, torch.argsort(order)]
 
 
 @torch.no_grad()
@@ -1003,7 +1009,8 @@ def quantize_tensor(name: str, tensor: torch.Tensor, bits: int, hp: Hyperparamet
         if hp.awq_group and bits < 8 and w.size(1) >= 2 * AWQ_WIDTH:
             group = salient_group(w, hessian, AWQ_WIDTH)
             group_scale = fp16_scale(w[:, group:group + AWQ_WIDTH].abs().amax(dim=1), 127).half()
-        codes = gptq_quantize(w, hessian, bits, scale, (group, AWQ_WIDTH, group_scale) if group >= 0 else None)
+        codes = gptq_quantize(w, hessian, bits, scale, (group, AWQ_WIDTH, group_scale) if group >= 0 else None,
+                              hp.gptq_act_order)
     return QuantTensor(name, list(w.shape), bits, codes=codes.cpu(), scale=scale.cpu(), group=group,
                        group_scale=None if group_scale is None else group_scale.cpu(),
                        cost=(w.square() * weight).cpu())

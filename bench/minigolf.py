@@ -219,6 +219,8 @@ ROWS = {r.name: r for r in (
     row("shape_8x96", "ours with 8 layers", base="ours", **SP8192, NUM_LAYERS=8,
         XSA_LAST_N=8, PARALLEL_START=5, RECUR_LAYERS="3,4"),
     # seq_growth was at the edge of the noise against `plain`; this measures it where the default would change.
+    row("ours_act_order", "ours + GPTQ with act-order (the records' column order)", base="ours", **SP8192,
+        GPTQ_ACT_ORDER=1),
     row("ours_seq_growth", "ours + training context 256 -> 512 at 40% of training", base="ours", **SP8192,
         TRAIN_SEQ_SCHEDULE="256@0,512@0.4"),
 )}

@@ -34,6 +34,25 @@ def test_gptq_moves_the_layer_output_much_less_than_rounding_on_correlated_input
     assert output_error(x, w, gptq, scale) < 0.5 * output_error(x, w, rtn, scale)
 
 
+def test_act_order_rounds_the_loudest_inputs_first_and_moves_the_output_less():
+    x, w = correlated_layer()
+    x = x * torch.linspace(0.2, 3.0, x.size(1))  # inputs of very different loudness, quietest first
+    h = x.T @ x / len(x)
+    _, scale = tg.quantize_rows(w, 4)
+    natural, ordered = (tg.gptq_quantize(w, h, 4, scale, act_order=a) for a in (False, True))
+    assert not torch.equal(natural, ordered)
+    assert output_error(x, w, ordered, scale) < 0.5 * output_error(x, w, natural, scale)
+
+
+def test_act_order_keeps_the_salient_group_on_its_own_grid():
+    x, w = correlated_layer(cols=256)
+    h = x.T @ x / len(x)
+    _, scale = tg.quantize_rows(w, 4)
+    group_scale = tg.fp16_scale(w[:, 64:128].abs().amax(dim=1), 127)
+    codes = tg.gptq_quantize(w, h, 4, scale, (64, 64, group_scale), act_order=True)
+    assert codes[:, 64:128].abs().max() > 7 and codes[:, :64].abs().max() <= 7 and codes[:, 128:].abs().max() <= 7
+
+
 def test_gptq_is_rounding_when_the_inputs_are_uncorrelated():
     _, w = correlated_layer()
     rtn, scale = tg.quantize_rows(w, 6)
