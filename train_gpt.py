@@ -161,6 +161,7 @@ class Hyperparameters:
     ttt_prefix_docs: int = 2500
     ttt_phases: int = 1
     ttt_phase_lr: float = 1e-3
+    ttt_global_chunk_tokens: int = 32768
 
     @classmethod
     def from_env(cls) -> "Hyperparameters":
@@ -247,7 +248,7 @@ class Hyperparameters:
         need(0.0 <= self.ema_decay < 1.0, f"EMA_DECAY must be in [0, 1), got {self.ema_decay}")
         need(0 <= self.eval_stride <= self.eval_seq_len,
              f"EVAL_STRIDE={self.eval_stride} must be in 0..EVAL_SEQ_LEN={self.eval_seq_len} (0 disables sliding)")
-        for name in ("ttt_lora_rank", "ttt_chunk_tokens", "ttt_batch_docs", "eval_seconds"):
+        for name in ("ttt_lora_rank", "ttt_chunk_tokens", "ttt_batch_docs", "ttt_global_chunk_tokens", "eval_seconds"):
             need(getattr(self, name) > 0, f"{name.upper()} must be positive, got {getattr(self, name)}")
         need(not self.ttt or self.ttt_chunk_tokens <= self.eval_seq_len,
              f"TTT_CHUNK_TOKENS={self.ttt_chunk_tokens} must be at most EVAL_SEQ_LEN={self.eval_seq_len}: a chunk is "
@@ -1636,8 +1637,9 @@ class DocumentAdapters:
 def train_on_scored(model: GPT, scorer: nn.Module, tokens: torch.Tensor, starts: np.ndarray, counts: np.ndarray,
                     hp: Hyperparameters, rank: int, world_size: int) -> int:
     """A global TTT phase: one SGD epoch of the base weights on documents that have all been scored already (their
-    tokens and the BOS that ends each), in rows of EVAL_SEQ_LEN split over the ranks, each step's gradient the mean
-    over its rows, the LR decayed along a cosine. Every step has the same shape, the one the warm-up compiled: the
+    tokens and the BOS that ends each), in rows of EVAL_SEQ_LEN split over the ranks, one step per
+    TTT_GLOBAL_CHUNK_TOKENS (the mean gradient of those rows; the records' 32,768: many small steps adapt more than
+    a few large ones), the LR decayed along a cosine. Every step has the same shape, the one the warm-up compiled: the
     last step refills itself from the first rows, and a stream shorter than one row is repeated. Returns the number
     of tokens trained on."""
     stream = torch.cat([tokens[b:b + c + 1] for b, c in zip(starts.tolist(), counts.tolist())])
@@ -1645,7 +1647,7 @@ def train_on_scored(model: GPT, scorer: nn.Module, tokens: torch.Tensor, starts:
     stream = stream.repeat(-(-(seq + 1) // stream.numel()))
     rows = (stream.numel() - 1) // seq
     x, y = stream[:rows * seq].view(rows, seq), stream[1:rows * seq + 1].view(rows, seq)
-    per_step = max(1, hp.val_batch_size // (seq * world_size)) * world_size
+    per_step = max(1, hp.ttt_global_chunk_tokens // (seq * world_size)) * world_size
     steps = -(-rows // per_step)
     params = list(model.parameters())
     model.requires_grad_(True)

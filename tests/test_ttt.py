@@ -19,7 +19,7 @@ def hp(**overrides):
     values = dict(vocab_size=VOCAB, num_layers=2, model_dim=32, num_heads=2, num_kv_heads=1, mlp_mult=2,
                   eval_seq_len=SEQ_LEN, eval_stride=STRIDE, ttt=True, ttt_lora_rank=4, ttt_chunk_tokens=CHUNK,
                   ttt_batch_docs=3, ttt_prefix_docs=4, ttt_phases=2, ttt_lr=0.01, ttt_phase_lr=0.05,
-                  val_batch_size=4 * SEQ_LEN)
+                  val_batch_size=4 * SEQ_LEN, ttt_global_chunk_tokens=4 * SEQ_LEN)
     values.update(overrides)
     return plain_hp(**values)
 
@@ -304,3 +304,17 @@ def test_two_ranks_score_like_one(tokens, tmp_path):
     for rank in (0, 1):
         loss2, bpb2, stats2 = torch.load(tmp_path / f"rank{rank}.pt")
         assert (loss2, bpb2) == pytest.approx((loss, bpb), rel=1e-5) and stats2 == stats
+
+
+@pytest.mark.parametrize("rows_per_step", [1, 4, 10])
+def test_a_global_phase_takes_one_sgd_step_per_chunk_of_scored_tokens(monkeypatch, rows_per_step):
+    tokens = stream([40, 60, 60, 60])
+    starts, counts = tg.document_spans(tokens.numpy())
+    rows = (int((counts + 1).sum()) - 1) // SEQ_LEN  # each document with the BOS that ends it, cut into rows
+    taken = []
+    real_step = torch.optim.SGD.step
+    monkeypatch.setattr(torch.optim.SGD, "step", lambda self, *a, **k: taken.append(1) or real_step(self, *a, **k))
+    model = fresh_model().requires_grad_(True)
+    chunk = rows_per_step * SEQ_LEN
+    trained = tg.train_on_scored(model, model, tokens, starts, counts, hp(ttt_global_chunk_tokens=chunk), 0, 1)
+    assert rows == 7 and len(taken) == -(-rows // rows_per_step) and trained == len(taken) * chunk
