@@ -76,6 +76,7 @@ class Hyperparameters:
     rope_base: float = 10000.0
     logit_softcap: float = 30.0
     logit_softcap_neg: float = 0.0
+    asym_logit: bool = True
     qk_gain_init: float = 5.0
     rope_dims: int = 16  # a quarter of the head (64 at 512 / 8 heads), even; left unset, it follows the head size
     ln_scale: bool = True
@@ -618,6 +619,10 @@ class GPT(nn.Module):
         super().__init__()
         self.bf16 = bf16
         self.softcap, self.softcap_neg = hp.logit_softcap, hp.logit_softcap_neg or hp.logit_softcap
+        # ASYM_LOGIT: the two caps become weights that training leaves where they start (no gradient, so DDP never
+        # waits for one) and the evaluation's global TTT phases adapt to the scored text (the #2135 form).
+        self.softcaps = nn.Parameter(torch.tensor([self.softcap, self.softcap_neg]), requires_grad=False) \
+            if hp.asym_logit else None
         self.tok_emb = nn.Embedding(hp.vocab_size, hp.model_dim)
         nn.init.normal_(self.tok_emb.weight, std=0.005 if hp.tie_embeddings else 1.0)
         self.blocks = nn.ModuleList(Block(hp, i) for i in range(hp.num_layers))
@@ -697,8 +702,8 @@ class GPT(nn.Module):
                 logits = logits + lora_delta(x, *self.lora)
             z = logits.float()
             # LOGIT_SOFTCAP_NEG: its own cap for negative logits (how surely a token is ruled out).
-            cap = self.softcap if self.softcap_neg == self.softcap else torch.where(z > 0, self.softcap,
-                                                                                   self.softcap_neg)
+            pos, neg = self.softcaps.float().unbind() if self.softcaps is not None else (self.softcap, self.softcap_neg)
+            cap = pos if self.softcaps is None and pos == neg else torch.where(z > 0, pos, neg)
             return cap * torch.tanh(z / cap)
 
     def forward(self, input_ids: torch.Tensor, target_ids: torch.Tensor, per_token: bool = False) -> torch.Tensor:

@@ -85,6 +85,21 @@ def test_the_asymmetric_soft_cap_bounds_each_sign_by_its_own_cap():
     assert out.max() <= 3.0 and out.min() >= -1.5 and out.max() > 2.9 and out.min() < -1.45
 
 
+def test_learnable_caps_start_as_the_fixed_ones_and_only_a_global_ttt_phase_moves_them():
+    fixed = randomised(tg.GPT(small_hp(logit_softcap=3.0, logit_softcap_neg=1.5)))
+    learnable = tg.GPT(small_hp(logit_softcap=3.0, logit_softcap_neg=1.5, asym_logit=True))
+    learnable.load_state_dict({**fixed.state_dict(), "softcaps": torch.tensor([3.0, 1.5])})
+    assert torch.equal(logits(learnable.eval(), X), logits(fixed, X))
+    learnable.train()
+    learnable(X, X).backward()  # training: the caps take no gradient
+    assert learnable.softcaps.grad is None and learnable.softcaps.tolist() == [3.0, 1.5]
+    tokens = torch.cat([torch.tensor([tg.BOS_ID]), torch.randint(2, 97, (200,))])
+    starts, counts = tg.document_spans(tokens.numpy())
+    hp = small_hp(logit_softcap=3.0, logit_softcap_neg=1.5, asym_logit=True, eval_seq_len=32, ttt_phase_lr=0.5)
+    tg.train_on_scored(learnable.eval(), learnable, tokens, starts, counts, hp, 0, 1)
+    assert learnable.softcaps.tolist() != [3.0, 1.5] and not learnable.softcaps.requires_grad
+
+
 def test_equal_caps_are_the_symmetric_soft_cap():
     a, b = randomised(tg.GPT(small_hp())), randomised(tg.GPT(small_hp(logit_softcap_neg=30.0)))
     assert torch.equal(logits(a, X), logits(b, X))
