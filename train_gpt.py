@@ -615,7 +615,7 @@ class GPT(nn.Module):
         nn.init.normal_(self.tok_emb.weight, std=0.005 if hp.tie_embeddings else 1.0)
         self.blocks = nn.ModuleList(Block(hp, i) for i in range(hp.num_layers))
         unrolled = hp.block_order()
-        # Skip rows are sized for the unrolled order (its encoder is the longer one); decoder entry k takes row k, so
+        # Skip rows are sized for the unrolled order, whose encoder half is the longer; decoder entry k takes row k, so
         # before recurrence switches on only the first NUM_LAYERS // 2 rows are in use.
         self.skip_weights = nn.Parameter(torch.ones(len(unrolled) // 2, hp.model_dim))
         # SKIP_GATES: a decoder block mixes its input with the weighted skip through a sigmoid gate per dimension

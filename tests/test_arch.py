@@ -69,7 +69,8 @@ def test_recurrence_off_gives_the_plain_model_logits_from_the_first_skip_rows():
     plain = randomised(tg.GPT(small_hp(skip_gates=True)))
     recurrent = randomised(tg.GPT(small_hp(skip_gates=True, recur_layers="1,2,3")), seed=1)
     # The rows the unrolled order adds (5 entries of 11 vs 2 of 5) keep other values: unused while it is off.
-    rows = {k: torch.cat([plain.state_dict()[k], recurrent.state_dict()[k][2:]]) for k in ("skip_weights", "skip_gates")}
+    rows = {k: torch.cat([plain.state_dict()[k], recurrent.state_dict()[k][2:]])
+            for k in ("skip_weights", "skip_gates")}
     assert rows["skip_weights"].shape == (5, 32)
     recurrent.load_state_dict({**plain.state_dict(), **rows})
     x = torch.randint(0, 97, (2, 16))
