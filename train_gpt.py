@@ -83,6 +83,7 @@ class Hyperparameters:
     xsa_last_n: int = 11  # these three: their 11-block values; left unset, they follow NUM_LAYERS (depth_defaults)
     parallel_start: int = 8
     recur_layers: str = "3,4,5"
+    recur_passes: int = 3
     recur_start_frac: float = 0.35
     smear: bool = True
     bigram_buckets: int = 0
@@ -222,6 +223,7 @@ class Hyperparameters:
         need(-1 <= self.parallel_start < self.num_layers,
              f"PARALLEL_START must be -1 (off) or a block index below NUM_LAYERS, got {self.parallel_start}")
         self.recur_span()
+        need(self.recur_passes >= 1, f"RECUR_PASSES must be >= 1 (1 = no repeat), got {self.recur_passes}")
         need(0.0 <= self.recur_start_frac <= 1.0, f"RECUR_START_FRAC must be in [0, 1], got {self.recur_start_frac}")
         need(self.bigram_buckets >= 0, f"BIGRAM_BUCKETS must be >= 0 (0 = off), got {self.bigram_buckets}")
         need(self.bigram_dim > 0, f"BIGRAM_DIM must be positive, got {self.bigram_dim}")
@@ -285,7 +287,7 @@ class Hyperparameters:
         return stages
 
     def recur_span(self) -> range:
-        """RECUR_LAYERS as the range of blocks that run twice; empty when off."""
+        """RECUR_LAYERS as the range of blocks that repeat; empty when off."""
         text = self.recur_layers.replace(" ", "")
         try:
             idx = [int(i) for i in text.split(",")] if text else []
@@ -295,6 +297,11 @@ class Hyperparameters:
             raise UserError(f"RECUR_LAYERS={self.recur_layers!r} must be consecutive block indices below "
                             f"NUM_LAYERS={self.num_layers}, e.g. '3,4,5'")
         return range(idx[0], idx[-1] + 1) if idx else range(0)
+
+    def block_order(self) -> list[int]:
+        """Block indices in the order they run once recurrence is on: the RECUR_LAYERS span RECUR_PASSES times."""
+        span = self.recur_span()
+        return [*range(span.start), *list(span) * self.recur_passes, *range(span.stop, self.num_layers)]
 
     @property
     def train_seconds(self) -> float:
@@ -608,8 +615,9 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
-    """U-Net transformer: the first half of the blocks (encoder) keep their outputs, and the mirrored block
-    of the second half (decoder) adds them back through learned per-dimension skip weights.
+    """U-Net transformer over the order the blocks run in: the first half of that order (encoder) keeps its outputs,
+    and the mirrored entry of the second half (decoder) adds them back through learned per-dimension skip weights.
+    With recurrence on the order is unrolled (RECUR_LAYERS repeated), so the repeat passes make and take skips too.
 
     With `bf16` the forward pass runs under bf16 autocast and the residual stream itself is bf16 (half the bytes
     through every add, norm and skip); parameters stay fp32. A model reloaded from an artifact is built with
@@ -626,15 +634,17 @@ class GPT(nn.Module):
         self.tok_emb = nn.Embedding(hp.vocab_size, hp.model_dim)
         nn.init.normal_(self.tok_emb.weight, std=0.005 if hp.tie_embeddings else 1.0)
         self.blocks = nn.ModuleList(Block(hp, i) for i in range(hp.num_layers))
-        self.num_encoder = hp.num_layers // 2
-        self.num_skips = min(self.num_encoder, hp.num_layers - self.num_encoder)
-        self.skip_weights = nn.Parameter(torch.ones(self.num_skips, hp.model_dim))
+        unrolled = hp.block_order()
+        # Skip rows are sized for the unrolled order, whose encoder half is the longer; decoder entry k takes row k, so
+        # before recurrence switches on only the first NUM_LAYERS // 2 rows are in use.
+        self.skip_weights = nn.Parameter(torch.ones(len(unrolled) // 2, hp.model_dim))
         # SKIP_GATES: a decoder block mixes its input with the weighted skip through a sigmoid gate per dimension
         # (zero-initialised: an even mix) instead of adding it.
-        self.skip_gates = nn.Parameter(torch.zeros(self.num_skips, hp.model_dim)) if hp.skip_gates else None
+        self.skip_gates = nn.Parameter(torch.zeros_like(self.skip_weights)) if hp.skip_gates else None
         self.lm_head = None if hp.tie_embeddings else CastedLinear(hp.model_dim, hp.vocab_size, zero_init=True)
-        # A plain attribute, not a buffer: compiled graphs guard on it, so flipping it re-traces.
-        self.recur, self.recur_on = hp.recur_span(), False
+        # Plain attributes, not buffers: compiled graphs guard on recur_on, so flipping it re-traces.
+        self.orders = (list(range(hp.num_layers)), unrolled)
+        self.recur, self.recur_on = len(unrolled) > hp.num_layers, False
         self.lora = None  # test-time adapters of the tied output head (DocumentAdapters)
         self.vocab_size, self.bigram_buckets = hp.vocab_size, hp.bigram_buckets
         self.bigram_emb = self.bigram_proj = self.smear_gate = self.smear_lambda = None
@@ -682,20 +692,16 @@ class GPT(nn.Module):
         with torch.autocast(input_ids.device.type, torch.bfloat16, enabled=self.bf16):
             x = self.embed(input_ids)
             x = x0 = x.to(torch.bfloat16) if self.bf16 else x
-            skips = []
-            for i, block in enumerate(self.blocks):
-                if i >= self.num_encoder and skips:
-                    skip = self.skip_weights[i - self.num_encoder].to(x.dtype) * skips.pop()
+            order = self.orders[self.recur_on]
+            half, skips = len(order) // 2, []
+            for k, i in enumerate(order):
+                if k >= half and skips:
+                    skip = self.skip_weights[k - half].to(x.dtype) * skips.pop()
                     x = x + skip if self.skip_gates is None else torch.lerp(
-                        skip, x, torch.sigmoid(self.skip_gates[i - self.num_encoder]).to(x.dtype))
-                x = block(x, x0)
-                if i < self.num_encoder:
+                        skip, x, torch.sigmoid(self.skip_gates[k - half]).to(x.dtype))
+                x = self.blocks[i](x, x0)
+                if k < half:
                     skips.append(x)
-                if self.recur_on and i + 1 == self.recur.stop:
-                    # Depth recurrence: the span runs again with the same weights; the U-Net skips stay with
-                    # the first pass.
-                    for j in self.recur:
-                        x = self.blocks[j](x, x0)
             x = F.rms_norm(x, (x.size(-1),))
             logits = self.lm_head(x) if self.lm_head is not None else F.linear(x, self.tok_emb.weight)
             if self.lora is not None:
@@ -2068,7 +2074,7 @@ class Trainer:
 
     def training_states(self) -> list[tuple[int, bool, bool]]:
         """(sequence length, recurrence on, QAT on) of each stretch of training, in order: each is its own graph."""
-        hp, recur = self.hp, bool(self.model.recur)
+        hp, recur = self.hp, self.model.recur
         switches = {start for _, start in self.schedule} | {hp.qat_start_frac, hp.recur_start_frac if recur else 0.0}
         states = []
         for point in sorted(switches):
@@ -2102,7 +2108,7 @@ class Trainer:
         self.model.eval()
         # Scoring graphs: the pre-export score runs at EVAL_SEQ_LEN in the state training ends in (recurrence on when
         # set); validation during training (VAL_LOSS_EVERY) runs at TRAIN_SEQ_LEN in any state.
-        final = (self.hp.eval_seq_len, bool(self.model.recur), states[-1][2])
+        final = (self.hp.eval_seq_len, self.model.recur, states[-1][2])
         shapes = {final} | ({(self.hp.train_seq_len, r, q) for _, r, q in states} if self.hp.val_loss_every else set())
         for seq_len, recur_on, qat_on in sorted(shapes):
             self.set_state(seq_len, recur_on, qat_on)
@@ -2174,11 +2180,13 @@ class Trainer:
             last_ms = elapsed_ms
             last = step == hp.iterations or out_of_time
             # Recurrence is always on by the end: the exported model is scored with it whenever RECUR_LAYERS
-            # is set.
+            # repeats.
             if self.model.recur and not self.model.recur_on and (
                     last or training_progress(step, elapsed_ms, hp) >= hp.recur_start_frac):
                 self.model.recur_on = True
-                log(f"recurrence_enabled step:{step} train_time:{elapsed_ms:.0f}ms")
+                order = self.model.orders[1]
+                log(f"recurrence_enabled step:{step} train_time:{elapsed_ms:.0f}ms "
+                    f"order:{','.join(map(str, order))} encoder:{len(order) // 2}")
             if hp.val_loss_every > 0 and (step % hp.val_loss_every == 0 or last):
                 self.sync()
                 pause_start = time.perf_counter()
@@ -2278,7 +2286,7 @@ def load_artifact_model(hp: Hyperparameters, path: str, device: torch.device, sh
     except RuntimeError as e:
         raise UserError(f"{path} does not fit this configuration ({str(e).splitlines()[0]}); run with the "
                         f"settings that wrote it") from None
-    model.recur_on = bool(model.recur)
+    model.recur_on = model.recur
     return model.eval()
 
 

@@ -65,24 +65,40 @@ def test_parallel_block_adds_attention_and_mlp_of_the_same_normed_input():
         assert torch.allclose(block(x, x0), expected, atol=1e-6)
 
 
-def test_recurrence_off_gives_exactly_the_plain_model_logits():
-    plain = randomised(tg.GPT(small_hp()))
-    recurrent = tg.GPT(small_hp(recur_layers="1,2,3"))
-    recurrent.load_state_dict(plain.state_dict())
+def test_recurrence_off_gives_the_plain_model_logits_from_the_first_skip_rows():
+    plain = randomised(tg.GPT(small_hp(skip_gates=True)))
+    recurrent = randomised(tg.GPT(small_hp(skip_gates=True, recur_layers="1,2,3")), seed=1)
+    # The rows the unrolled order adds (5 entries of 11 vs 2 of 5) keep other values: unused while it is off.
+    rows = {k: torch.cat([plain.state_dict()[k], recurrent.state_dict()[k][2:]])
+            for k in ("skip_weights", "skip_gates")}
+    assert rows["skip_weights"].shape == (5, 32)
+    recurrent.load_state_dict({**plain.state_dict(), **rows})
     x = torch.randint(0, 97, (2, 16))
     with torch.no_grad():
         assert torch.equal(plain.logits(x), recurrent.logits(x))
 
 
-def test_recurrence_on_runs_the_span_twice_and_every_other_block_once():
-    model = randomised(tg.GPT(small_hp(recur_layers="1,2,3")))
+@pytest.mark.parametrize("passes,order", [(3, [0, 1, 2, 3, 1, 2, 3, 1, 2, 3, 4]), (2, [0, 1, 2, 3, 1, 2, 3, 4]),
+                                          (1, [0, 1, 2, 3, 4])])
+def test_recurrence_on_runs_the_span_recur_passes_times_in_all_and_every_other_block_once(passes, order):
+    model = randomised(tg.GPT(small_hp(recur_layers="1,2,3", recur_passes=passes)))
     model.recur_on = True
-    calls = [0] * 5
+    ran = []
     for i, block in enumerate(model.blocks):
-        block.register_forward_hook(lambda m, args, out, i=i: calls.__setitem__(i, calls[i] + 1))
+        block.register_forward_hook(lambda m, args, out, i=i: ran.append(i))
     with torch.no_grad():
         model.logits(torch.randint(0, 97, (1, 8)))
-    assert calls == [1, 2, 2, 2, 1]
+    assert ran == order and model.recur == (passes > 1)
+
+
+def test_one_pass_is_no_recurrence():
+    plain = randomised(tg.GPT(small_hp()))
+    once = tg.GPT(small_hp(recur_layers="1,2,3", recur_passes=1))
+    once.load_state_dict(plain.state_dict())  # same skip rows: the order is not unrolled
+    once.recur_on = True
+    x = torch.randint(0, 97, (2, 16))
+    with torch.no_grad():
+        assert torch.equal(plain.logits(x), once.logits(x))
 
 
 @pytest.mark.slow
@@ -159,11 +175,12 @@ def test_every_tensor_survives_the_artifact_with_every_feature_on(tmp_path):
 
 @pytest.mark.parametrize("field,value", [("rope_dims", 3), ("rope_dims", 10), ("xsa_last_n", 6),
                                          ("parallel_start", 5), ("recur_layers", "1,3"), ("recur_layers", "4,5"),
-                                         ("recur_layers", "a"), ("recur_start_frac", 1.5),
+                                         ("recur_layers", "a"), ("recur_passes", 0), ("recur_start_frac", 1.5),
                                          ("bigram_buckets", -1), ("bigram_dim", 0)])
-def test_invalid_feature_settings_name_the_variable(field, value):
-    with pytest.raises(tg.UserError, match=field.upper()):
+def test_invalid_feature_settings_name_the_variable_in_one_line(field, value):
+    with pytest.raises(tg.UserError, match=field.upper()) as error:
         small_hp(**{field: value}).validate(1)
+    assert "\n" not in str(error.value)
 
 
 @pytest.mark.slow
@@ -173,7 +190,8 @@ def test_training_with_every_feature_on_enables_recurrence_and_scores_the_artifa
                    BIGRAM_BUCKETS=256, BIGRAM_DIM=32)
     result = run_train(tmp_path, env)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
-    assert parse_line(result.stdout, "recurrence_enabled")["step"] == "10"
+    enabled = parse_line(result.stdout, "recurrence_enabled")
+    assert (enabled["step"], enabled["order"], enabled["encoder"]) == ("10", "0,1,2,1,2,1,2,3", "4")
     assert math.isfinite(float(parse_line(result.stdout, "final_submission")["val_bpb"]))
 
 

@@ -21,6 +21,7 @@ def test_defaults_are_the_8xh100_frontier_recipe(monkeypatch):
         (8192, 11, 512, 8, 4, 4.0)
     assert "sp8192" in hp.data_path and "8192" in hp.tokenizer_path
     assert (hp.xsa_last_n, hp.parallel_start, hp.recur_span()) == (11, 8, range(3, 6))
+    assert hp.block_order() == [0, 1, 2, 3, 4, 5, 3, 4, 5, 3, 4, 5, 6, 7, 8, 9, 10]  # the record's 3 passes
     assert (hp.train_seq_len, hp.train_batch_tokens, hp.eval_stride, hp.eval_seq_len) == (2048, 786432, 64, 2048)
     # The #1855 and #2135 runs' forms: warm-down over 85% to a 0.1 floor, scalar decay 0.02, gate scale 0.5.
     assert (hp.warmdown_frac, hp.min_lr_frac, hp.scalar_wd, hp.attn_gate_scale, hp.ortho_init) == \
@@ -60,6 +61,7 @@ def test_an_empty_text_setting_is_off_and_an_empty_number_keeps_its_default(monk
     (dict(NUM_LAYERS="4", RECUR_LAYERS="3,4"), 1, "RECUR_LAYERS"),
     (dict(WARMDOWN_FRAC="1.5"), 1, "WARMDOWN_FRAC"),
     (dict(SCALAR_WD="-0.1"), 1, "SCALAR_WD"),
+    (dict(RECUR_PASSES="0"), 1, "RECUR_PASSES"),
 ])
 def test_invalid_values_name_the_variable(monkeypatch, env, world, names):
     with pytest.raises(tg.UserError, match=names):

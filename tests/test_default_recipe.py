@@ -54,3 +54,9 @@ def test_the_recipe_trains_exports_within_the_limit_and_scores_with_its_evaluati
 def test_the_recipe_learns(recipe_run, tiny_dataset):
     roundtrip = float(parse_line(recipe_run, "final_roundtrip_exact")["val_loss"])
     assert roundtrip < math.log(tiny_dataset.vocab_size) - 1.0  # 20 steps learn well past the uniform guess
+
+
+def test_the_recipe_unrolls_the_records_recurrence_at_its_fraction(recipe_run):
+    # Blocks 3,4,5 three times in all (the #1855 record's form): 17 entries, the first 8 the U-Net encoder.
+    line = parse_line(recipe_run, "recurrence_enabled")
+    assert (line["step"], line["order"], line["encoder"]) == ("7", "0,1,2,3,4,5,3,4,5,3,4,5,6,7,8,9,10", "8")

@@ -99,6 +99,21 @@ def test_hessians_are_the_mean_outer_product_of_each_quantised_layers_input():
     assert not any(m._forward_hooks for m in model.modules()), "collection must remove its hooks"
 
 
+def test_a_repeated_blocks_hessian_sums_the_inputs_of_every_pass():
+    # Its weights act on every pass, so their quantisation error costs in each: the scorer runs with recurrence on.
+    hp = plain_hp(vocab_size=64, num_layers=2, model_dim=32, num_heads=2, num_kv_heads=1, mlp_mult=2, recur_layers="1")
+    torch.manual_seed(0)
+    model = tg.GPT(hp)
+    model.recur_on = True
+    batches = [torch.randint(0, hp.vocab_size, (2, 16)) for _ in range(2)]
+    seen = []
+    model.blocks[1].mlp.fc.register_forward_hook(lambda m, inputs, out: seen.append(inputs[0].flatten(0, 1)))
+    hessians = tg.collect_hessians(model, batches)
+    x = torch.cat(seen)
+    assert len(seen) == hp.recur_passes * len(batches) == 6
+    assert torch.allclose(hessians["blocks.1.mlp.fc.weight"], x.T @ x / 64, rtol=1e-4, atol=1e-7)
+
+
 def heavy_tailed(rows=64, cols=512, seed=0):
     torch.manual_seed(seed)
     return torch.distributions.StudentT(3.0).sample((rows, cols)) * 0.02

@@ -24,23 +24,31 @@ def test_changing_a_future_token_leaves_earlier_logits_unchanged():
     assert not torch.allclose(a[:, 15:], b[:, 15:])
 
 
-@pytest.mark.parametrize("layers,encoder,skips", [(11, 5, 5), (10, 5, 5), (9, 4, 4), (2, 1, 1), (1, 0, 0)])
-def test_unet_splits_blocks_into_encoder_and_decoder_halves(layers, encoder, skips):
-    model = tg.GPT(small_hp(num_layers=layers))
-    assert model.num_encoder == encoder and model.skip_weights.shape == (skips, 32)
+@pytest.mark.parametrize("layers,recur,skips", [(11, "", 5), (10, "", 5), (9, "", 4), (2, "", 1), (1, "", 0),
+                                                 (11, "3,4,5", 8), (1, "0", 1)])
+def test_skip_rows_are_the_encoder_half_of_the_unrolled_block_order(layers, recur, skips):
+    # 11 blocks, 3,4,5 three times: 0,1,2,3,4,5,3,4 | 5,3,4,5,6,7,8,9,10 (17 entries); 1 block, 0 thrice: 0 | 0,0.
+    model = tg.GPT(small_hp(num_layers=layers, recur_layers=recur))
+    assert model.skip_weights.shape == (skips, 32)
 
 
-def test_each_decoder_block_receives_its_mirrored_encoder_output():
-    model = randomised(tg.GPT(small_hp(num_layers=6)))
-    inputs, outputs = {}, {}
+@pytest.mark.parametrize("layers,recur,recur_on,order", [
+    (6, "", False, [0, 1, 2, 3, 4, 5]), (5, "1,2,3", False, [0, 1, 2, 3, 4]),
+    (5, "1,2,3", True, [0, 1, 2, 3, 1, 2, 3, 1, 2, 3, 4])])
+def test_each_decoder_entry_of_the_block_order_receives_its_mirrored_encoder_output(layers, recur, recur_on, order):
+    model = randomised(tg.GPT(small_hp(num_layers=layers, recur_layers=recur)))
+    model.recur_on = recur_on
+    ran, inputs, outputs = [], [], []
     for i, block in enumerate(model.blocks):
-        block.register_forward_pre_hook(lambda m, args, i=i: inputs.__setitem__(i, args[0].clone()))
-        block.register_forward_hook(lambda m, args, out, i=i: outputs.__setitem__(i, out.clone()))
+        block.register_forward_pre_hook(lambda m, args, i=i: ran.append(i) or inputs.append(args[0].clone()))
+        block.register_forward_hook(lambda m, args, out: outputs.append(out.clone()))
     with torch.no_grad():
         model.logits(torch.randint(0, 97, (1, 16)))
-    for j in range(3):  # decoder block 3 + j gets encoder block 2 - j
-        expected = outputs[2 + j] + model.skip_weights[j] * outputs[2 - j]
-        assert torch.allclose(inputs[3 + j], expected, atol=1e-6)
+    half = len(order) // 2
+    assert ran == order
+    for k in range(half, len(order)):  # entry half + j takes entry half - 1 - j's output; an odd order's last, none
+        skip = model.skip_weights[k - half] * outputs[2 * half - 1 - k] if k - half < half else 0
+        assert torch.allclose(inputs[k], outputs[k - 1] + skip, atol=1e-6)
 
 
 def test_gqa_projects_keys_and_values_to_fewer_heads():
