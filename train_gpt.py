@@ -601,6 +601,11 @@ class Block(nn.Module):
         # Row 0 weighs the running residual, row 1 the embedding x0: each block picks how much raw token
         # identity to pull back in.
         self.resid_mix = nn.Parameter(torch.stack((torch.ones(dim), torch.zeros(dim))))
+        if self.parallel:
+            # Two-lane blocks (the records' form since #1855): how much of each lane carries on, and how much of the
+            # attention (row 0) and MLP (row 1) output goes into lane 0 and lane 1.
+            self.lane_resid = nn.Parameter(torch.full((2,), 1.1))
+            self.lane_post = nn.Parameter(torch.ones(2, 2))
 
     def norm(self, x: torch.Tensor) -> torch.Tensor:
         return F.rms_norm(x, (x.size(-1),)) * self.norm_scale
@@ -608,10 +613,17 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
         mix = self.resid_mix.to(x.dtype)
         x = mix[0] * x + mix[1] * x0
-        n = self.norm(x)
-        out = x + self.attn_scale.to(x.dtype) * self.attn(n)
-        # A parallel block feeds the MLP the same normed input as attention: two lanes added at once.
-        return out + self.mlp_scale.to(x.dtype) * self.mlp(n if self.parallel else self.norm(out))
+        out = x + self.attn_scale.to(x.dtype) * self.attn(self.norm(x))
+        return out + self.mlp_scale.to(x.dtype) * self.mlp(self.norm(out))
+
+    def lanes(self, x: torch.Tensor, lane: torch.Tensor, x0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A parallel block: attention reads lane 0 (mixed with x0), the MLP reads lane 1, side by side, and both
+        outputs go into both lanes."""
+        mix, resid, post = self.resid_mix.to(x.dtype), self.lane_resid.to(x.dtype), self.lane_post.to(x.dtype)
+        attn = self.attn_scale.to(x.dtype) * self.attn(self.norm(mix[0] * x + mix[1] * x0))
+        mlp = self.mlp_scale.to(x.dtype) * self.mlp(self.norm(lane))
+        return (resid[0] * x + post[0, 0] * attn + post[1, 0] * mlp,
+                resid[1] * lane + post[0, 1] * attn + post[1, 1] * mlp)
 
 
 class GPT(nn.Module):
@@ -693,15 +705,23 @@ class GPT(nn.Module):
             x = self.embed(input_ids)
             x = x0 = x.to(torch.bfloat16) if self.bf16 else x
             order = self.orders[self.recur_on]
-            half, skips = len(order) // 2, []
+            half, skips, lane = len(order) // 2, [], None
             for k, i in enumerate(order):
-                if k >= half and skips:
+                if k >= half and skips:  # into lane 0 while there are two
                     skip = self.skip_weights[k - half].to(x.dtype) * skips.pop()
                     x = x + skip if self.skip_gates is None else torch.lerp(
                         skip, x, torch.sigmoid(self.skip_gates[k - half]).to(x.dtype))
-                x = self.blocks[i](x, x0)
+                block = self.blocks[i]
+                # The first parallel block opens a second lane from the residual; a plain block (only where the
+                # recurrence span reaches past PARALLEL_START), and the end, merge the two by their mean.
+                if block.parallel:
+                    x, lane = block.lanes(x, x if lane is None else lane, x0)
+                else:
+                    x, lane = (x if lane is None else 0.5 * (x + lane)), None
+                    x = block(x, x0)
                 if k < half:
                     skips.append(x)
+            x = x if lane is None else 0.5 * (x + lane)
             x = F.rms_norm(x, (x.size(-1),))
             logits = self.lm_head(x) if self.lm_head is not None else F.linear(x, self.tok_emb.weight)
             if self.lora is not None:

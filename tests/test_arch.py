@@ -53,16 +53,31 @@ def test_xsa_output_is_orthogonal_to_each_position_own_value_vector():
     assert attn.xsa and relative.max() < 1e-4
 
 
-def test_parallel_block_adds_attention_and_mlp_of_the_same_normed_input():
+def test_a_parallel_block_feeds_attention_lane_0_and_the_mlp_lane_1_and_both_outputs_into_both_lanes():
     model = randomised(tg.GPT(small_hp(parallel_start=3, ln_scale=True)))
     block = model.blocks[4]
-    x, x0 = torch.randn(2, 10, 32), torch.randn(2, 10, 32)
+    x, lane, x0 = torch.randn(2, 10, 32), torch.randn(2, 10, 32), torch.randn(2, 10, 32)
     with torch.no_grad():
         mixed = block.resid_mix[0] * x + block.resid_mix[1] * x0
-        n = F.rms_norm(mixed, (32,)) / math.sqrt(5)  # LN_SCALE: 1/sqrt(layer index + 1)
-        expected = mixed + block.attn_scale * block.attn(n) + block.mlp_scale * block.mlp(n)
-        assert block.parallel and not model.blocks[2].parallel
-        assert torch.allclose(block(x, x0), expected, atol=1e-6)
+        attn = block.attn_scale * block.attn(F.rms_norm(mixed, (32,)) / math.sqrt(5))  # LN_SCALE: 1/sqrt(4 + 1)
+        mlp = block.mlp_scale * block.mlp(F.rms_norm(lane, (32,)) / math.sqrt(5))
+        r, p = block.lane_resid, block.lane_post
+        lane0, lane1 = block.lanes(x, lane, x0)
+    assert block.parallel and not model.blocks[2].parallel and not hasattr(model.blocks[2], "lane_post")
+    assert torch.allclose(lane0, r[0] * x + p[0, 0] * attn + p[1, 0] * mlp, atol=1e-5)
+    assert torch.allclose(lane1, r[1] * lane + p[0, 1] * attn + p[1, 1] * mlp, atol=1e-5)
+
+
+def test_two_lanes_start_as_the_records_lambdas_and_the_head_reads_their_mean():
+    fresh = tg.GPT(small_hp(parallel_start=4)).blocks[4]
+    assert fresh.lane_resid.tolist() == pytest.approx([1.1, 1.1]) and torch.equal(fresh.lane_post, torch.ones(2, 2))
+    model, captured = randomised(tg.GPT(small_hp(parallel_start=4))), {}
+    real = model.blocks[4].lanes  # the last block is the only parallel one
+    model.blocks[4].lanes = lambda *args: captured.setdefault("lanes", real(*args))
+    with torch.no_grad():
+        out = model.logits(torch.randint(0, 97, (2, 12)))
+        hidden = F.rms_norm(0.5 * (captured["lanes"][0] + captured["lanes"][1]), (32,))
+        assert torch.allclose(out, 30 * torch.tanh(F.linear(hidden, model.tok_emb.weight) / 30), atol=1e-4)
 
 
 def test_recurrence_off_gives_the_plain_model_logits_from_the_first_skip_rows():
