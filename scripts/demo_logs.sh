@@ -14,7 +14,7 @@ TINY="DATA_PATH=data/demo TOKENIZER_PATH=data/demo/tokenizer.model VOCAB_SIZE=10
   NUM_KV_HEADS=2 TRAIN_SEQ_LEN=128 TRAIN_BATCH_TOKENS=4096 VAL_BATCH_SIZE=65536 COMPILE=0 TTT_LORA_RANK=8 EVAL_SECONDS=120"
 echo "two ranks $(date -u +%T)"
 # shellcheck disable=SC2086  # TINY is a list of assignments, split on purpose
-env $TINY RUN_ID=two_rank_cpu NUM_LAYERS=4 XSA_LAST_N=4 PARALLEL_START=2 RECUR_LAYERS=1,2 ITERATIONS=40 WARMUP_STEPS=3 \
+env $TINY RUN_ID=two_rank_cpu NUM_LAYERS=4 XSA_LAST_N=4 PARALLEL_START=3 RECUR_LAYERS=1,2 ITERATIONS=40 WARMUP_STEPS=3 \
   WARMDOWN_FRAC=0.375 MUON_MOMENTUM_WARMUP_STEPS=10 OMP_NUM_THREADS=1 \
   python3 -m torch.distributed.run --standalone --nproc_per_node=2 train_gpt.py > "$out/two_rank.out" 2>&1
 tail -n 1 logs/two_rank_cpu.txt
