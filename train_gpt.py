@@ -9,7 +9,6 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import dataclasses
-import fcntl
 import glob
 import hashlib
 import io
@@ -1848,7 +1847,13 @@ class Logger:
 def claim_run(hp: Hyperparameters):
     """Hold the run's name while it runs: a second run with the same RUN_ID, started meanwhile, would overwrite its
     artifact and mix its log. An flock dies with its process, so a crash never leaves the name held; the lock files
-    go when the run ends, and a run that finds its lock file removed under it (the last holder leaving) takes anew."""
+    go when the run ends, and a run that finds its lock file removed under it (the last holder leaving) takes anew.
+    Yields whether it holds the name: without flock (Windows) a run goes on unguarded."""
+    try:
+        import fcntl
+    except ImportError:
+        yield False
+        return
     held = []
     try:
         for folder in {os.path.realpath(f) for f in ("logs", hp.artifact_dir)}:
@@ -1866,7 +1871,7 @@ def claim_run(hp: Hyperparameters):
                         held.append(f)
                         continue
                 f.close()
-        yield
+        yield True
     finally:
         for f in held:
             with contextlib.suppress(OSError):
@@ -2436,8 +2441,10 @@ def main() -> None:
         hp.validate(int(os.environ.get("WORLD_SIZE", 1)))
         check_writable(hp.artifact_dir)
         check_compiler(hp)
-        with claim_run(hp) if lead else contextlib.nullcontext():
+        with claim_run(hp) if lead else contextlib.nullcontext(True) as claimed:
             log = Logger(hp.run_id, lead)
+            if not claimed:
+                log("run_lock held:0 reason:no_fcntl")
             rank, world_size, device = setup_distributed()
             log_setup(hp, log, world_size, device)
             run(hp, rank, world_size, device, log)
