@@ -236,6 +236,11 @@ def dataset_label(runs):
     return "; ".join(labels)
 
 
+def on_8xh100(hardware):
+    """Whether a hardware_label is the challenge's machine, the only one its 600 s limits are set on."""
+    return bool(re.fullmatch(r"8x .*H100.*", hardware))
+
+
 def hardware_label(runs):
     out = []
     for r in runs:

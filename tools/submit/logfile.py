@@ -50,6 +50,14 @@ def kv(tokens):
     return out
 
 
+# One-shot log events and the Run attribute that keeps their key:value fields (None
+# while the log has no such line).
+EVENT_FIELDS = {"stopping_early": "stopping_early", "train_done": "train_done", "pre_export_exact": "pre_export",
+                "artifact": "artifact", "final_roundtrip_exact": "roundtrip", "final_sliding_exact": "sliding",
+                "final_ttt_exact": "ttt", "compliance": "compliance", "final_submission": "final",
+                "val_data": "val_data"}
+
+
 class Run:
     """Everything one log says about one run."""
 
@@ -69,18 +77,10 @@ class Run:
         self.total_steps = None
         self.last_step = None
         self.step_avg_ms = None
-        self.stopping_early = None
-        self.train_done = None
-        self.pre_export = None
-        self.artifact = None
-        self.roundtrip = None
-        self.sliding = None
-        self.ttt = None
-        self.compliance = None
-        self.val_data = None
+        for attr in EVENT_FIELDS.values():
+            setattr(self, attr, None)
         self.exact_lines = []       # (event, fields) of every *_exact line, in order
         self.final_exact = None     # (event, fields) of the last final_*_exact line before final_submission
-        self.final = None
         self.error = None
         self.checks = {}            # name -> (True/False/None, detail)
         self.counted = False
@@ -105,39 +105,38 @@ class Run:
             return int_or_none(self.train_done["step"].split("/")[0])
         return self.last_step
 
-    def _get(self, section, key, conv=num):
+    def field(self, section, key, conv=num):
+        """`key` of the one-shot event line kept in attribute `section`, through `conv`; None where it is absent."""
         sec = getattr(self, section)
         return conv(sec.get(key)) if sec and key in sec else None
 
+    def _first_field(self, *places, conv=num):
+        """The first (section, key) of `places` that the log has."""
+        return next((v for v in (self.field(s, k, conv) for s, k in places) if v is not None), None)
+
     @property
     def train_time_ms(self):
-        v = self._get("final", "train_time_ms")
-        if v is None:
-            v = self._get("train_done", "train_time")
-        return v
+        return self._first_field(("final", "train_time_ms"), ("train_done", "train_time"))
 
     @property
     def eval_time_ms(self):
-        v = self._get("final", "eval_time_ms")
+        v = self.field("final", "eval_time_ms")
         if v is None:
-            parts = [self._get(s, "eval_time_ms") for s in ("roundtrip", "sliding", "ttt")]
+            parts = [self.field(s, "eval_time_ms") for s in ("roundtrip", "sliding", "ttt")]
             parts = [p for p in parts if p is not None]
             v = max(parts) if parts else None  # each line's eval_time_ms counts from the start of the final eval
         return v
 
     def bytes_field(self, key):
-        v = self._get("final", key, int_or_none)
-        if v is None:
-            v = self._get("artifact", key, int_or_none)
-        return v
+        return self._first_field(("final", key), ("artifact", key), conv=int_or_none)
 
     @property
     def val_loss(self):
-        return self._get("final", "val_loss")
+        return self.field("final", "val_loss")
 
     @property
     def val_bpb(self):
-        return self._get("final", "val_bpb")
+        return self.field("final", "val_bpb")
 
     @property
     def complete(self):
@@ -149,13 +148,6 @@ class Run:
             if k in self.env:
                 cfg["env." + k] = self.env[k]
         return cfg
-
-
-# One-shot log events and the Run attribute that keeps their key:value fields.
-EVENT_FIELDS = {"stopping_early": "stopping_early", "train_done": "train_done", "pre_export_exact": "pre_export",
-                "artifact": "artifact", "final_roundtrip_exact": "roundtrip", "final_sliding_exact": "sliding",
-                "final_ttt_exact": "ttt", "compliance": "compliance", "final_submission": "final",
-                "val_data": "val_data"}
 
 
 def _is_final_exact(event):

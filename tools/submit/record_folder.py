@@ -11,7 +11,7 @@ import shutil
 import tempfile
 
 from . import UsageError
-from .checks import TIMED_TRACK
+from .checks import TIMED_TRACK, on_8xh100
 from .logfile import VARYING_HPARAMS, int_or_none, num
 from .report import fmt
 from .stats import ALPHA, MARGIN_NATS, mean_std
@@ -167,7 +167,7 @@ def record_readme(runs, st, sub, code, track, defaults, hardware, dataset):
         else:
             out.append("- **%s time**: at most %.3f s (`final_submission` %s); %s has no time limit."
                        % (label, worst, attr, track))
-    if not re.fullmatch(r"8x .*H100.*", hardware):
+    if not on_8xh100(hardware):
         out.append("- **Hardware**: %s. The 600 s limits are set on 8xH100; these times were measured on %s."
                    % (hardware, hardware))
     vd = runs[0].val_data
@@ -235,6 +235,12 @@ def folder_in_use(path):
     return os.path.lexists(path) and (not os.path.isdir(path) or bool(os.listdir(path)))
 
 
+def refuse_taken_folder(target, overwrite):
+    """Checked when the folder is planned and again just before it is replaced."""
+    if folder_in_use(target) and not overwrite:
+        raise UsageError("record folder %s already exists and is not empty (--overwrite replaces it)" % target)
+
+
 def write_record_folder(target, files, overwrite):
     """Write {file name: bytes or source path} into the folder `target`, all or nothing.
 
@@ -259,10 +265,8 @@ def write_record_folder(target, files, overwrite):
                     f.write(content)
             else:
                 shutil.copyfile(content, dst)
+        refuse_taken_folder(target, overwrite)
         if folder_in_use(target):
-            if not overwrite:
-                raise UsageError("record folder %s already exists and is not empty (--overwrite replaces it)"
-                                 % target)
             old = tmp + ".old"
             os.rename(target, old)
         elif os.path.isdir(target):
