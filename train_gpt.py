@@ -1194,19 +1194,24 @@ def code_tables(header: dict, row_classes: list[np.ndarray]) -> tuple[np.ndarray
     return tid, tables
 
 
+def modelled_codes(payload: bytes) -> tuple:
+    """Header, codes (each matrix shifted by its matrix_model), models, code_tables: what rans_encode codes."""
+    header = payload_header(payload)
+    codes, models = np.frombuffer(payload, np.int8, header["codes"], 4).copy(), []
+    for offset, shape in matrices(header):
+        m = codes[offset:offset + math.prod(shape)].reshape(shape)
+        models.append(matrix_model(m))
+        m -= models[-1][0]  # int8 arithmetic wraps, so any shift is lossless
+    return header, codes, models, *code_tables(header, [rows for _, rows in models])
+
+
 def rans_encode(payload: bytes) -> bytes:
     """The codes through an interleaved order-0 rANS coder, each matrix shifted and its rows classed by
     matrix_model, a table per code_tables class; the side data, the tables and the rest of the payload (fp16 data,
     header) through lzma. Lane j codes positions j, j + lanes, ..., so each step codes one contiguous row of
     symbols for all lanes at once, as numpy operations."""
-    header = payload_header(payload)
-    n, codes = header["codes"], np.frombuffer(payload, np.int8, header["codes"], 4).copy()
-    models = []
-    for offset, shape in matrices(header):
-        m = codes[offset:offset + math.prod(shape)].reshape(shape)
-        models.append(matrix_model(m))
-        m -= models[-1][0]  # int8 arithmetic wraps, so any shift is lossless
-    tid, tables = code_tables(header, [rows for _, rows in models])
+    header, codes, models, tid, tables = modelled_codes(payload)
+    n = header["codes"]
     lanes = min(4096, max(1, n >> 12))  # more lanes: fewer numpy steps, 4 more bytes of final state each
     sym = codes.view(np.uint8) ^ 128
     counts = np.bincount(tid.astype(np.int64) * 256 + sym, minlength=256 * tables).reshape(tables, 256)
