@@ -154,6 +154,25 @@ def _not_a_record(all_pass, st, on_8xh100, track):
     return why
 
 
+def _write_json(runs, st, args, code, existing, all_pass, say):
+    """--write: submission.json, unless a run fails (without --force) or none is complete."""
+    if not all_pass and not args.force:
+        say("submission.json NOT written to %s: some run fails a check (--force writes it "
+            "anyway, marked compliant: false)" % args.write)
+        return
+    if st["n"] == 0:
+        say("submission.json NOT written: no complete run")
+        return
+    sub = build_submission(runs, st, args, code, existing)
+    with open(args.write, "w", encoding="utf-8") as f:
+        json.dump(sub, f, indent=2)
+        f.write("\n")
+    say("submission.json written: %s" % args.write)
+    empty = [k for k in ("author", "github_id", "name", "blurb") if not sub.get(k)]
+    if empty:
+        say("note: fill in %s (flags --%s)" % (", ".join(empty), ", --".join(e.replace("_", "-") for e in empty)))
+
+
 def _record_folder(runs, st, args, code, existing, target, date_source, all_pass, hw, not_record, say):
     """Write the record folder (passing runs only) and say what was written."""
     if not all_pass:
@@ -257,21 +276,7 @@ def main(argv=None, stdout=None):
         plot_runs(runs, args.plot, plt)
         say("plot written: %s" % args.plot)
     if args.write:
-        if not all_pass and not args.force:
-            say("submission.json NOT written to %s: some run fails a check (--force writes it "
-                "anyway, marked compliant: false)" % args.write)
-        elif st["n"] == 0:
-            say("submission.json NOT written: no complete run")
-        else:
-            sub = build_submission(runs, st, args, code, existing)
-            with open(args.write, "w", encoding="utf-8") as f:
-                json.dump(sub, f, indent=2)
-                f.write("\n")
-            say("submission.json written: %s" % args.write)
-            empty = [k for k in ("author", "github_id", "name", "blurb") if not sub.get(k)]
-            if empty:
-                say("note: fill in %s (flags --%s)" % (", ".join(empty),
-                                                       ", --".join(e.replace("_", "-") for e in empty)))
+        _write_json(runs, st, args, code, existing, all_pass, say)
     if target is not None:
         _record_folder(runs, st, args, code, existing, target, date_source, all_pass, hw, not_record, say)
     if not all_pass:
