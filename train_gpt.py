@@ -9,7 +9,6 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import dataclasses
-import fcntl
 import glob
 import hashlib
 import io
@@ -1248,19 +1247,24 @@ def code_tables(header: dict, row_classes: list[np.ndarray]) -> tuple[np.ndarray
     return tid, tables
 
 
+def modelled_codes(payload: bytes) -> tuple:
+    """Header, codes (each matrix shifted by its matrix_model), models, code_tables: what rans_encode codes."""
+    header = payload_header(payload)
+    codes, models = np.frombuffer(payload, np.int8, header["codes"], 4).copy(), []
+    for offset, shape in matrices(header):
+        m = codes[offset:offset + math.prod(shape)].reshape(shape)
+        models.append(matrix_model(m))
+        m -= models[-1][0]  # int8 arithmetic wraps, so any shift is lossless
+    return header, codes, models, *code_tables(header, [rows for _, rows in models])
+
+
 def rans_encode(payload: bytes) -> bytes:
     """The codes through an interleaved order-0 rANS coder, each matrix shifted and its rows classed by
     matrix_model, a table per code_tables class; the side data, the tables and the rest of the payload (fp16 data,
     header) through lzma. Lane j codes positions j, j + lanes, ..., so each step codes one contiguous row of
     symbols for all lanes at once, as numpy operations."""
-    header = payload_header(payload)
-    n, codes = header["codes"], np.frombuffer(payload, np.int8, header["codes"], 4).copy()
-    models = []
-    for offset, shape in matrices(header):
-        m = codes[offset:offset + math.prod(shape)].reshape(shape)
-        models.append(matrix_model(m))
-        m -= models[-1][0]  # int8 arithmetic wraps, so any shift is lossless
-    tid, tables = code_tables(header, [rows for _, rows in models])
+    header, codes, models, tid, tables = modelled_codes(payload)
+    n = header["codes"]
     lanes = min(4096, max(1, n >> 12))  # more lanes: fewer numpy steps, 4 more bytes of final state each
     sym = codes.view(np.uint8) ^ 128
     counts = np.bincount(tid.astype(np.int64) * 256 + sym, minlength=256 * tables).reshape(tables, 256)
@@ -1477,9 +1481,9 @@ def read_artifact(path: str, sha256: str = "") -> dict[str, torch.Tensor]:
             blob = f.read()
     except OSError as e:
         raise UserError(f"cannot read the artifact {path}: {e.strerror}") from None
-    if sha256 and hashlib.sha256(blob).hexdigest() != sha256:
-        raise UserError(f"{path} is not the artifact this run wrote ({len(blob)} bytes, sha256 "
-                        f"{hashlib.sha256(blob).hexdigest()[:16]}, not {sha256[:16]}): another process replaced it")
+    if sha256 and (found := hashlib.sha256(blob).hexdigest()) != sha256:
+        raise UserError(f"{path} is not the artifact this run wrote ({len(blob)} bytes, sha256 {found[:16]}, not "
+                        f"{sha256[:16]}): another process replaced it")
     methods = {method_id: decompress for method_id, _, decompress in COMPRESSORS.values()}
     if blob[:4] != ARTIFACT_MAGIC or len(blob) < 13 or blob[12] not in methods:
         raise UserError(f"{path} is not a Parameter Golf artifact (bad magic or header); refusing to load it")
@@ -1902,7 +1906,13 @@ class Logger:
 def claim_run(hp: Hyperparameters):
     """Hold the run's name while it runs: a second run with the same RUN_ID, started meanwhile, would overwrite its
     artifact and mix its log. An flock dies with its process, so a crash never leaves the name held; the lock files
-    go when the run ends, and a run that finds its lock file removed under it (the last holder leaving) takes anew."""
+    go when the run ends, and a run that finds its lock file removed under it (the last holder leaving) takes anew.
+    Yields whether it holds the name: without flock (Windows) a run goes on unguarded."""
+    try:
+        import fcntl
+    except ImportError:
+        yield False
+        return
     held = []
     try:
         for folder in {os.path.realpath(f) for f in ("logs", hp.artifact_dir)}:
@@ -1920,7 +1930,7 @@ def claim_run(hp: Hyperparameters):
                         held.append(f)
                         continue
                 f.close()
-        yield
+        yield True
     finally:
         for f in held:
             with contextlib.suppress(OSError):
@@ -2454,13 +2464,12 @@ SIZE_LIMIT = 16_000_000
 TIME_LIMIT_S = 600
 
 
-def compliance_line(bytes_total: int, train_ms: float, eval_ms: float, eval_budget_s: float, mode: str,
+def compliance_line(bytes_total: int, train_ms: float, eval_ms: float, eval_limit: float, mode: str,
                     val_tokens: torch.Tensor) -> str:
     """The challenge's limits next to what this run used, and a fingerprint of exactly which tokens were scored. The
-    evaluation is held to its own budget, EVAL_SECONDS, where that is below the challenge's limit."""
+    evaluation is held to `eval_limit`: EVAL_SECONDS where that is below the challenge's limit."""
     digest = hashlib.sha256(val_tokens.cpu().numpy().astype("<u2").tobytes()).hexdigest()[:16]
     ok = lambda used, limit: int(used <= limit)  # noqa: E731
-    eval_limit = min(eval_budget_s, TIME_LIMIT_S)
     return (f"compliance bytes_total:{bytes_total} bytes_limit:{SIZE_LIMIT} bytes_ok:{ok(bytes_total, SIZE_LIMIT)} "
             f"train_s:{train_ms / 1000:.1f} train_ok:{ok(train_ms / 1000, TIME_LIMIT_S)} "
             f"eval_s:{eval_ms / 1000:.1f} eval_budget_s:{eval_limit:g} eval_ok:{ok(eval_ms / 1000, eval_limit)} "
@@ -2492,8 +2501,10 @@ def main() -> None:
         hp.validate(int(os.environ.get("WORLD_SIZE", 1)))
         check_writable(hp.artifact_dir)
         check_compiler(hp)
-        with claim_run(hp) if lead else contextlib.nullcontext():
+        with claim_run(hp) if lead else contextlib.nullcontext(True) as claimed:
             log = Logger(hp.run_id, lead)
+            if not claimed:
+                log("run_lock held:0 reason:no_fcntl")
             rank, world_size, device = setup_distributed()
             log_setup(hp, log, world_size, device)
             run(hp, rank, world_size, device, log)
@@ -2548,11 +2559,11 @@ def run(hp: Hyperparameters, rank: int, world_size: int, device: torch.device, l
                         f"(TTT_LR, TTT_PHASE_LR too high?); the artifact {path} is intact")
     breaks = sum(torch._dynamo.utils.counters["graph_break"].values())
     log(f"compile graphs:{compiled_graphs()} graph_breaks:{breaks}")
-    log(compliance_line(sizes["bytes_total"], train_ms, eval_ms, hp.eval_seconds, mode, val_tokens))
+    budget = min(hp.eval_seconds, TIME_LIMIT_S)
+    log(compliance_line(sizes["bytes_total"], train_ms, eval_ms, budget, mode, val_tokens))
     log(f"final_submission val_loss:{score['val_loss']:.8f} val_bpb:{score['val_bpb']:.8f} "
         f"bytes_total:{sizes['bytes_total']} bytes_model:{sizes['bytes_model']} "
         f"bytes_code:{sizes['bytes_code']} train_time_ms:{train_ms:.0f} eval_time_ms:{eval_ms:.0f}")
-    budget = min(hp.eval_seconds, TIME_LIMIT_S)
     if eval_ms / 1000 > budget:
         raise UserError(f"the evaluation took {eval_ms / 1000:.1f} s, over its {budget:g} s budget (EVAL_SECONDS; "
                         f"scoring every target alone did not fit): the score above does not meet the evaluation limit")

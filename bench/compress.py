@@ -29,7 +29,6 @@ and per AWQ group: train_gpt.matrix_model, code_tables).
 import argparse
 import ast
 import json
-import lzma
 import math
 import os
 import subprocess
@@ -57,8 +56,7 @@ def read_payload(path: str) -> bytes:
 
 def parse(payload: bytes) -> dict:
     """The payload's codes, the bytes after them (fp16 data, table) and, per quantised tensor, its code slices."""
-    end = len(payload) - 4 - int.from_bytes(payload[-4:], "little")
-    header = json.loads(payload[end:-4])
+    header = tg.payload_header(payload)
     codes = np.frombuffer(payload, np.int8, header["codes"], 4)
     matrices = []  # (name, role, (offset, rows, cols)) for every code block: matrices and LQER factors
     for e in header["tensors"]:
@@ -72,23 +70,10 @@ def parse(payload: bytes) -> dict:
     return dict(codes=codes, rest=payload[4 + header["codes"]:], header=header, matrices=matrices)
 
 
-def entropy_bytes(x: np.ndarray) -> float:
-    counts = np.bincount(x.astype(np.int64) + 128, minlength=256)
-    p = counts[counts > 0] / x.size
-    return float(-(p * np.log2(p)).sum() * x.size / 8)
-
-
 def rans_class_entropy(payload: bytes) -> float:
     """The order-0 entropy that rans codes against: codes shifted per column, one table per class (matrix_model,
     code_tables), summed over the classes."""
-    header = tg.payload_header(payload)
-    codes, rows = np.frombuffer(payload, np.int8, header["codes"], 4).copy(), []
-    for offset, shape in tg.matrices(header):
-        m = codes[offset:offset + math.prod(shape)].reshape(shape)
-        shift, classes = tg.matrix_model(m)
-        m -= shift
-        rows.append(classes)
-    tid, tables = tg.code_tables(header, rows)
+    _, codes, _, tid, tables = tg.modelled_codes(payload)
     counts = np.bincount(tid.astype(np.int64) * 256 + codes.view(np.uint8), minlength=256 * tables).reshape(tables, -1)
     p = counts / np.maximum(1, counts.sum(1, keepdims=True))
     return float(-(counts * np.log2(np.where(counts > 0, p, 1))).sum() / 8)
@@ -102,18 +87,9 @@ def zpaq_module():
     return zpaq
 
 
-def brotli_module():
-    import brotli
-    return brotli
-
-
-BACKENDS = {
-    "zstd": (tg.COMPRESSORS["zstd"][1], lambda b, n: tg.COMPRESSORS["zstd"][2](b, n)),
-    "lzma": (lambda b: lzma.compress(b, preset=9 | lzma.PRESET_EXTREME), lambda b, n: lzma.decompress(b)),
-    "brotli": (lambda b: brotli_module().compress(b, quality=11, lgwin=24), lambda b, n: brotli_module().decompress(b)),
-    "zpaq": (lambda b: zpaq_module().compress(b, level=5, threads=1), lambda b, n: zpaq_module().decompress(b)),
-    "rans": (tg.rans_encode, tg.rans_decode),  # the export's default: needs the whole payload, not a back end
-}
+# The export's own compressors (rans needs the whole payload, not a back end) and ZPAQ at every level.
+BACKENDS = {name: tg.COMPRESSORS[name][1:] for name in ("zstd", "lzma", "brotli", "rans")}
+BACKENDS["zpaq"] = (lambda b: zpaq_module().compress(b, level=5, threads=1), lambda b, n: zpaq_module().decompress(b))
 for _level in (1, 2, 3, 4):
     BACKENDS[f"zpaq{_level}"] = (lambda b, lv=_level: zpaq_module().compress(b, level=lv, threads=1),
                                  lambda b, n: zpaq_module().decompress(b))
@@ -294,7 +270,7 @@ def main() -> None:
         payload = read_payload(path)
         p = dict(parse(payload), payload=payload)
         weights = sum(rows * cols for *_, (_, rows, cols) in p["matrices"])
-        h0 = sum(entropy_bytes(p["codes"][o:o + r * c]) for *_, (o, r, c) in p["matrices"])
+        h0 = sum(tg.order0_bytes(p["codes"][o:o + r * c]) for *_, (o, r, c) in p["matrices"])
         h0_classes = rans_class_entropy(payload)
         rest_lzma = len(BACKENDS["lzma"][0](p["rest"]))
         ref = h0 + rest_lzma

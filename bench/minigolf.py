@@ -297,19 +297,24 @@ def tokenizer(shared: Path, variant: str) -> Path:
     return shared / "tokenizers" / f"fineweb_{VOCABS[variant]}_bpe.model"
 
 
+def run_prepare(shared: Path, out: Path, threads: int, *options: str) -> None:
+    """data/prepare.py on the proxy's documents, its 2,500 val documents first, into `out`."""
+    proxy = shared / "data" / "proxy"
+    cmd = [sys.executable, str(REPO / "data" / "prepare.py"), "--input", str(proxy / "docs_val.jsonl.gz"),
+           str(proxy / "docs_train.jsonl.gz"), "--val-docs", "2500", *options, "--out", str(out),
+           "--threads", str(threads)]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise HarnessError(f"data/prepare.py failed: {last_line(done.stderr + done.stdout)}")
+
+
 def build_sp8192_train(shared: Path, work: Path, threads: int) -> list[Path]:
     """The sp8192 train shard is not shipped; data/prepare.py rebuilds it once from the documents. Its val shard must
     come out byte-identical to the shipped one, or the two would not be the same split."""
-    out, proxy = work / "sp8192_build", shared / "data" / "proxy"
-    shipped = proxy / "sp8192" / "fineweb_val_000000.bin"
+    out, shipped = work / "sp8192_build", shared / "data" / "proxy" / "sp8192" / "fineweb_val_000000.bin"
     if not sorted(out.glob("fineweb_train_*.bin")) or not (out / "manifest.json").exists():
         print(f"building the sp8192 train shard in {out} (about 40 s, once)", flush=True)
-        cmd = [sys.executable, str(REPO / "data" / "prepare.py"), "--input", str(proxy / "docs_val.jsonl.gz"),
-               str(proxy / "docs_train.jsonl.gz"), "--val-docs", "2500",
-               "--tokenizer", str(tokenizer(shared, "sp8192")), "--out", str(out), "--threads", str(threads)]
-        done = subprocess.run(cmd, capture_output=True, text=True)
-        if done.returncode != 0:
-            raise HarnessError(f"data/prepare.py failed: {last_line(done.stderr + done.stdout)}")
+        run_prepare(shared, out, threads, "--tokenizer", str(tokenizer(shared, "sp8192")))
     if (out / "fineweb_val_000000.bin").read_bytes() != shipped.read_bytes():
         raise HarnessError(f"{out}/fineweb_val_000000.bin differs from {shipped}: delete {out} and rerun prepare")
     return sorted(out.glob("fineweb_train_*.bin"))
@@ -318,17 +323,12 @@ def build_sp8192_train(shared: Path, work: Path, threads: int) -> list[Path]:
 def build_proxy_trained(shared: Path, work: Path, variant: str, threads: int) -> Path:
     """The proxy with a tokenizer trained on its training documents (plain or CaseOps), built once by
     data/prepare.py; its val split is the proxy's 2,500 val documents, as the shipped shards'."""
-    out, proxy = work / f"{variant}_build", shared / "data" / "proxy"
+    out = work / f"{variant}_build"
     manifest = out / "manifest.json"
     if not (manifest.exists() and json.loads(manifest.read_text()).get("complete")):
         print(f"building {variant} in {out} (a tokenizer trained on the proxy's training documents; minutes, once)",
               flush=True)
-        cmd = [sys.executable, str(REPO / "data" / "prepare.py"), "--input", str(proxy / "docs_val.jsonl.gz"),
-               str(proxy / "docs_train.jsonl.gz"), "--val-docs", "2500", "--vocab-size", str(VOCABS[variant]),
-               *PROXY_TRAINED[variant], "--out", str(out), "--threads", str(threads)]
-        done = subprocess.run(cmd, capture_output=True, text=True)
-        if done.returncode != 0:
-            raise HarnessError(f"data/prepare.py failed: {last_line(done.stderr + done.stdout)}")
+        run_prepare(shared, out, threads, "--vocab-size", str(VOCABS[variant]), *PROXY_TRAINED[variant])
     return out
 
 
@@ -826,6 +826,20 @@ def mean_std(values: list[float]) -> tuple[float, float | None]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None
 
 
+def standard_error(values: list[float]) -> float | None:
+    return statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else None
+
+
+def mean_se_text(values: list[float]) -> str:
+    se = standard_error(values)
+    return f"{statistics.fmean(values):.4f}" + (f" ± {se:.4f}" if se is not None else "")
+
+
+def scored(runs) -> list[dict]:
+    """The runs that finished with a score."""
+    return [r for r in runs if r.get("exit_code") == 0 and r.get("val_bpb") is not None]
+
+
 def delta(values: list[float], reference: list[float]) -> tuple[float, float | None]:
     """Difference of means and its standard error, sqrt(s_a^2/n_a + s_b^2/n_b); None while either side has one run."""
     (m, s), (m_ref, s_ref) = mean_std(values), mean_std(reference)
@@ -847,8 +861,7 @@ def paired_delta(runs: list[dict], reference: list[dict]) -> tuple[float, float 
     diffs = [mine[k] - ref[k] for k in mine if k in ref]
     if not diffs:
         return None
-    m, s = mean_std(diffs)
-    return m, None if s is None else s / math.sqrt(len(diffs))
+    return statistics.fmean(diffs), standard_error(diffs)
 
 
 def registry_order(name: str) -> tuple[int, str]:
@@ -861,7 +874,7 @@ def summarize(records: list[dict]) -> list[dict]:
     for rec in records:
         groups.setdefault(rec["row"], []).append(rec)
     order = sorted(groups, key=registry_order)
-    ok = {n: [r for r in groups[n] if r.get("exit_code") == 0 and r.get("val_bpb") is not None] for n in order}
+    ok = {n: scored(groups[n]) for n in order}
     scores = {n: [r["val_bpb"] for r in ok[n]] for n in order}
     out = []
     for n in order:
@@ -980,15 +993,10 @@ def parity_table(summary: list[dict]) -> str:
     return "\n".join(out)
 
 
-def standard_error(values: list[float]) -> float | None:
-    return statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else None
-
-
 def standings_table(records: list[dict]) -> str:
     """Ours, the record and the baseline: mean ± standard error over seeds, the deltas between them, and where
     each number came from (seeds, commits, dates)."""
-    ok = {name: [r for r in records if r["row"] == name and r.get("exit_code") == 0 and r.get("val_bpb") is not None]
-          for name in STANDINGS}
+    ok = {name: scored(r for r in records if r["row"] == name) for name in STANDINGS}
     scores = {name: [r["val_bpb"] for r in runs] for name, runs in ok.items()}
 
     def versus(name: str, ref: str) -> str:
@@ -1001,12 +1009,10 @@ def standings_table(records: list[dict]) -> str:
         if not runs:
             lines.append(f"| {name} | {ROWS[name].about} | not run | | | | | | | |")
             continue
-        se = standard_error(scores[name])
-        score = f"{statistics.fmean(scores[name]):.4f}" + (f" ± {se:.4f}" if se is not None else "")
         size = max(r["bytes_total"] for r in runs)
         commits = ", ".join(dict.fromkeys((r.get("commit") or "?")[:7] for r in runs))
         days = sorted({r["date"][:10] for r in runs})
-        lines.append(f"| {name} | {ROWS[name].about} | {', '.join(str(r['seed']) for r in runs)} | {score} | "
+        lines.append(f"| {name} | {ROWS[name].about} | {', '.join(str(r['seed']) for r in runs)} | {mean_se_text(scores[name])} | "
                      f"{versus(name, 'baseline')} | {versus(name, 'record')} | {size:,}"
                      f"{'' if size <= CAP else ' OVER'} | {statistics.fmean(r['s_per_step'] for r in runs):.3f} | "
                      f"{commits} | {days[0]}{' .. ' + days[-1] if len(days) > 1 else ''} |")
@@ -1028,13 +1034,12 @@ def plot_standings(summary: list[dict], records: list[dict], path: Path) -> None
     techniques = sorted((s for s in techniques if s not in off_scale), key=lambda s: s["vs_base_seeds"][0])
     fig, (left, right) = plt.subplots(1, 2, figsize=(13, 8.5), gridspec_kw=dict(width_ratios=[1, 1.3]))
 
-    scores = {name: [r["val_bpb"] for r in records if r["row"] == name and r.get("exit_code") == 0
-                     and r.get("val_bpb") is not None] for name in STANDINGS}
+    scores = {name: [r["val_bpb"] for r in scored(r for r in records if r["row"] == name)] for name in STANDINGS}
     shown = [name for name in STANDINGS if scores[name]][::-1]
     for y, name in enumerate(shown):
         m, se = statistics.fmean(scores[name]), standard_error(scores[name])
         left.errorbar(m, y, xerr=se, fmt="o", color="C0" if name.startswith("ours") else "C7", capsize=5, ms=7)
-        left.annotate(f"{m:.4f}" + (f" ± {se:.4f}" if se else "") + f"  (n={len(scores[name])})", (m, y),
+        left.annotate(f"{mean_se_text(scores[name])}  (n={len(scores[name])})", (m, y),
                       xytext=(0, 10), textcoords="offset points", ha="center", fontsize=9)
     left.set_yticks(range(len(shown)), shown)
     left.set_ylim(-0.6, len(shown) - 0.4)

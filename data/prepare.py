@@ -220,6 +220,11 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+def dataset_files(folder: Path) -> list[Path]:
+    """Every shard of a dataset: the token shards of both splits and the CaseOps byte sidecars."""
+    return shard_files(folder) + shard_files(folder, "val_bytes")
+
+
 def shard_files(folder: Path, split: str | None = None) -> list[Path]:
     """Token shards of a split (both by default); split "val_bytes" gives the CaseOps byte sidecar,
     which shares the fineweb_val_ prefix but is not part of the val split."""
@@ -631,7 +636,7 @@ def check_out_dir(out: Path, identity: dict, force: bool = False) -> None:
     if old is None:
         # Shards are refused even with force: a download keeps any valid shard already in
         # place, so it would mix someone else's tokens into the dataset.
-        if shard_files(out) or shard_files(out, "val_bytes"):
+        if dataset_files(out):
             raise PrepareError(f"{out} already holds fineweb_*.bin shards but no {MANIFEST}; "
                                "use an empty folder or delete those shards")
         if not force and not _only_our_leftovers(out):
@@ -666,7 +671,7 @@ def _commit(out: Path, tmp: Path, names: list[str], manifest: dict) -> None:
     for name in names:
         os.replace(tmp / name, out / name)
     keep = set(names)
-    for stale in shard_files(out) + shard_files(out, "val_bytes"):
+    for stale in dataset_files(out):
         if stale.name not in keep:
             stale.unlink()
     write_manifest(out, manifest)
@@ -741,8 +746,9 @@ def _encode_with_bytes(sp, texts: list[str], threads: int) -> tuple[np.ndarray, 
     return toks, nbytes
 
 
-def _doc_key(doc: str) -> bytes:
-    return hashlib.blake2b(doc.encode("utf-8"), digest_size=16).digest()
+def _doc_key(content: bytes) -> bytes | None:
+    """What a document is compared by in the leak checks; None for an empty one, which has no content to leak."""
+    return hashlib.blake2b(content, digest_size=16).digest() if content else None
 
 
 def _preview(text: str, n: int = 50) -> str:
@@ -777,7 +783,7 @@ def encode_to_shards(sp, docs: Iterable[str], val_docs: int, tmp: Path, shard_to
                     continue
                 st = stats[split]
                 for i, doc in enumerate(part):
-                    key = _doc_key(doc) if doc else None  # an empty document has no content that could leak
+                    key = _doc_key(doc.encode("utf-8"))
                     if key and split == "val":
                         val_keys.setdefault(key, st["docs"] + i)
                     elif key in val_keys:
@@ -1170,7 +1176,7 @@ def _download_shard(hf, repo_id, remote, out, staging, endpoint, revision, missi
 def _download_manifest(out: Path, base: dict, dataset: dict, tok_source: str) -> dict:
     sp = load_tokenizer(out / TOKENIZER_MODEL)
     shards, splits = {}, {}
-    files = shard_files(out) + shard_files(out, "val_bytes")
+    files = dataset_files(out)
     with Progress("hashing shards", total=len(files), unit=" files") as bar:
         for path in files:
             shards[path.name] = {"tokens": check_shard(path), "sha256": sha256_file(path)}
@@ -1337,12 +1343,12 @@ def check_leak(folder: Path, stream=None) -> dict:
     keys: dict[bytes, int] = {}
     n_val = 0
     for n_val, doc in enumerate(_split_documents(val), 1):
-        if doc.size > 1:  # an empty document has no content that could leak
-            keys.setdefault(hashlib.blake2b(doc.tobytes(), digest_size=16).digest(), n_val - 1)
+        if key := _doc_key(doc[1:].tobytes()):  # the tokens after its BOS
+            keys.setdefault(key, n_val - 1)
     pairs, n_train = [], 0
     with Progress("checking train documents", unit=" docs") as bar:
         for n_train, doc in enumerate(_split_documents(train), 1):
-            key = hashlib.blake2b(doc.tobytes(), digest_size=16).digest() if doc.size > 1 else None
+            key = _doc_key(doc[1:].tobytes())
             if key in keys:
                 pairs.append((keys[key], n_train - 1, doc))
             bar.update()

@@ -1,12 +1,12 @@
 """The final score: evaluated inside its budget, finite, of the artifact this run wrote, on the val split its
 manifest names, and claimed in the log only when the whole line is there."""
-import fcntl
 import hashlib
 import json
 import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -92,12 +92,34 @@ def test_a_score_that_is_not_finite_is_an_error_and_the_artifact_stays(tiny_data
 
 @pytest.mark.slow
 def test_a_second_run_with_a_run_id_in_use_refuses_to_start(tiny_dataset, tmp_path):
+    fcntl = pytest.importorskip("fcntl")
     (tmp_path / "artifacts").mkdir()
     with open(tmp_path / "artifacts/busy.lock", "w") as held:
         fcntl.flock(held, fcntl.LOCK_EX)
         result = run_train(tmp_path, tiny_env(tiny_dataset, "busy", ITERATIONS=2))
     assert "RUN_ID=busy is in use by another run" in one_error(result)
     assert not (tmp_path / "logs/busy.txt").exists() and not (tmp_path / "artifacts/busy.pgz").exists()
+
+
+def test_a_run_id_is_held_until_its_run_ends(tmp_path, monkeypatch):
+    pytest.importorskip("fcntl")
+    monkeypatch.chdir(tmp_path)
+    hp = SimpleNamespace(run_id="held", artifact_dir="artifacts")
+    with tg.claim_run(hp) as claimed:
+        assert claimed and (tmp_path / "logs/held.lock").exists()
+        with pytest.raises(tg.UserError, match="RUN_ID=held is in use"), tg.claim_run(hp):
+            pass
+    with tg.claim_run(hp) as claimed:  # free again, and its lock files are gone
+        assert claimed
+    assert not list(tmp_path.glob("*/held.lock"))
+
+
+def test_without_fcntl_a_run_goes_on_unguarded(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setitem(sys.modules, "fcntl", None)  # what `import fcntl` finds on Windows: an ImportError
+    with tg.claim_run(SimpleNamespace(run_id="nolock", artifact_dir="artifacts")) as claimed:
+        assert claimed is False
+    assert not list(tmp_path.rglob("*.lock"))
 
 
 def test_the_reload_refuses_an_artifact_other_than_the_one_written(tmp_path):

@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import random
+import shutil
 import struct
 import subprocess
 import sys
@@ -437,9 +438,7 @@ def test_inspect_lists_shards_counts_id_range_and_decodes_the_val_start(built, d
 def test_inspect_reports_a_damaged_shard(built, tmp_path, capsys):
     folder, _ = built
     copy = tmp_path / "copy"
-    copy.mkdir()
-    for p in folder.iterdir():
-        (copy / p.name).write_bytes(p.read_bytes())
+    shutil.copytree(folder, copy)
     victim = prepare.shard_files(copy, "train")[0]
     victim.write_bytes(victim.read_bytes()[:-10])
     msg = cli_error(capsys, "--inspect", copy)
@@ -450,10 +449,7 @@ def test_inspect_reports_a_damaged_shard(built, tmp_path, capsys):
 def test_inspect_reports_a_token_id_beyond_the_tokenizer_vocab(built, tmp_path, capsys, keep_manifest):
     folder, _ = built
     copy = tmp_path / "copy"
-    copy.mkdir()
-    for p in folder.iterdir():
-        if p.name != "manifest.json" or keep_manifest:
-            (copy / p.name).write_bytes(p.read_bytes())
+    shutil.copytree(folder, copy, ignore=None if keep_manifest else shutil.ignore_patterns("manifest.json"))
     victim = prepare.shard_files(copy, "val")[0]
     tokens = prepare.read_shard(victim).copy()
     tokens[3] = 5000  # inside the decoded head, and past the 400-token vocab
@@ -751,9 +747,7 @@ def test_check_leak_passes_a_clean_dataset(built, capsys):
 def test_check_leak_names_the_val_documents_found_in_a_training_shard(built, tmp_path, capsys, docs):
     folder, _ = built
     copy = tmp_path / "leaky"
-    copy.mkdir()
-    for p in folder.iterdir():
-        (copy / p.name).write_bytes(p.read_bytes())
+    shutil.copytree(folder, copy)
     val = split_docs(split_tokens(folder, "val"))
     last = prepare.shard_files(copy, "train")[-1]
     planted = np.concatenate([prepare.read_shard(last), [prepare.BOS_ID], val[7]])

@@ -156,7 +156,7 @@ def test_parse_real_logs(real_runs):
         assert [p[0] for p in run.val_points][-1] == ITERATIONS and len(run.val_points) >= 2
         assert run.step_avg_ms > 0 and run.train_time_ms > 0 and run.eval_time_ms > 0
         for section in ("pre_export", "roundtrip", "sliding"):
-            assert math.isfinite(run._get(section, "val_bpb")), section
+            assert math.isfinite(run.field(section, "val_bpb")), section
         assert math.isfinite(run.val_loss) and run.val_bpb > 0
         # The source block holds the words "final_submission" too; the score must come from the real line.
         last = log.read_text(encoding="utf-8").rstrip("\n").rsplit("\n", 1)[-1]
@@ -472,7 +472,7 @@ def test_an_edited_final_score_fails_and_is_not_written(tmp_path, key, value):
 @pytest.mark.parametrize("event", ["pre_export_exact", "final_roundtrip_exact"])
 def test_an_exact_line_whose_bpb_is_not_its_loss_in_bits_per_byte_fails(tmp_path, event):
     # 1e-5 relative: ten times the tolerance, a thousand times the rounding of 8 printed decimals.
-    loss = logfile.parse_log(synthetic_log(tmp_path / "syn.txt"))._get(
+    loss = logfile.parse_log(synthetic_log(tmp_path / "syn.txt")).field(
         {"pre_export_exact": "pre_export", "final_roundtrip_exact": "roundtrip"}[event], "val_loss")
     off = f"{float(bpb(loss)) * (1 + 1e-5):.8f}"
     log = doctor(tmp_path / "syn.txt", tmp_path / "edited.txt", lambda t: sub_field(t, event, "val_bpb", off))
@@ -639,7 +639,7 @@ def test_ttt_score_and_compliance_line_are_parsed(real_runs, tmp_path):
                 "train_s:1.0 train_ok:1 eval_s:1.0 eval_ok:1 ttt:score_first val_tokens:9 val_sha256:abc\n"
                 + final + "\n")
     run = logfile.parse_log(doctor(real_runs.logs[0], tmp_path / "demo_s1337.txt", add_ttt))
-    assert run.status == "complete" and run._get("ttt", "val_bpb") == 2.5
+    assert run.status == "complete" and run.field("ttt", "val_bpb") == 2.5
     assert run.compliance["val_sha256"] == "abc"
 
 

@@ -37,12 +37,12 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the submit/ pa
 try:
     from submit import UsageError
     from submit.checks import (CHECK_TITLES, CHECKS, TIMED_TRACK, TRACKS, check_runs, dataset_label,
-                               hardware_label, run_passes)
+                               hardware_label, on_8xh100, run_passes)
     from submit.logfile import parse_log
     from submit.plots import import_pyplot, plot_runs
-    from submit.record_folder import (RECORD_NAME, folder_in_use, record_folder, record_readme, script_defaults,
-                                      write_record_folder)
-    from submit.report import build_submission, compliance_table, results_table, stats_block
+    from submit.record_folder import (RECORD_NAME, record_folder, record_readme, refuse_taken_folder,
+                                      script_defaults, write_record_folder)
+    from submit.report import build_submission, compliance_table, results_table, stats_block, utc_now
     from submit.stats import ALPHA, MIN_SEEDS, compute_stats, parse_against
 except ModuleNotFoundError as e:  # scipy: a dependency of the tools, never of train_gpt.py
     print("error: %s is not installed: pip install -r requirements-dev.txt" % (e.name or "").split(".")[0],
@@ -100,7 +100,7 @@ def _plan_record_folder(args, existing):
     elif existing.get("date"):
         date, source = str(existing["date"]), "from the date of %s" % args.write
     else:
-        date = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+        date = utc_now()
         source = "today (UTC): the logs carry no date"
     m = re.match(r"\d{4}-\d{2}-\d{2}", date)
     try:
@@ -111,8 +111,7 @@ def _plan_record_folder(args, existing):
         raise UsageError("date %r (%s) does not start with YYYY-MM-DD" % (date, source))
     args.date = date          # submission.json carries the same date as the folder's name
     target = record_folder(args.record_dir, args.track, day.isoformat(), args.name)
-    if folder_in_use(target) and not args.overwrite:
-        raise UsageError("record folder %s already exists and is not empty (--overwrite replaces it)" % target)
+    refuse_taken_folder(target, args.overwrite)
     return target, source
 
 
@@ -153,6 +152,25 @@ def _not_a_record(all_pass, st, on_8xh100, track):
     if track != TIMED_TRACK:
         why.append("track %s" % track)
     return why
+
+
+def _write_json(runs, st, args, code, existing, all_pass, say):
+    """--write: submission.json, unless a run fails (without --force) or none is complete."""
+    if not all_pass and not args.force:
+        say("submission.json NOT written to %s: some run fails a check (--force writes it "
+            "anyway, marked compliant: false)" % args.write)
+        return
+    if st["n"] == 0:
+        say("submission.json NOT written: no complete run")
+        return
+    sub = build_submission(runs, st, args, code, existing)
+    with open(args.write, "w", encoding="utf-8") as f:
+        json.dump(sub, f, indent=2)
+        f.write("\n")
+    say("submission.json written: %s" % args.write)
+    empty = [k for k in ("author", "github_id", "name", "blurb") if not sub.get(k)]
+    if empty:
+        say("note: fill in %s (flags --%s)" % (", ".join(empty), ", --".join(e.replace("_", "-") for e in empty)))
 
 
 def _record_folder(runs, st, args, code, existing, target, date_source, all_pass, hw, not_record, say):
@@ -237,8 +255,7 @@ def main(argv=None, stdout=None):
         for note in r.notes:
             say("note %s: %s" % (r.run_id, note))
     hw = hardware_label(runs)
-    on_8xh100 = bool(re.fullmatch(r"8x .*H100.*", hw))
-    if not on_8xh100 and args.track == TIMED_TRACK:
+    if not on_8xh100(hw) and args.track == TIMED_TRACK:
         say("note: hardware is %s, not 8x H100; the 600 s limits only count on 8x H100" % hw)
     say()
     say(results_table(runs))
@@ -247,7 +264,7 @@ def main(argv=None, stdout=None):
     say("dataset: %s" % (args.dataset or dataset_label(runs)))
     say("hardware: %s" % (args.hardware or hw))
 
-    not_record = _not_a_record(all_pass, st, on_8xh100, args.track)
+    not_record = _not_a_record(all_pass, st, on_8xh100(hw), args.track)
     record_ok = not not_record
     say("verdict: %s; %s" % (
         "all %d run(s) PASS" % len(runs) if all_pass else
@@ -259,21 +276,7 @@ def main(argv=None, stdout=None):
         plot_runs(runs, args.plot, plt)
         say("plot written: %s" % args.plot)
     if args.write:
-        if not all_pass and not args.force:
-            say("submission.json NOT written to %s: some run fails a check (--force writes it "
-                "anyway, marked compliant: false)" % args.write)
-        elif st["n"] == 0:
-            say("submission.json NOT written: no complete run")
-        else:
-            sub = build_submission(runs, st, args, code, existing)
-            with open(args.write, "w", encoding="utf-8") as f:
-                json.dump(sub, f, indent=2)
-                f.write("\n")
-            say("submission.json written: %s" % args.write)
-            empty = [k for k in ("author", "github_id", "name", "blurb") if not sub.get(k)]
-            if empty:
-                say("note: fill in %s (flags --%s)" % (", ".join(empty),
-                                                       ", --".join(e.replace("_", "-") for e in empty)))
+        _write_json(runs, st, args, code, existing, all_pass, say)
     if target is not None:
         _record_folder(runs, st, args, code, existing, target, date_source, all_pass, hw, not_record, say)
     if not all_pass:

@@ -38,80 +38,83 @@ RATIO_ABS_TOL = 1e-10
 
 
 def check_runs(runs, code: bytes, time_limits=True):
-    configs = [r.config() for r in runs if r.hparams]
-    counts = Counter(tuple(sorted(c.items())) for c in configs)
-    ref = None
-    if counts:
-        best = max(counts.values())
-        for c in configs:   # earliest of the most common configs
-            if counts[tuple(sorted(c.items()))] == best:
-                ref = c
-                break
+    """Fill each run's `checks`: name -> (True / False / None for "cannot tell", detail)."""
+    ref = _reference_config(runs)
     seeds = Counter(r.seed for r in runs if r.seed is not None)
-    code_sha = hashlib.sha256(code).hexdigest()
-
     for r in runs:
         ch = r.checks
         ch["complete"] = (r.complete, r.status if r.complete else "%s: %s" % (r.status, r.problem))
-
-        bt, bm, bc = (r.bytes_field(k) for k in ("bytes_total", "bytes_model", "bytes_code"))
-        if bt is None:
-            ch["bytes"] = (None, "no bytes_total in log")
-        else:
-            why = []
-            if bt > LIMIT_BYTES:
-                why.append("bytes_total %d > %d" % (bt, LIMIT_BYTES))
-            if bm is not None and bc is not None and bm + bc != bt:
-                why.append("bytes_total %d != bytes_model %d + bytes_code %d" % (bt, bm, bc))
-            if bc is not None and bc != len(code):
-                why.append("bytes_code %d != size of --code %d" % (bc, len(code)))
-            if bm is not None and bm + len(code) > LIMIT_BYTES and bt <= LIMIT_BYTES:
-                why.append("bytes_model %d + code %d > %d" % (bm, len(code), LIMIT_BYTES))
-            if r.final is not None:
-                why += _bytes_disagreements(r)
-            ch["bytes"] = (not why, "; ".join(why) or "%d bytes" % bt)
-
+        ch["bytes"] = _check_bytes(r, code)
         if r.complete:
             why = _score_disagreements(r)
             ch["scores"] = (not why, "; ".join(why) or "consistent")
         else:
             ch["scores"] = (None, "run incomplete")
-
         for key, ms, limit in (("train", r.train_time_ms, LIMIT_TRAIN_S),
                                ("eval", r.eval_time_ms, LIMIT_EVAL_S)):
-            if ms is None:
-                ch[key] = (None, "no %s time in log" % key)
-            elif not time_limits:
-                ch[key] = (True, "%.1f s (no limit on %s)" % (ms / 1000.0, TRACKS[1]))
-            else:
-                ok = ms / 1000.0 <= limit
-                ch[key] = (ok, "%.1f s" % (ms / 1000.0) if ok else
-                           "%s time %.3f s > %.0f s" % (key, ms / 1000.0, limit))
-
-        if r.code is None:
-            ch["code"] = (None, "no source block in log")
-        elif r.code_sha_declared and r.code_sha_declared.lower() != r.code_sha:
-            ch["code"] = (False, "source block does not match its own sha256 (log corrupt)")
-        elif r.code != code:
-            ch["code"] = (False, "logged source (%d bytes, sha256 %s) differs from --code (%d bytes, sha256 %s)%s"
-                          % (len(r.code), r.code_sha[:12], len(code), code_sha[:12],
-                             _first_diff(r.code, code)))
-        else:
-            ch["code"] = (True, "sha256 " + code_sha[:12])
-
+            ch[key] = _check_time(key, ms, limit, time_limits)
+        ch["code"] = _check_code(r, code)
         if not r.hparams:
             ch["config"] = (None, "no hparam lines")
         else:
             diff = _config_diff(r.config(), ref)
             shown = ", ".join(diff[:6]) + (", and %d more" % (len(diff) - 6) if len(diff) > 6 else "")
             ch["config"] = (not diff, ("differs: " + shown) if diff else "same")
-
         if r.seed is None:
             ch["seed"] = (None, "no SEED hparam")
         elif seeds[r.seed] > 1:
             ch["seed"] = (False, "seed %d used by %d logs" % (r.seed, seeds[r.seed]))
         else:
             ch["seed"] = (True, str(r.seed))
+
+
+def _reference_config(runs):
+    """The config the others are compared with: the earliest of the most common ones (None without any)."""
+    configs = [r.config() for r in runs if r.hparams]
+    counts = Counter(tuple(sorted(c.items())) for c in configs)
+    if not counts:
+        return None
+    best = max(counts.values())
+    return next(c for c in configs if counts[tuple(sorted(c.items()))] == best)
+
+
+def _check_bytes(r, code):
+    bt, bm, bc = (r.bytes_field(k) for k in ("bytes_total", "bytes_model", "bytes_code"))
+    if bt is None:
+        return None, "no bytes_total in log"
+    why = []
+    if bt > LIMIT_BYTES:
+        why.append("bytes_total %d > %d" % (bt, LIMIT_BYTES))
+    if bm is not None and bc is not None and bm + bc != bt:
+        why.append("bytes_total %d != bytes_model %d + bytes_code %d" % (bt, bm, bc))
+    if bc is not None and bc != len(code):
+        why.append("bytes_code %d != size of --code %d" % (bc, len(code)))
+    if bm is not None and bm + len(code) > LIMIT_BYTES and bt <= LIMIT_BYTES:
+        why.append("bytes_model %d + code %d > %d" % (bm, len(code), LIMIT_BYTES))
+    if r.final is not None:
+        why += _bytes_disagreements(r)
+    return not why, "; ".join(why) or "%d bytes" % bt
+
+
+def _check_time(key, ms, limit, time_limits):
+    if ms is None:
+        return None, "no %s time in log" % key
+    if not time_limits:
+        return True, "%.1f s (no limit on %s)" % (ms / 1000.0, TRACKS[1])
+    ok = ms / 1000.0 <= limit
+    return ok, "%.1f s" % (ms / 1000.0) if ok else "%s time %.3f s > %.0f s" % (key, ms / 1000.0, limit)
+
+
+def _check_code(r, code):
+    if r.code is None:
+        return None, "no source block in log"
+    if r.code_sha_declared and r.code_sha_declared.lower() != r.code_sha:
+        return False, "source block does not match its own sha256 (log corrupt)"
+    code_sha = hashlib.sha256(code).hexdigest()
+    if r.code != code:
+        return False, ("logged source (%d bytes, sha256 %s) differs from --code (%d bytes, sha256 %s)%s"
+                       % (len(r.code), r.code_sha[:12], len(code), code_sha[:12], _first_diff(r.code, code)))
+    return True, "sha256 " + code_sha[:12]
 
 
 def _bytes_disagreements(r):
@@ -234,6 +237,11 @@ def dataset_label(runs):
         else:
             labels.append("%s (not FineWeb; DATA_PATH=%s)" % (base, p))
     return "; ".join(labels)
+
+
+def on_8xh100(hardware):
+    """Whether a hardware_label is the challenge's machine, the only one its 600 s limits are set on."""
+    return bool(re.fullmatch(r"8x .*H100.*", hardware))
 
 
 def hardware_label(runs):

@@ -9,6 +9,10 @@ from .checks import dataset_label, hardware_label, run_passes
 from .stats import ALPHA, MARGIN_NATS, MIN_SEEDS
 
 
+def utc_now():
+    return _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
 def fmt(x, spec, none="-"):
     if x is None or (isinstance(x, float) and math.isnan(x)):
         return none
@@ -65,10 +69,10 @@ def results_table(runs):
             steps = "%d/%d" % (steps, r.total_steps)
         rows.append([
             r.run_id, fmt(r.seed, "d"), fmt(steps, ""), fmt(r.step_avg_ms, ".2f"),
-            fmt(r._get("pre_export", "val_bpb"), ".8f"),
-            fmt(r._get("roundtrip", "val_bpb"), ".8f"),
-            fmt(r._get("sliding", "val_bpb"), ".8f"),
-            fmt(r._get("ttt", "val_bpb"), ".8f"),
+            fmt(r.field("pre_export", "val_bpb"), ".8f"),
+            fmt(r.field("roundtrip", "val_bpb"), ".8f"),
+            fmt(r.field("sliding", "val_bpb"), ".8f"),
+            fmt(r.field("ttt", "val_bpb"), ".8f"),
             fmt(r.val_loss, ".8f"), fmt(r.val_bpb, ".8f"),
             fmt(r.bytes_field("bytes_model"), "d"), fmt(r.bytes_field("bytes_code"), "d"),
         ])
@@ -118,7 +122,7 @@ def build_submission(runs, st, args, code, existing):
                       ("name", args.name), ("blurb", args.blurb), ("date", args.date)):
         meta[key] = flag if flag is not None else existing.get(key, "")
     if not meta["date"]:
-        meta["date"] = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+        meta["date"] = utc_now()
     sub = dict(meta)
     sub["val_loss"] = _round(st["val_loss_mean"])
     sub["val_bpb"] = _round(st["val_bpb_mean"])
@@ -152,13 +156,13 @@ def build_submission(runs, st, args, code, existing):
         "log": os.path.basename(r.path),
         "val_loss": r.val_loss,
         "val_bpb": r.val_bpb,
-        "pre_export_val_loss": r._get("pre_export", "val_loss"),
-        "pre_export_val_bpb": r._get("pre_export", "val_bpb"),
-        "roundtrip_val_loss": r._get("roundtrip", "val_loss"),
-        "roundtrip_val_bpb": r._get("roundtrip", "val_bpb"),
-        "sliding_val_loss": r._get("sliding", "val_loss"),
-        "sliding_val_bpb": r._get("sliding", "val_bpb"),
-        "ttt_val_bpb": r._get("ttt", "val_bpb"),
+        "pre_export_val_loss": r.field("pre_export", "val_loss"),
+        "pre_export_val_bpb": r.field("pre_export", "val_bpb"),
+        "roundtrip_val_loss": r.field("roundtrip", "val_loss"),
+        "roundtrip_val_bpb": r.field("roundtrip", "val_bpb"),
+        "sliding_val_loss": r.field("sliding", "val_loss"),
+        "sliding_val_bpb": r.field("sliding", "val_bpb"),
+        "ttt_val_bpb": r.field("ttt", "val_bpb"),
         "steps": r.steps,
         "step_avg_ms": r.step_avg_ms,
         "train_time_seconds": None if r.train_time_ms is None else r.train_time_ms / 1000.0,
