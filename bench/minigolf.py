@@ -76,7 +76,8 @@ SHAPE = dict(NUM_LAYERS=4, MODEL_DIM=128, NUM_HEADS=4, NUM_KV_HEADS=2, TRAIN_SEQ
 # The default recipe's block indices scaled to 4 blocks (the frontier: XSA in all 11, recurrence of 3 middle
 # blocks, parallel lanes in the top 3), and its evaluation scaled like the training: TTT over 713 documents
 # instead of 50,000 (prefix ~5% in the records, 200 documents here so the phases see enough) and LoRA rank scaled
-# with the width (80 at 512 -> 16 at 128; the update scale is alpha/rank, so its size does not depend on the rank).
+# with the width (80 at 512 -> 16 at 128; the update scale is alpha/rank, so its size does not depend on the rank);
+# a global TTT step takes 8 rows of 512 tokens (the records' 32,768 tokens are 16 rows of 2,048).
 # The evaluation budget stays the script's 570 s: with 300 s a CPU spent half of it compiling and had no time left
 # to adapt a single document (ttt_phases, first run).
 # The `ours` rows leave TTT off (TTT=0, document-aware scoring instead): on this CPU it adds ~8 minutes of evaluation
@@ -91,7 +92,8 @@ MINI_RECIPE = dict(ROPE_DIMS=0, LN_SCALE=0, QK_GAIN_INIT=1.5, MUON_MOMENTUM=0.97
 # that base stays a row of its own and every ours_fp32_X still changes one thing against it.
 PARITY_OURS_BASE = dict(MUON_MOMENTUM=0.99)
 OURS_BASE = dict(EVAL_SEQ_LEN=512, EVAL_STRIDE=256, VAL_BATCH_SIZE=4096, XSA_LAST_N=4, PARALLEL_START=3,
-                 RECUR_LAYERS="1,2", TTT_LORA_RANK=16, TTT_PREFIX_DOCS=200, **MINI_RECIPE)
+                 RECUR_LAYERS="1,2", TTT_LORA_RANK=16, TTT_PREFIX_DOCS=200, TTT_GLOBAL_CHUNK_TOKENS=4096,
+                 **MINI_RECIPE)
 OURS_NO_TTT = dict(TTT=0)
 # `plain`: ours before the decision table (the defaults of commit 2ece065), the base of every technique row, so
 # each row still measures one change against the same thing after the defaults moved.

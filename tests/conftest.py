@@ -115,7 +115,8 @@ def tiny_env(dataset, run_id: str, **overrides) -> dict:
     env.update(DATA_PATH=str(dataset.path), TOKENIZER_PATH=str(dataset.tokenizer),
                VOCAB_SIZE=str(dataset.vocab_size), NUM_LAYERS="4", MODEL_DIM="64", NUM_HEADS="4", NUM_KV_HEADS="2",
                MLP_MULT="2", TRAIN_SEQ_LEN="64", TRAIN_BATCH_TOKENS="2048", ITERATIONS="40", WARMUP_STEPS="0",
-               WARMDOWN_FRAC="0.25", VAL_BATCH_SIZE="8192", TRAIN_LOG_EVERY="10", MAX_WALLCLOCK_SECONDS="0",
+               WARMDOWN_FRAC="0.25", VAL_BATCH_SIZE="8192", TTT_GLOBAL_CHUNK_TOKENS="2048",
+               TRAIN_LOG_EVERY="10", MAX_WALLCLOCK_SECONDS="0",
                EVAL_STRIDE="32", MATRIX_LR="0.04", TIED_EMBED_LR="0.05", SCALAR_LR="0.04", EMA_DECAY="0.9",
                QAT_START_FRAC="0.5", COMPILE="0", RUN_ID=run_id, OMP_NUM_THREADS="1")
     env.update({k: str(v) for k, v in overrides.items()})
