@@ -1101,11 +1101,15 @@ def cmd_table(args: argparse.Namespace) -> int:
     table = "\n\n".join(heading(k) + render_table(summarize(rs), rs) for k, rs in sorted(kinds.items()))
     paired = "\n\n".join(heading(k) + paired_table(rs) for k, rs in sorted(kinds.items()))
     parity = "\n\n".join(heading(k) + parity_table(summarize(rs)) for k, rs in sorted(kinds.items()))
-    figures = {k: args.figure if len(kinds) == 1 else args.figure.with_name(
-        f"{args.figure.stem}_{k.replace(' ', '_')}{args.figure.suffix}") for k in kinds}
+    # The standings (and their figure) per kind of CPU that ran any of their rows: a kind that only ran other rows
+    # (a data pair, say) would show an empty table.
+    ranked = {k: rs for k, rs in kinds.items() if any(r["row"] in STANDINGS for r in rs)} or kinds
+    figures = {k: args.figure if len(ranked) == 1 else args.figure.with_name(
+        f"{args.figure.stem}_{k.replace(' ', '_')}{args.figure.suffix}") for k in ranked}
+    ranked_heading = heading if len(ranked) > 1 else (lambda kind: "")
     standings = "\n\n".join(
-        heading(k) + f"![standings and technique deltas]({os.path.relpath(figures[k], args.doc.parent)})\n\n"
-        + standings_table(rs) for k, rs in sorted(kinds.items()))
+        ranked_heading(k) + f"![standings and technique deltas]({os.path.relpath(figures[k], args.doc.parent)})\n\n"
+        + standings_table(rs) for k, rs in sorted(ranked.items()))
     print(standings, table, paired, parity, sep="\n\n")
     if args.write:
         doc = args.doc.read_text(encoding="utf-8") if args.doc.exists() else (
@@ -1117,7 +1121,7 @@ def cmd_table(args: argparse.Namespace) -> int:
         doc = replace_section(doc, parity, PARITY_BEGIN, PARITY_END)
         args.doc.write_text(doc, encoding="utf-8")
         print(f"updated {args.doc}")
-        for k, rs in kinds.items():
+        for k, rs in ranked.items():
             plot_standings(summarize(rs), rs, figures[k])
             print(f"wrote {figures[k]}")
     return 0
