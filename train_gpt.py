@@ -33,6 +33,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 # ----------------------------------------------------------------------------------------------------------
@@ -84,6 +85,7 @@ class Hyperparameters:
     bigram_dim: int = 128
     skip_gates: bool = True
     attn_gate: bool = True
+    doc_attention: bool = True
     # Schedule.
     iterations: int = 20000
     max_wallclock_seconds: float = 600.0
@@ -490,19 +492,40 @@ def flash_attention_3():
     return flash_attn_func
 
 
-def attention_kernel(device: torch.device) -> str:
+def attention_kernel(device: torch.device, documents: bool = False) -> str:
     """Which kernel the model's attention runs on. On CUDA, SDPA is pinned to the flash kernel (setup_distributed):
-    left to choose, recent torch may pick cuDNN attention, which has open correctness bugs with few KV heads."""
+    left to choose, recent torch may pick cuDNN attention, which has open correctness bugs with few KV heads. Document
+    masks (DOC_ATTENTION) take flex attention on CUDA; on a CPU, flex attention has no backward (torch 2.13), so SDPA
+    takes the mask as a dense boolean (batch, 1, time, time) tensor, a few MB at the shapes a CPU trains."""
+    if documents:
+        return "flex" if device.type == "cuda" else "sdpa_mask"
     return "fa3" if flash_attention_3() else "sdpa_flash" if device.type == "cuda" else "sdpa"
 
 
-def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fa3) -> torch.Tensor:
-    """Causal GQA attention on (batch, time, heads, head_dim) tensors, in FA3's layout."""
-    if fa3 is not None:
+def document_mask(input_ids: torch.Tensor, kernel: str) -> BlockMask | torch.Tensor:
+    """Causal attention within documents only: a BOS starts a new one, and a row's tokens before its first BOS are
+    the tail of a document that began in an earlier row. Built once per forward pass, shared by every block."""
+    b, t = input_ids.shape
+    docs = (input_ids == BOS_ID).cumsum(1)
+    if kernel == "flex":
+        return create_block_mask(lambda i, h, q, k: (k <= q) & (docs[i, q] == docs[i, k]), b, None, t, t,
+                                 device=input_ids.device)
+    causal = torch.ones(t, t, dtype=torch.bool, device=input_ids.device).tril()
+    return ((docs[:, :, None] == docs[:, None, :]) & causal)[:, None]
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fa3,
+                     mask: BlockMask | torch.Tensor | None = None) -> torch.Tensor:
+    """Causal GQA attention on (batch, time, heads, head_dim) tensors, in FA3's layout, within documents when given
+    their mask (document_mask)."""
+    if mask is None and fa3 is not None:
         y = fa3(q, k, v, causal=True)
         return y[0] if isinstance(y, tuple) else y  # some FA3 versions also return the log-sum-exp
-    y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
-                                       enable_gqa=k.size(2) != q.size(2))
+    q, k, v, gqa = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), k.size(2) != q.size(2)
+    if isinstance(mask, BlockMask):
+        y = flex_attention(q, k, v, block_mask=mask, enable_gqa=gqa)
+    else:
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=gqa)
     return y.transpose(1, 2)
 
 
@@ -533,7 +556,7 @@ class Attention(nn.Module):
         freqs = torch.outer(torch.arange(t, device=device, dtype=torch.float32), self.inv_freq)[:, None, :]
         return freqs.cos().to(dtype), freqs.sin().to(dtype)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: BlockMask | torch.Tensor | None = None) -> torch.Tensor:
         b, t, _ = x.shape
         q = self.c_q(x).view(b, t, self.heads, self.head_dim)
         k = self.c_k(x).view(b, t, self.kv_heads, self.head_dim)
@@ -541,7 +564,7 @@ class Attention(nn.Module):
         cos, sin = self.rotary(t, x.device, q.dtype)
         q = apply_rotary(F.rms_norm(q, (self.head_dim,)), cos, sin) * self.q_gain.to(q.dtype)[:, None]
         k = apply_rotary(F.rms_norm(k, (self.head_dim,)), cos, sin)
-        y = causal_attention(q, k, v, self.fa3)
+        y = causal_attention(q, k, v, self.fa3, mask)
         if self.xsa:
             # XSA: drop the part of each head's output that only repeats its own token's value, so attention
             # spends itself on context. Query heads are grouped by the kv head that serves them.
@@ -582,11 +605,11 @@ class Block(nn.Module):
     def norm(self, x: torch.Tensor) -> torch.Tensor:
         return F.rms_norm(x, (x.size(-1),)) * self.norm_scale
 
-    def forward(self, x: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, x0: torch.Tensor, mask: BlockMask | torch.Tensor | None) -> torch.Tensor:
         mix = self.resid_mix.to(x.dtype)
         x = mix[0] * x + mix[1] * x0
         n = self.norm(x)
-        out = x + self.attn_scale.to(x.dtype) * self.attn(n)
+        out = x + self.attn_scale.to(x.dtype) * self.attn(n, mask)
         # A parallel block feeds the MLP the same normed input as attention: two lanes added at once.
         return out + self.mlp_scale.to(x.dtype) * self.mlp(n if self.parallel else self.norm(out))
 
@@ -616,6 +639,8 @@ class GPT(nn.Module):
         # A plain attribute, not a buffer: compiled graphs guard on it, so flipping it re-traces.
         self.recur, self.recur_on = hp.recur_span(), False
         self.lora = None  # test-time adapters of the tied output head (DocumentAdapters)
+        # DOC_ATTENTION: no token attends across a BOS, in training and in every evaluation window alike.
+        self.doc_attention = hp.doc_attention
         self.vocab_size, self.bigram_buckets = hp.vocab_size, hp.bigram_buckets
         self.bigram_emb = self.bigram_proj = self.smear_gate = None
         if hp.bigram_buckets:
@@ -656,20 +681,21 @@ class GPT(nn.Module):
         with torch.autocast(input_ids.device.type, torch.bfloat16, enabled=self.bf16):
             x = self.embed(input_ids)
             x = x0 = x.to(torch.bfloat16) if self.bf16 else x
+            mask = document_mask(input_ids, attention_kernel(input_ids.device, True)) if self.doc_attention else None
             skips = []
             for i, block in enumerate(self.blocks):
                 if i >= self.num_encoder and skips:
                     skip = self.skip_weights[i - self.num_encoder].to(x.dtype) * skips.pop()
                     x = x + skip if self.skip_gates is None else torch.lerp(
                         skip, x, torch.sigmoid(self.skip_gates[i - self.num_encoder]).to(x.dtype))
-                x = block(x, x0)
+                x = block(x, x0, mask)
                 if i < self.num_encoder:
                     skips.append(x)
                 if self.recur_on and i + 1 == self.recur.stop:
                     # Depth recurrence: the span runs again with the same weights; the U-Net skips stay with
                     # the first pass.
                     for j in self.recur:
-                        x = self.blocks[j](x, x0)
+                        x = self.blocks[j](x, x0, mask)
             x = F.rms_norm(x, (x.size(-1),))
             logits = self.lm_head(x) if self.lm_head is not None else F.linear(x, self.tok_emb.weight)
             if self.lora is not None:
@@ -2426,7 +2452,7 @@ def log_setup(hp: Hyperparameters, log: Logger, world_size: int, device: torch.d
     for f in dataclasses.fields(hp):
         log(f"hparam {f.name.upper()}:{getattr(hp, f.name)}")
     log(f"runtime compile:{int(hp.compile)} autocast:{precision(hp, device)} "
-        f"attention:{attention_kernel(device)}")
+        f"attention:{attention_kernel(device, hp.doc_attention)}")
 
 
 def main() -> None:

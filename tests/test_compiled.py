@@ -17,7 +17,7 @@ pytestmark = pytest.mark.slow  # runs train_gpt.py end to end (README: the quick
 # projections 64 x 64, so Muon's Newton-Schulz compiles for two shapes only.
 EVERY_OPTION = dict(NUM_LAYERS=2, MLP_MULT=1, ROPE_DIMS=8, LN_SCALE=1, QK_GAIN_INIT=5, XSA_LAST_N=2,
                     PARALLEL_START=1, RECUR_LAYERS=1, RECUR_START_FRAC=0.3, SMEAR=1, BIGRAM_BUCKETS=256, BIGRAM_DIM=64,
-                    SKIP_GATES=1, ATTN_GATE=1, LOGIT_SOFTCAP_NEG=20, TRAIN_SEQ_SCHEDULE="32@0,64@0.3",
+                    SKIP_GATES=1, ATTN_GATE=1, DOC_ATTENTION=1, LOGIT_SOFTCAP_NEG=20, TRAIN_SEQ_SCHEDULE="32@0,64@0.3",
                     QAT_START_FRAC=0.3, MUON_NS="polar", MUON_ROW_NORM=1, GPTQ=1, GPTQ_CALIB_BATCHES=2,
                     GPTQ_RESERVE_SECONDS=0, CLIP_MODE="std", AWQ_GROUP=1, LQER_RANK=2, TTT=1, TTT_LORA_RANK=4,
                     TTT_CHUNK_TOKENS=16, TTT_BATCH_DOCS=8, TTT_PREFIX_DOCS=16, TTT_PHASES=1, WARMUP_STEPS=2,

@@ -48,6 +48,41 @@ def test_flash_attention_3_is_used_when_it_imports_and_matches_sdpa(fa3):
         assert torch.allclose(got, with_fa3.logits(x), atol=1e-5)
 
 
+def attention_inputs(rows: int, time: int, seed: int = 0) -> tuple[torch.Tensor, ...]:
+    """q, k, v in FA3's layout with GQA (4 query heads, 2 kv heads), head size 16."""
+    g = torch.Generator().manual_seed(seed)
+    return tuple(torch.randn(rows, time, heads, 16, generator=g) for heads in (4, 2, 2))
+
+
+def test_document_kernels_follow_the_device():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert tg.attention_kernel(cpu, True) == "sdpa_mask" and tg.attention_kernel(cuda, True) == "flex"
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+@pytest.mark.parametrize("kernel", ["flex", "sdpa_mask"])
+def test_document_attention_on_rows_of_one_document_is_plain_causal_attention(kernel):
+    # 200 tokens: flex attention works in blocks of 128, so the second block is partial.
+    q, k, v = attention_inputs(2, 200)
+    ids = torch.randint(2, 97, (2, 200))
+    ids[0, 0] = tg.BOS_ID  # row 0 is a whole document, row 1 the middle of one
+    with torch.no_grad():
+        got = tg.causal_attention(q, k, v, None, tg.document_mask(ids, kernel))
+    assert torch.allclose(got, tg.causal_attention(q, k, v, None), atol=1e-5)
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+def test_flex_and_dense_document_masks_attend_alike():
+    q, k, v = attention_inputs(2, 200)
+    ids = torch.randint(2, 97, (2, 200))
+    ids[0, [0, 5, 6, 130]] = ids[1, [127, 128]] = tg.BOS_ID  # one-token documents, a document across blocks
+    with torch.no_grad():
+        flex = tg.causal_attention(q, k, v, None, tg.document_mask(ids, "flex"))
+        dense = tg.causal_attention(q, k, v, None, tg.document_mask(ids, "sdpa_mask"))
+    assert torch.allclose(flex, dense, atol=1e-5)
+    assert not torch.allclose(flex, tg.causal_attention(q, k, v, None), atol=1e-3)  # the documents did matter
+
+
 @pytest.mark.slow
 def test_a_run_with_flash_attention_3_logs_it_and_scores(tiny_dataset, tmp_path):
     env = tiny_env(tiny_dataset, "fa3", ITERATIONS=4, EVAL_STRIDE=0,
