@@ -83,6 +83,30 @@ def test_flex_and_dense_document_masks_attend_alike():
     assert not torch.allclose(flex, tg.causal_attention(q, k, v, None), atol=1e-3)  # the documents did matter
 
 
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+def test_flex_document_masks_trace_into_two_dynamic_shape_graphs(monkeypatch):
+    """Evaluation on CUDA compiles the scorer with dynamic shapes and fullgraph (duck sizing off), and the block mask
+    is built inside the graph from each window's length: windows of one 128-token block and longer ones get a graph
+    each (a count of 1 is specialised), both of which the evaluation's warm-up builds (windows of 2 and of more than
+    EVAL_SEQ_LEN tokens). Traced on the cheap aot_eager backend, forward only (flex attention has no CPU backward)."""
+    monkeypatch.setattr(tg, "attention_kernel", lambda device, documents=False: "flex")
+    monkeypatch.setattr(torch.fx.experimental._config, "use_duck_shape", False)
+    torch._dynamo.reset()
+    model = randomised(tg.GPT(small_hp(doc_attention=True)))
+    windows = []
+    for time in (40, 100, 150, 300):
+        x = torch.randint(2, 97, (3, time + 1))
+        x[:, 0] = x[0, 17] = x[2, time // 2] = tg.BOS_ID
+        with torch.no_grad():  # eager flex attention compiles graphs of its own: counted before the scorer's
+            windows.append((x[:, :-1], x[:, 1:], model(x[:, :-1], x[:, 1:], per_token=True)))
+    scorer = torch.compile(model, backend="aot_eager", fullgraph=True, dynamic=True)
+    graphs = tg.compiled_graphs()
+    for x, y, eager in windows:
+        with torch.no_grad():
+            assert torch.allclose(scorer(x, y, per_token=True), eager, atol=1e-5)
+    assert tg.compiled_graphs() - graphs == 2
+
+
 @pytest.mark.slow
 def test_a_run_with_flash_attention_3_logs_it_and_scores(tiny_dataset, tmp_path):
     env = tiny_env(tiny_dataset, "fa3", ITERATIONS=4, EVAL_STRIDE=0,
