@@ -2370,13 +2370,16 @@ def warm_up_evaluation(model: GPT, scorer: nn.Module, hp: Hyperparameters, table
     sums, docs = torch.zeros(3, dtype=torch.float64, device=device), torch.from_numpy(stream).to(device)
     adapters = DocumentAdapters(model, hp, hp.ttt_batch_docs, device) if hp.ttt else None
     if hp.compile:
-        score_windows(scorer, docs, tables, *plan_document_windows(starts, counts, seq, stride),
-                      hp.val_batch_size // world_size, sums)
-        if hp.ttt:
-            adapters.attach()
-            adapt_batch(scorer, adapters, docs, tables, starts[:hp.ttt_batch_docs], counts[:hp.ttt_batch_docs], hp,
-                        sums, None)
-            adapters.detach()
+        # Flex document masks (CUDA) specialise windows of one 128-token block (sdpa builds no more graphs): the
+        # document of a chunk and one also goes alone, so its short windows are scored, adapted and only scored.
+        for mine in (slice(None), slice(1, 2)):
+            score_windows(scorer, docs, tables, *plan_document_windows(starts[mine], counts[mine], seq, stride),
+                          hp.val_batch_size // world_size, sums)
+            if hp.ttt:
+                adapters.attach()
+                adapt_batch(scorer, adapters, docs, tables, starts[mine][:hp.ttt_batch_docs],
+                            counts[mine][:hp.ttt_batch_docs], hp, sums, None)
+                adapters.detach()
     rows = {"score": max(2, hp.val_batch_size // (seq * world_size)), "adapt": hp.ttt_batch_docs}
     tokens = torch.randint(0, hp.vocab_size, (max(rows.values()) * seq + 1,), device=device)
     rates = {}

@@ -51,7 +51,7 @@ def test_compiled_run_builds_exactly_the_expected_graphs_and_breaks_none(runs):
     out = runs["compiled"]
     # bf16 where the CPU has it natively (tests/test_precision.py covers the fp32 fallback).
     expected = dict(autocast="bf16") if tg.cpu_has_bf16() else dict(autocast="fp32", reason="no_native_bf16")
-    assert parse_line(out, "runtime") == dict(compile="1", **expected, attention="sdpa")
+    assert parse_line(out, "runtime") == dict(compile="1", **expected, attention="sdpa_mask")
     # Everything training needs is compiled before the clock starts.
     assert int(parse_line(out, "warmup_done")["compiled_graphs"]) == TRAIN_GRAPHS + NS_GRAPHS + 1
     assert parse_line(out, "compile") == dict(graphs=str(TRAIN_GRAPHS + NS_GRAPHS + SCORE_GRAPHS), graph_breaks="0")
@@ -74,7 +74,7 @@ def test_compiled_run_switches_recurrence_and_qat_on_and_scores_the_artifact(run
 
 def test_eager_run_stays_fp32_and_compiles_nothing(runs):
     out = runs["eager"]
-    assert parse_line(out, "runtime") == dict(compile="0", autocast="fp32", reason="compile_0", attention="sdpa")
+    assert parse_line(out, "runtime") == dict(compile="0", autocast="fp32", reason="compile_0", attention="sdpa_mask")
     assert parse_line(out, "compile") == dict(graphs="0", graph_breaks="0")
 
 

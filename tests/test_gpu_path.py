@@ -13,7 +13,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import train_gpt as tg
-from conftest import plain_hp, parse_line, randomised, run_train, small_hp, tiny_env, write_shard
+from conftest import byte_tables, plain_hp, parse_line, randomised, run_train, small_hp, tiny_env, write_shard
 
 STANDIN = Path(__file__).parent / "fa3_standin"
 
@@ -105,6 +105,27 @@ def test_flex_document_masks_trace_into_two_dynamic_shape_graphs(monkeypatch):
         with torch.no_grad():
             assert torch.allclose(scorer(x, y, per_token=True), eager, atol=1e-5)
     assert tg.compiled_graphs() - graphs == 2
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+def test_the_evaluation_warm_up_builds_the_flex_graph_of_short_windows_too(monkeypatch):
+    """Document windows of at most 128 tokens (one flex block) need a graph of their own: the warm-up must build it,
+    or the evaluation compiles it on its clock. Scoring only (flex attention has no CPU backward), on aot_eager."""
+    monkeypatch.setattr(tg, "attention_kernel", lambda device, documents=False: "flex")
+    monkeypatch.setattr(torch.fx.experimental._config, "use_duck_shape", False)
+    torch._dynamo.reset()
+    hp = small_hp(doc_attention=True, compile=True, eval_seq_len=200, eval_stride=100, val_batch_size=4000)
+    model = randomised(tg.GPT(hp)).requires_grad_(False)
+    scorer = torch.compile(model, backend="aot_eager", fullgraph=True, dynamic=True)
+    tables, cpu = byte_tables(97), torch.device("cpu")
+    tg.warm_up_evaluation(model, scorer, hp, tables, 0, 1, cpu)
+    graphs = tg.compiled_graphs()
+    # 40 documents of 60 tokens, then one of 720: more windows than a batch holds, so the short ones that are left
+    # make a batch (and a width) of their own
+    stream = torch.randint(2, 97, (3120,))
+    stream[:2400:60] = tg.BOS_ID
+    tg.evaluate(scorer, stream, tables, 200, 100, 4000, 0, 1, documents=True)
+    assert tg.compiled_graphs() == graphs
 
 
 @pytest.mark.slow
