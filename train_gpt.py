@@ -32,6 +32,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 # ----------------------------------------------------------------------------------------------------------
@@ -91,6 +92,7 @@ class Hyperparameters:
     attn_gate: bool = True
     attn_gate_scale: float = 0.5
     ortho_init: bool = True
+    doc_attention: bool = True
     # Schedule.
     iterations: int = 20000
     max_wallclock_seconds: float = 600.0
@@ -510,19 +512,40 @@ def flash_attention_3():
     return flash_attn_func
 
 
-def attention_kernel(device: torch.device) -> str:
+def attention_kernel(device: torch.device, documents: bool = False) -> str:
     """Which kernel the model's attention runs on. On CUDA, SDPA is pinned to the flash kernel (setup_distributed):
-    left to choose, recent torch may pick cuDNN attention, which has open correctness bugs with few KV heads."""
+    left to choose, recent torch may pick cuDNN attention, which has open correctness bugs with few KV heads. Document
+    masks (DOC_ATTENTION) take flex attention on CUDA; on a CPU, flex attention has no backward (torch 2.13), so SDPA
+    takes the mask as a dense boolean (batch, 1, time, time) tensor, a few MB at the shapes a CPU trains."""
+    if documents:
+        return "flex" if device.type == "cuda" else "sdpa_mask"
     return "fa3" if flash_attention_3() else "sdpa_flash" if device.type == "cuda" else "sdpa"
 
 
-def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fa3) -> torch.Tensor:
-    """Causal GQA attention on (batch, time, heads, head_dim) tensors, in FA3's layout."""
-    if fa3 is not None:
+def document_mask(input_ids: torch.Tensor, kernel: str) -> BlockMask | torch.Tensor:
+    """Causal attention within documents only: a BOS starts a new one, and a row's tokens before its first BOS are
+    the tail of a document that began in an earlier row. Built once per forward pass, shared by every block."""
+    b, t = input_ids.shape
+    docs = (input_ids == BOS_ID).cumsum(1)
+    if kernel == "flex":
+        return create_block_mask(lambda i, h, q, k: (k <= q) & (docs[i, q] == docs[i, k]), b, None, t, t,
+                                 device=input_ids.device)
+    causal = torch.ones(t, t, dtype=torch.bool, device=input_ids.device).tril()
+    return ((docs[:, :, None] == docs[:, None, :]) & causal)[:, None]
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fa3,
+                     mask: BlockMask | torch.Tensor | None = None) -> torch.Tensor:
+    """Causal GQA attention on (batch, time, heads, head_dim) tensors, in FA3's layout, within documents when given
+    their mask (document_mask)."""
+    if mask is None and fa3 is not None:
         y = fa3(q, k, v, causal=True)
         return y[0] if isinstance(y, tuple) else y  # some FA3 versions also return the log-sum-exp
-    y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
-                                       enable_gqa=k.size(2) != q.size(2))
+    q, k, v, gqa = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), k.size(2) != q.size(2)
+    if isinstance(mask, BlockMask):
+        y = flex_attention(q, k, v, block_mask=mask, enable_gqa=gqa)
+    else:
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=gqa)
     return y.transpose(1, 2)
 
 
@@ -555,7 +578,7 @@ class Attention(nn.Module):
         freqs = torch.outer(torch.arange(t, device=device, dtype=torch.float32), self.inv_freq)[:, None, :]
         return freqs.cos().to(dtype), freqs.sin().to(dtype)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: BlockMask | torch.Tensor | None = None) -> torch.Tensor:
         b, t, _ = x.shape
         q = self.c_q(x).view(b, t, self.heads, self.head_dim)
         k = self.c_k(x).view(b, t, self.kv_heads, self.head_dim)
@@ -563,7 +586,7 @@ class Attention(nn.Module):
         cos, sin = self.rotary(t, x.device, q.dtype)
         q = apply_rotary(F.rms_norm(q, (self.head_dim,)), cos, sin) * self.q_gain.to(q.dtype)[:, None]
         k = apply_rotary(F.rms_norm(k, (self.head_dim,)), cos, sin)
-        y = causal_attention(q, k, v, self.fa3)
+        y = causal_attention(q, k, v, self.fa3, mask)
         if self.xsa:
             # XSA: drop the part of each head's output that only repeats its own token's value, so attention
             # spends itself on context. Query heads are grouped by the kv head that serves them.
@@ -609,17 +632,18 @@ class Block(nn.Module):
     def norm(self, x: torch.Tensor) -> torch.Tensor:
         return F.rms_norm(x, (x.size(-1),)) * self.norm_scale
 
-    def forward(self, x: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, x0: torch.Tensor, mask: BlockMask | torch.Tensor | None) -> torch.Tensor:
         mix = self.resid_mix.to(x.dtype)
         x = mix[0] * x + mix[1] * x0
-        out = x + self.attn_scale.to(x.dtype) * self.attn(self.norm(x))
+        out = x + self.attn_scale.to(x.dtype) * self.attn(self.norm(x), mask)
         return out + self.mlp_scale.to(x.dtype) * self.mlp(self.norm(out))
 
-    def lanes(self, x: torch.Tensor, lane: torch.Tensor, x0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def lanes(self, x: torch.Tensor, lane: torch.Tensor, x0: torch.Tensor,
+              mask: BlockMask | torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """A parallel block: attention reads lane 0 (mixed with x0), the MLP reads lane 1, side by side, and both
         outputs go into both lanes."""
         mix, resid, post = self.resid_mix.to(x.dtype), self.lane_resid.to(x.dtype), self.lane_post.to(x.dtype)
-        attn = self.attn_scale.to(x.dtype) * self.attn(self.norm(mix[0] * x + mix[1] * x0))
+        attn = self.attn_scale.to(x.dtype) * self.attn(self.norm(mix[0] * x + mix[1] * x0), mask)
         mlp = self.mlp_scale.to(x.dtype) * self.mlp(self.norm(lane))
         return (resid[0] * x + post[0, 0] * attn + post[1, 0] * mlp,
                 resid[1] * lane + post[0, 1] * attn + post[1, 1] * mlp)
@@ -657,6 +681,8 @@ class GPT(nn.Module):
         self.orders = (list(range(hp.num_layers)), unrolled)
         self.recur, self.recur_on = len(unrolled) > hp.num_layers, False
         self.lora = None  # test-time adapters of the tied output head (DocumentAdapters)
+        # DOC_ATTENTION: no token attends across a BOS, in training and in every evaluation window alike.
+        self.doc_attention = hp.doc_attention
         self.vocab_size, self.bigram_buckets = hp.vocab_size, hp.bigram_buckets
         self.bigram_emb = self.bigram_proj = self.smear_gate = self.smear_lambda = None
         if hp.bigram_buckets:
@@ -703,6 +729,7 @@ class GPT(nn.Module):
         with torch.autocast(input_ids.device.type, torch.bfloat16, enabled=self.bf16):
             x = self.embed(input_ids)
             x = x0 = x.to(torch.bfloat16) if self.bf16 else x
+            mask = document_mask(input_ids, attention_kernel(input_ids.device, True)) if self.doc_attention else None
             order = self.orders[self.recur_on]
             half, skips, lane = len(order) // 2, [], None
             for k, i in enumerate(order):
@@ -714,10 +741,10 @@ class GPT(nn.Module):
                 # The first parallel block opens a second lane from the residual; a plain block (only where the
                 # recurrence span reaches past PARALLEL_START), and the end, merge the two by their mean.
                 if block.parallel:
-                    x, lane = block.lanes(x, x if lane is None else lane, x0)
+                    x, lane = block.lanes(x, x if lane is None else lane, x0, mask)
                 else:
                     x, lane = (x if lane is None else 0.5 * (x + lane)), None
-                    x = block(x, x0)
+                    x = block(x, x0, mask)
                 if k < half:
                     skips.append(x)
             x = x if lane is None else 0.5 * (x + lane)
@@ -2410,13 +2437,16 @@ def warm_up_evaluation(model: GPT, scorer: nn.Module, hp: Hyperparameters, table
     sums, docs = torch.zeros(3, dtype=torch.float64, device=device), torch.from_numpy(stream).to(device)
     adapters = DocumentAdapters(model, hp, hp.ttt_batch_docs, device) if hp.ttt else None
     if hp.compile:
-        score_windows(scorer, docs, tables, *plan_document_windows(starts, counts, seq, stride),
-                      hp.val_batch_size // world_size, sums)
-        if hp.ttt:
-            adapters.attach()
-            adapt_batch(scorer, adapters, docs, tables, starts[:hp.ttt_batch_docs], counts[:hp.ttt_batch_docs], hp,
-                        sums, None)
-            adapters.detach()
+        # Flex document masks (CUDA) specialise windows of one 128-token block (sdpa builds no more graphs): the
+        # document of a chunk and one also goes alone, so its short windows are scored, adapted and only scored.
+        for mine in (slice(None), slice(1, 2)):
+            score_windows(scorer, docs, tables, *plan_document_windows(starts[mine], counts[mine], seq, stride),
+                          hp.val_batch_size // world_size, sums)
+            if hp.ttt:
+                adapters.attach()
+                adapt_batch(scorer, adapters, docs, tables, starts[mine][:hp.ttt_batch_docs],
+                            counts[mine][:hp.ttt_batch_docs], hp, sums, None)
+                adapters.detach()
     rows = {"score": max(2, hp.val_batch_size // (seq * world_size)), "adapt": hp.ttt_batch_docs}
     tokens = torch.randint(0, hp.vocab_size, (max(rows.values()) * seq + 1,), device=device)
     rates = {}
@@ -2491,7 +2521,7 @@ def log_setup(hp: Hyperparameters, log: Logger, world_size: int, device: torch.d
     for f in dataclasses.fields(hp):
         log(f"hparam {f.name.upper()}:{getattr(hp, f.name)}")
     log(f"runtime compile:{int(hp.compile)} autocast:{precision(hp, device)} "
-        f"attention:{attention_kernel(device)}")
+        f"attention:{attention_kernel(device, hp.doc_attention)}")
 
 
 def main() -> None:

@@ -101,7 +101,7 @@ PLAIN = dict(MLP_MULT=3, XSA_LAST_N=0, PARALLEL_START=-1, RECUR_LAYERS="", RECUR
              SKIP_GATES=0, ATTN_GATE=0, MUON_NS="classic", MUON_ROW_NORM=0, MUON_WD=0.04, MIN_LR_FRAC=0,
              EMA_DECAY=0.997, QAT_BITS_MLP=5, EMBED_BITS=8, QAT_START_FRAC=0.85, LOGIT_SOFTCAP_NEG=0, ROPE_DIMS=0,
              LN_SCALE=0, QK_GAIN_INIT=1.5, GPTQ=0, CLIP_MODE="max", BYTE_SHUFFLE=0, AWQ_GROUP=0, LQER_RANK=0,
-             DOC_EVAL=0, TTT=0, ORTHO_INIT=0, SCALAR_WD=0, ASYM_LOGIT=0)
+             DOC_EVAL=0, TTT=0, ORTHO_INIT=0, SCALAR_WD=0, ASYM_LOGIT=0, DOC_ATTENTION=0)
 TIME_ITERATIONS = 1_000_000  # equal-wall-clock rows stop on the clock, never on the step count
 # The #1855 record's own code, run by ../shared/anchors/record_mini.sh (which sets the same shape as SHAPE with
 # SP8192 and scales its block indices to 4 blocks), in fp32: on a CPU without native bf16 its bf16 weights make a

@@ -77,7 +77,7 @@ PLAIN = dict(xsa_last_n=0, parallel_start=-1, recur_layers="", smear=False, skip
              muon_ns="classic", muon_row_norm=False, muon_wd=0.04, min_lr_frac=0.0, qat_bits_mlp=5,
              embed_bits=8, clip_mode="max", gptq=False, byte_shuffle=False, doc_eval=False, ttt=False,
              qat_start_frac=0.85, qk_gain_init=1.5, rope_dims=0, ln_scale=False, awq_group=False,
-             lqer_rank=0, ortho_init=False, scalar_wd=0.0, asym_logit=False)
+             lqer_rank=0, ortho_init=False, scalar_wd=0.0, asym_logit=False, doc_attention=False)
 
 
 def plain_env() -> dict:

@@ -62,7 +62,7 @@ def test_a_parallel_block_feeds_attention_lane_0_and_the_mlp_lane_1_and_both_out
         attn = block.attn_scale * block.attn(F.rms_norm(mixed, (32,)) / math.sqrt(5))  # LN_SCALE: 1/sqrt(4 + 1)
         mlp = block.mlp_scale * block.mlp(F.rms_norm(lane, (32,)) / math.sqrt(5))
         r, p = block.lane_resid, block.lane_post
-        lane0, lane1 = block.lanes(x, lane, x0)
+        lane0, lane1 = block.lanes(x, lane, x0, None)
     assert block.parallel and not model.blocks[2].parallel and not hasattr(model.blocks[2], "lane_post")
     assert torch.allclose(lane0, r[0] * x + p[0, 0] * attn + p[1, 0] * mlp, atol=1e-5)
     assert torch.allclose(lane1, r[1] * lane + p[0, 1] * attn + p[1, 1] * mlp, atol=1e-5)

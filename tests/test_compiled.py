@@ -17,7 +17,7 @@ pytestmark = pytest.mark.slow  # runs train_gpt.py end to end (README: the quick
 # projections 64 x 64, so Muon's Newton-Schulz compiles for two shapes only.
 EVERY_OPTION = dict(NUM_LAYERS=2, MLP_MULT=1, ROPE_DIMS=8, LN_SCALE=1, QK_GAIN_INIT=5, XSA_LAST_N=2,
                     PARALLEL_START=1, RECUR_LAYERS=1, RECUR_START_FRAC=0.3, SMEAR=1, BIGRAM_BUCKETS=256, BIGRAM_DIM=64,
-                    SKIP_GATES=1, ATTN_GATE=1, LOGIT_SOFTCAP_NEG=20, TRAIN_SEQ_SCHEDULE="32@0,64@0.3",
+                    SKIP_GATES=1, ATTN_GATE=1, DOC_ATTENTION=1, LOGIT_SOFTCAP_NEG=20, TRAIN_SEQ_SCHEDULE="32@0,64@0.3",
                     QAT_START_FRAC=0.3, MUON_NS="polar", MUON_ROW_NORM=1, GPTQ=1, GPTQ_CALIB_BATCHES=2,
                     GPTQ_RESERVE_SECONDS=0, CLIP_MODE="std", AWQ_GROUP=1, LQER_RANK=2, TTT=1, TTT_LORA_RANK=4,
                     TTT_CHUNK_TOKENS=16, TTT_BATCH_DOCS=8, TTT_PREFIX_DOCS=16, TTT_PHASES=1, WARMUP_STEPS=2,
@@ -51,7 +51,7 @@ def test_compiled_run_builds_exactly_the_expected_graphs_and_breaks_none(runs):
     out = runs["compiled"]
     # bf16 where the CPU has it natively (tests/test_precision.py covers the fp32 fallback).
     expected = dict(autocast="bf16") if tg.cpu_has_bf16() else dict(autocast="fp32", reason="no_native_bf16")
-    assert parse_line(out, "runtime") == dict(compile="1", **expected, attention="sdpa")
+    assert parse_line(out, "runtime") == dict(compile="1", **expected, attention="sdpa_mask")
     # Everything training needs is compiled before the clock starts.
     assert int(parse_line(out, "warmup_done")["compiled_graphs"]) == TRAIN_GRAPHS + NS_GRAPHS + 1
     assert parse_line(out, "compile") == dict(graphs=str(TRAIN_GRAPHS + NS_GRAPHS + SCORE_GRAPHS), graph_breaks="0")
@@ -74,7 +74,7 @@ def test_compiled_run_switches_recurrence_and_qat_on_and_scores_the_artifact(run
 
 def test_eager_run_stays_fp32_and_compiles_nothing(runs):
     out = runs["eager"]
-    assert parse_line(out, "runtime") == dict(compile="0", autocast="fp32", reason="compile_0", attention="sdpa")
+    assert parse_line(out, "runtime") == dict(compile="0", autocast="fp32", reason="compile_0", attention="sdpa_mask")
     assert parse_line(out, "compile") == dict(graphs="0", graph_breaks="0")
 
 

@@ -13,7 +13,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import train_gpt as tg
-from conftest import plain_hp, parse_line, randomised, run_train, small_hp, tiny_env, write_shard
+from conftest import byte_tables, plain_hp, parse_line, randomised, run_train, small_hp, tiny_env, write_shard
 
 STANDIN = Path(__file__).parent / "fa3_standin"
 
@@ -46,6 +46,86 @@ def test_flash_attention_3_is_used_when_it_imports_and_matches_sdpa(fa3):
         block.attn.fa3 = None
     with torch.no_grad():
         assert torch.allclose(got, with_fa3.logits(x), atol=1e-5)
+
+
+def attention_inputs(rows: int, time: int, seed: int = 0) -> tuple[torch.Tensor, ...]:
+    """q, k, v in FA3's layout with GQA (4 query heads, 2 kv heads), head size 16."""
+    g = torch.Generator().manual_seed(seed)
+    return tuple(torch.randn(rows, time, heads, 16, generator=g) for heads in (4, 2, 2))
+
+
+def test_document_kernels_follow_the_device():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert tg.attention_kernel(cpu, True) == "sdpa_mask" and tg.attention_kernel(cuda, True) == "flex"
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+@pytest.mark.parametrize("kernel", ["flex", "sdpa_mask"])
+def test_document_attention_on_rows_of_one_document_is_plain_causal_attention(kernel):
+    # 200 tokens: flex attention works in blocks of 128, so the second block is partial.
+    q, k, v = attention_inputs(2, 200)
+    ids = torch.randint(2, 97, (2, 200))
+    ids[0, 0] = tg.BOS_ID  # row 0 is a whole document, row 1 the middle of one
+    with torch.no_grad():
+        got = tg.causal_attention(q, k, v, None, tg.document_mask(ids, kernel))
+    assert torch.allclose(got, tg.causal_attention(q, k, v, None), atol=1e-5)
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+def test_flex_and_dense_document_masks_attend_alike():
+    q, k, v = attention_inputs(2, 200)
+    ids = torch.randint(2, 97, (2, 200))
+    ids[0, [0, 5, 6, 130]] = ids[1, [127, 128]] = tg.BOS_ID  # one-token documents, a document across blocks
+    with torch.no_grad():
+        flex = tg.causal_attention(q, k, v, None, tg.document_mask(ids, "flex"))
+        dense = tg.causal_attention(q, k, v, None, tg.document_mask(ids, "sdpa_mask"))
+    assert torch.allclose(flex, dense, atol=1e-5)
+    assert not torch.allclose(flex, tg.causal_attention(q, k, v, None), atol=1e-3)  # the documents did matter
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+def test_flex_document_masks_trace_into_two_dynamic_shape_graphs(monkeypatch):
+    """Evaluation on CUDA compiles the scorer with dynamic shapes and fullgraph (duck sizing off), and the block mask
+    is built inside the graph from each window's length: windows of one 128-token block and longer ones get a graph
+    each (a count of 1 is specialised), both of which the evaluation's warm-up builds (windows of 2 and of more than
+    EVAL_SEQ_LEN tokens). Traced on the cheap aot_eager backend, forward only (flex attention has no CPU backward)."""
+    monkeypatch.setattr(tg, "attention_kernel", lambda device, documents=False: "flex")
+    monkeypatch.setattr(torch.fx.experimental._config, "use_duck_shape", False)
+    torch._dynamo.reset()
+    model = randomised(tg.GPT(small_hp(doc_attention=True)))
+    windows = []
+    for time in (40, 100, 150, 300):
+        x = torch.randint(2, 97, (3, time + 1))
+        x[:, 0] = x[0, 17] = x[2, time // 2] = tg.BOS_ID
+        with torch.no_grad():  # eager flex attention compiles graphs of its own: counted before the scorer's
+            windows.append((x[:, :-1], x[:, 1:], model(x[:, :-1], x[:, 1:], per_token=True)))
+    scorer = torch.compile(model, backend="aot_eager", fullgraph=True, dynamic=True)
+    graphs = tg.compiled_graphs()
+    for x, y, eager in windows:
+        with torch.no_grad():
+            assert torch.allclose(scorer(x, y, per_token=True), eager, atol=1e-5)
+    assert tg.compiled_graphs() - graphs == 2
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+def test_the_evaluation_warm_up_builds_the_flex_graph_of_short_windows_too(monkeypatch):
+    """Document windows of at most 128 tokens (one flex block) need a graph of their own: the warm-up must build it,
+    or the evaluation compiles it on its clock. Scoring only (flex attention has no CPU backward), on aot_eager."""
+    monkeypatch.setattr(tg, "attention_kernel", lambda device, documents=False: "flex")
+    monkeypatch.setattr(torch.fx.experimental._config, "use_duck_shape", False)
+    torch._dynamo.reset()
+    hp = small_hp(doc_attention=True, compile=True, eval_seq_len=200, eval_stride=100, val_batch_size=4000)
+    model = randomised(tg.GPT(hp)).requires_grad_(False)
+    scorer = torch.compile(model, backend="aot_eager", fullgraph=True, dynamic=True)
+    tables, cpu = byte_tables(97), torch.device("cpu")
+    tg.warm_up_evaluation(model, scorer, hp, tables, 0, 1, cpu)
+    graphs = tg.compiled_graphs()
+    # 40 documents of 60 tokens, then one of 720: more windows than a batch holds, so the short ones that are left
+    # make a batch (and a width) of their own
+    stream = torch.randint(2, 97, (3120,))
+    stream[:2400:60] = tg.BOS_ID
+    tg.evaluate(scorer, stream, tables, 200, 100, 4000, 0, 1, documents=True)
+    assert tg.compiled_graphs() == graphs
 
 
 @pytest.mark.slow

@@ -89,3 +89,54 @@ def test_qat_switch_flips_a_compiled_model_without_recompiling_stale_values():
     assert not torch.allclose(off, on)
     assert torch.allclose(on, eager_on, atol=1e-6)
     assert torch.allclose(off, off_again, atol=1e-6)
+
+
+def document_stream() -> torch.Tensor:
+    """Two rows of 33 tokens (inputs and targets of 32): row 0 opens inside a document begun in an earlier row, then
+    a document of 8 tokens, one of a lone BOS, and one to the end; row 1 is a single document. Ids 2..96 are no BOS."""
+    stream = torch.randint(2, 97, (2, 33), generator=torch.Generator().manual_seed(0))
+    stream[0, [7, 15, 16]] = stream[1, 0] = tg.BOS_ID
+    return stream
+
+
+def losses_after_each_edit(model: tg.GPT, stream: torch.Tensor) -> tuple[torch.Tensor, list]:
+    """Per-token losses of the stream and of every variant with one non-BOS token changed (all in one batch), with
+    (row, changed position) of each variant."""
+    edits = [(r, p) for r in range(stream.size(0)) for p in range(1, stream.size(1)) if stream[r, p] != tg.BOS_ID]
+    variants = stream[[r for r, _ in edits]].clone()
+    for v, (r, p) in enumerate(edits):
+        variants[v, p] = 2 + (variants[v, p] - 1) % 95  # another non-BOS id
+    with torch.no_grad():
+        base = model(stream[:, :-1], stream[:, 1:], per_token=True)
+        edited = model(variants[:, :-1], variants[:, 1:], per_token=True)
+    return edited - base[[r for r, _ in edits]], edits
+
+
+def every_option(**overrides) -> tg.GPT:
+    """Every path a token could leak through: smear, bigram, XSA, attention gate, skips, parallel lanes, recurrence."""
+    hp = small_hp(smear=True, bigram_buckets=64, xsa_last_n=5, attn_gate=True, skip_gates=True, parallel_start=3,
+                  recur_layers="1,2", **overrides)
+    model = randomised(tg.GPT(hp))
+    model.recur_on = True
+    return model
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+@pytest.mark.parametrize("kernel", ["sdpa_mask", "flex"])
+def test_with_doc_attention_editing_one_document_leaves_every_other_documents_losses_unchanged(kernel, monkeypatch):
+    monkeypatch.setattr(tg, "attention_kernel", lambda device, documents=False: kernel)
+    stream = document_stream()
+    changes, edits = losses_after_each_edit(every_option(doc_attention=True), stream)
+    docs = (stream[:, :-1] == tg.BOS_ID).cumsum(1)
+    for change, (r, p) in zip(changes, edits):
+        # The edited token is the target at p - 1 and the input at p: both positions are in its document.
+        other = docs[r] != docs[r, p - 1]
+        assert (change[other].abs() <= 1e-6).all(), (kernel, r, p)
+        assert change[~other].abs().max() > 1e-4  # the edit did reach its own document
+
+
+def test_without_doc_attention_later_documents_see_earlier_ones():
+    stream = document_stream()
+    changes, edits = losses_after_each_edit(every_option(doc_attention=False), stream)
+    (v,) = [v for v, e in enumerate(edits) if e == (0, 10)]  # inside the document at 7..14
+    assert changes[v, 16:].abs().max() > 1e-4  # the document from 16 on reads it
