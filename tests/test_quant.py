@@ -1,5 +1,4 @@
 """Quantise -> pack -> compress -> load -> dequantise, the straight-through estimator, and a safe loader."""
-import io
 import pickle
 
 import numpy as np

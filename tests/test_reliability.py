@@ -16,7 +16,7 @@ import torch
 import zstandard
 
 import train_gpt as tg
-from conftest import plain_hp, parse_line, run_train, tiny_env, write_shard
+from conftest import plain_hp, parse_line, run_train, tiny_env
 
 REPO = Path(tg.__file__).resolve().parent
 

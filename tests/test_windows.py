@@ -51,7 +51,6 @@ def test_evaluate_sums_every_target_once(n, seq_len, stride, batch):
 
 
 def test_ranks_split_the_windows_without_overlap():
-    tokens = torch.randint(0, 50, (1001,))
     starts, first = tg.plan_windows(1000, 64, 8)
     shares = [np.array_split(np.arange(starts.size), 3)[r] for r in range(3)]
     assert sorted(np.concatenate(shares).tolist()) == list(range(starts.size))
