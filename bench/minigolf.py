@@ -971,6 +971,10 @@ def paired_table(records: list[dict], read_log=log_copy) -> str:
     return "\n".join(lines)
 
 
+def is_parity_row(name: str) -> bool:
+    return name == "record" or name.startswith(("record_", "ours_fp32"))
+
+
 def parity_table(summary: list[dict]) -> str:
     """Each difference measured in both scripts: the record moved to our value, ours moved to the record's. Where
     one change helps one script and hurts the other, the two implementations differ. A pair run on one seed is read
@@ -1100,7 +1104,10 @@ def cmd_table(args: argparse.Namespace) -> int:
     heading = (lambda kind: f"CPU with {kind}:\n\n") if len(kinds) > 1 else (lambda kind: "")
     table = "\n\n".join(heading(k) + render_table(summarize(rs), rs) for k, rs in sorted(kinds.items()))
     paired = "\n\n".join(heading(k) + paired_table(rs) for k, rs in sorted(kinds.items()))
-    parity = "\n\n".join(heading(k) + parity_table(summarize(rs)) for k, rs in sorted(kinds.items()))
+    # Like the standings below, the parity pairs only for a kind of CPU that ran any of them.
+    paired_up = {k: rs for k, rs in kinds.items() if any(is_parity_row(r["row"]) for r in rs)} or kinds
+    parity_heading = heading if len(paired_up) > 1 else (lambda kind: "")
+    parity = "\n\n".join(parity_heading(k) + parity_table(summarize(rs)) for k, rs in sorted(paired_up.items()))
     # The standings (and their figure) per kind of CPU that ran any of their rows: a kind that only ran other rows
     # (a data pair, say) would show an empty table.
     ranked = {k: rs for k, rs in kinds.items() if any(r["row"] in STANDINGS for r in rs)} or kinds

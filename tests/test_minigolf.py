@@ -401,11 +401,11 @@ def test_table_writes_the_standings_first_and_the_figure(tmp_path):
     assert mg.main(argv) == 0 and doc.read_text() == text  # regenerating changes nothing
 
 
-def test_a_cpu_kind_that_ran_no_standings_row_gets_its_own_tables_but_no_empty_standings(tmp_path):
+def test_a_cpu_kind_that_ran_no_standings_or_parity_row_gets_its_own_tables_but_no_empty_ones(tmp_path):
     def run(row, bpb, seed, bf16):
         return record(row, bpb, seed=seed, commit="a" * 40, date="2026-12-07T10:00:00+00:00",
                       machine=dict(cpu="cpu", cores=2, hostname="vm", boot_id="b", bf16=bf16))
-    runs = [run("ours", 1.92, 1337, True), run("ours", 1.93, 42, True)]
+    runs = [run("ours", 1.92, 1337, True), run("ours", 1.93, 42, True), run("record", 1.90, 1337, True)]
     runs += [run("proxy8192", 1.91, 1337, False), run("caseops", 1.92, 1337, False)]
     results, doc, figure = tmp_path / "runs.jsonl", tmp_path / "MINIGOLF.md", tmp_path / "minigolf" / "standings.png"
     results.write_text("".join(mg.json.dumps(r) + "\n" for r in runs))
@@ -416,6 +416,8 @@ def test_a_cpu_kind_that_ran_no_standings_row_gets_its_own_tables_but_no_empty_s
     assert "CPU with" not in standings and "(minigolf/standings.png)" in standings and figure.is_file()
     tables = text.split(mg.TABLE_BEGIN)[1]
     assert "CPU with native bf16:" in tables and "CPU with no native bf16:" in tables and "| caseops |" in tables
+    parity = text.split(mg.PARITY_BEGIN)[1].split(mg.PARITY_END)[0]
+    assert "CPU with" not in parity and "| momentum:" in parity
 
 
 def test_the_committed_results_open_with_the_standings_that_runs_jsonl_gives():
