@@ -871,6 +871,13 @@ def registry_order(name: str) -> tuple[int, str]:
     return list(ROWS).index(name) if name in ROWS else len(ROWS), name
 
 
+def base_of(name: str, records: list[dict]) -> str | None:
+    """A registry row's base; a relabelled row (gone from the registry) keeps the base its runs recorded."""
+    if name in ROWS:
+        return ROWS[name].base
+    return next((r["base"] for r in records if r["row"] == name and r.get("base")), None)
+
+
 def summarize(records: list[dict]) -> list[dict]:
     groups: dict[str, list[dict]] = {}
     for rec in records:
@@ -887,7 +894,7 @@ def summarize(records: list[dict]) -> list[dict]:
                     bytes_total=None, fits=None, s_per_step=None, train_s=None, eval_s=None)
         if runs:
             line["mean"], line["std"] = mean_std(scores[n])
-            line["base"] = ROWS[n].base if n in ROWS else None
+            line["base"] = base_of(n, groups[n])
             for ref, key in ((line["base"], "vs_base"), ("baseline", "vs_baseline")):
                 if ref and ref != n and scores.get(ref):
                     line[key] = delta(scores[n], scores[ref])
@@ -953,7 +960,7 @@ def paired_table(records: list[dict], read_log=log_copy) -> str:
         return signed(m) + (f" ± {s:.5f}" if s is not None else "")
 
     def vs_base(row: str, key: str) -> str:
-        base = ROWS[row].base if row in ROWS else None
+        base = base_of(row, records)
         if not base or base not in measures:
             return ""
         d, noise = delta([x[key] for x in measures[row]], [x[key] for x in measures[base]])

@@ -305,6 +305,14 @@ def record(row, bpb, script="ours", **kw):
     return rec
 
 
+def test_a_relabelled_row_is_compared_with_the_base_its_runs_recorded():
+    records = [record("plain_old", 2.00, seed=1), record("plain_old", 2.02, seed=2),
+               record("xsa_old", 1.97, seed=1, base="plain_old"), record("xsa_old", 1.99, seed=2, base="plain_old")]
+    lines = {s["row"]: s for s in mg.summarize(records)}
+    assert lines["xsa_old"]["base"] == "plain_old" and lines["xsa_old"]["vs_base"][0] == pytest.approx(-0.03)
+    assert lines["xsa_old"]["vs_base_seeds"][0] == pytest.approx(-0.03) and lines["plain_old"]["base"] is None
+
+
 def test_mean_std_and_delta_noise():
     assert mg.mean_std([2.0]) == (2.0, None)
     m, s = mg.mean_std([2.0, 2.2, 2.4])
