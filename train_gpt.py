@@ -134,6 +134,8 @@ class Hyperparameters:
     clip_search: bool = True
     gptq: bool = True
     gptq_act_order: bool = False
+    gptq_embed: bool = False
+    clip_sigmas: str = ""
     gptq_calib_batches: int = 32
     gptq_reserve_seconds: float = 12.0
     compressor: str = "rans"
@@ -160,6 +162,7 @@ class Hyperparameters:
     ttt_lr: float = 8e-5
     ttt_wd: float = 2.0
     ttt_chunk_tokens: int = 48
+    ttt_short_chunks: str = ""
     ttt_batch_docs: int = 64
     ttt_prefix_docs: int = 2500
     ttt_phases: int = 1
@@ -243,6 +246,7 @@ class Hyperparameters:
         need(self.compressor in (*COMPRESSORS, "best") and (self.compressor != "brotli" or have_brotli()),
              f"COMPRESSOR must be best or one of {sorted(COMPRESSORS)} (brotli if installed), got {self.compressor!r}")
         need(self.clip_mode in ("max", "std"), f"CLIP_MODE must be max or std, got {self.clip_mode!r}")
+        self.clip_sigma_map()
         need(self.lqer_rank >= 0 and self.lqer_tensors >= 0,
              f"LQER_RANK and LQER_TENSORS must be >= 0, got {self.lqer_rank}, {self.lqer_tensors}")
         cap = self.max_wallclock_seconds
@@ -257,6 +261,7 @@ class Hyperparameters:
         need(not self.ttt or self.ttt_chunk_tokens <= self.eval_seq_len,
              f"TTT_CHUNK_TOKENS={self.ttt_chunk_tokens} must be at most EVAL_SEQ_LEN={self.eval_seq_len}: a chunk is "
              f"scored by one window, so a longer one would leave targets unscored")
+        self.ttt_chunk_for(0)
         need(self.ttt_prefix_docs >= 0 and self.ttt_phases >= 0,
              f"TTT_PREFIX_DOCS and TTT_PHASES must be >= 0, got {self.ttt_prefix_docs}, {self.ttt_phases}")
         targets = self.ttt_lora_targets.split(",")
@@ -286,6 +291,33 @@ class Hyperparameters:
                             f"fractions rising from 0 to at most 1, ending at TRAIN_SEQ_LEN={self.train_seq_len}, "
                             f"e.g. '1024@0,{self.train_seq_len}@0.4'")
         return stages
+
+    def clip_sigma_map(self) -> dict[str, float]:
+        """CLIP_SIGMAS as {kind: k}, e.g. 'mlp:11.5,attn:13,embed:14'; empty: every kind searches its clip."""
+        try:
+            pairs = {kind: float(k) for kind, k in (item.split(":") for item in self.clip_sigmas.replace(" ", "")
+                                                    .split(",") if item)}
+        except ValueError:
+            pairs = {"": 0.0}
+        if not set(pairs) <= {"attn", "mlp", "embed"} or not all(k > 0 and math.isfinite(k) for k in pairs.values()):
+            raise UserError(f"CLIP_SIGMAS={self.clip_sigmas!r} must be kind:k pairs, kinds attn, mlp and embed, each k "
+                            f"positive, e.g. 'mlp:11.5,attn:13,embed:14'")
+        return pairs
+
+    def ttt_chunk_for(self, longest: int) -> int:
+        """Chunk size of a TTT batch whose longest document has `longest` tokens: TTT_SHORT_CHUNKS, e.g.
+        '256:8,2000:24' (#2014), gives batches of short documents smaller chunks, so their adapters step more often;
+        TTT_CHUNK_TOKENS otherwise."""
+        try:
+            steps = [(int(limit), int(chunk)) for limit, chunk in
+                     (item.split(":") for item in self.ttt_short_chunks.replace(" ", "").split(",") if item)]
+        except ValueError:
+            steps = [(0, 0)]
+        if any(limit <= 0 or not 0 < chunk <= self.eval_seq_len for limit, chunk in steps) or \
+                [limit for limit, _ in steps] != sorted({limit for limit, _ in steps}):
+            raise UserError(f"TTT_SHORT_CHUNKS={self.ttt_short_chunks!r} must be length:chunk pairs with rising "
+                            f"lengths and chunks in 1..EVAL_SEQ_LEN={self.eval_seq_len}, e.g. '256:8,2000:24'")
+        return next((chunk for limit, chunk in steps if longest <= limit), self.ttt_chunk_tokens)
 
     def recur_span(self) -> range:
         """RECUR_LAYERS as the range of blocks that repeat; empty when off."""
@@ -461,9 +493,11 @@ def fp16_scale(clip: torch.Tensor, qmax: int) -> torch.Tensor:
     return (clip / qmax).clamp_min(2.0 ** -24).half().float()
 
 
-def std_clip(w: torch.Tensor, k: float) -> torch.Tensor:
-    """Per-row clip k * std, capped at the row's max |w| (range past it would only coarsen the grid)."""
-    return (k * w.std(dim=1, keepdim=True)).minimum(w.abs().amax(dim=1, keepdim=True))
+def std_clip(w: torch.Tensor, k: float, cap: bool = True) -> torch.Tensor:
+    """Per-row clip k * std, capped at the row's max |w| (range past it would only coarsen the grid). Uncapped, a
+    wide k leaves the outer codes unused: a coarser grid of fewer distinct codes, which compresses better."""
+    clip = k * w.std(dim=1, keepdim=True)
+    return clip.minimum(w.abs().amax(dim=1, keepdim=True)) if cap else clip
 
 
 def fake_quantize(w: torch.Tensor, bits: int, clip_k: float = 0.0) -> torch.Tensor:
@@ -677,6 +711,7 @@ class GPT(nn.Module):
         # (zero-initialised: an even mix) instead of adding it.
         self.skip_gates = nn.Parameter(torch.zeros_like(self.skip_weights)) if hp.skip_gates else None
         self.lm_head = None if hp.tie_embeddings else CastedLinear(hp.model_dim, hp.vocab_size, zero_init=True)
+        self.final_norm = nn.RMSNorm(hp.model_dim, elementwise_affine=False)  # a module, so GPTQ_EMBED can hook it
         # Plain attributes, not buffers: compiled graphs guard on recur_on, so flipping it re-traces.
         self.orders = (list(range(hp.num_layers)), unrolled)
         self.recur, self.recur_on = len(unrolled) > hp.num_layers, False
@@ -747,8 +782,7 @@ class GPT(nn.Module):
                     x = block(x, x0, mask)
                 if k < half:
                     skips.append(x)
-            x = x if lane is None else 0.5 * (x + lane)
-            x = F.rms_norm(x, (x.size(-1),))
+            x = self.final_norm(x if lane is None else 0.5 * (x + lane))
             logits = self.lm_head(x) if self.lm_head is not None else F.linear(x, self.tok_emb.weight)
             if self.lora is not None:
                 logits = logits + lora_delta(x, *self.lora)
@@ -910,14 +944,14 @@ ARTIFACT_MAGIC, PAYLOAD_MAGIC = b"PGA2", b"PGQ1"
 
 
 def quantize_rows(w: torch.Tensor, bits: int, clip_mode: str = "max", weight: torch.Tensor | None = None,
-                  ks: tuple = STD_CLIP_KS) -> tuple[torch.Tensor, torch.Tensor]:
+                  ks: tuple = STD_CLIP_KS, cap: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric per-row int quantisation. Each row's clip is the candidate (max: CLIP_FRACTIONS of the row's
     max |w|; std: std_clip(w, k) for k in ks) with the least squared error, columns weighted by `weight` (the
     Hessian diagonal under GPTQ). Returns int8 codes and fp16 scales."""
     w = w.float()
     qmax = 2 ** (bits - 1) - 1
     row_max = w.abs().amax(dim=1, keepdim=True)
-    clips = [row_max * f for f in CLIP_FRACTIONS] if clip_mode == "max" else [std_clip(w, k) for k in ks]
+    clips = [row_max * f for f in CLIP_FRACTIONS] if clip_mode == "max" else [std_clip(w, k, cap) for k in ks]
     weight = torch.ones(w.size(1), device=w.device) if weight is None else weight.float()
     best_err = best_scale = None
     for clip in clips:
@@ -968,10 +1002,11 @@ def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, bits: int, scale: torc
 
 
 @torch.no_grad()
-def collect_hessians(model: GPT, batches) -> dict[str, torch.Tensor]:
+def collect_hessians(model: GPT, batches, embed: bool = False) -> dict[str, torch.Tensor]:
     """Mean x x^T of the input x of every CastedLinear over batches of token ids, keyed by weight name (GPTQ's
-    Hessian up to a factor). The forward runs as in training (bf16 under autocast), the sums in fp32; the mean, not
-    the sum, puts every tensor's diagonal on one scale, which pruning compares across tensors."""
+    Hessian up to a factor); with `embed` and a tied head also the head's input (the final norm's output), keyed by
+    the embedding it multiplies (GPTQ_EMBED). The forward runs as in training (bf16 under autocast), the sums in fp32;
+    the mean, not the sum, puts every tensor's diagonal on one scale, which pruning compares across tensors."""
     sums, hooks, tokens = {}, [], 0
 
     def hook(key: str):
@@ -984,6 +1019,9 @@ def collect_hessians(model: GPT, batches) -> dict[str, torch.Tensor]:
     for name, module in model.named_modules():
         if isinstance(module, CastedLinear):
             hooks.append(module.register_forward_hook(hook(f"{name}.weight")))
+    if embed and model.lm_head is None:
+        head_input = hook("tok_emb.weight")
+        hooks.append(model.final_norm.register_forward_hook(lambda module, _, out: head_input(module, (out,), out)))
     try:
         for x in batches:
             model.logits(x)
@@ -1049,6 +1087,23 @@ def salient_group(w: torch.Tensor, hessian: torch.Tensor, width: int) -> int:
     return int(saliency[:saliency.numel() // width * width].view(-1, width).sum(1).argmax()) * width
 
 
+def clip_kind(name: str) -> str:
+    return "embed" if name in ("tok_emb.weight", "lm_head.weight", "bigram_emb.weight") else (
+        "attn" if ".attn." in name else "mlp")
+
+
+def row_grid(name: str, w: torch.Tensor, bits: int, hp: Hyperparameters, weight: torch.Tensor) -> tuple:
+    """Codes and per-row scales of round-to-nearest on the grid `name` exports with. CLIP_SIGMAS fixes k per kind of
+    tensor (the records' uncapped k * std). Otherwise the QAT k joins the search, so the grid training converged to is
+    always on offer; without the search (CLIP_SEARCH=0) block matrices keep exactly that grid, and k becomes the size
+    lever: a wider clip means coarser steps, fewer distinct codes and a smaller artifact. Embeddings always search."""
+    k = hp.clip_sigma_map().get(clip_kind(name))
+    if k is not None:
+        return quantize_rows(w, bits, "std", weight, (k,), cap=False)
+    search = hp.clip_search or not name.startswith(("blocks.", "bigram_proj."))
+    return quantize_rows(w, bits, hp.clip_mode, weight, STD_CLIP_KS * search + (hp.qat_clip_k,))
+
+
 def quantize_tensor(name: str, tensor: torch.Tensor, bits: int, hp: Hyperparameters,
                     hessian: torch.Tensor | None = None) -> QuantTensor:
     """One tensor at `bits`: per-row clip search, then GPTQ where a Hessian was collected, with the salient column
@@ -1057,14 +1112,10 @@ def quantize_tensor(name: str, tensor: torch.Tensor, bits: int, hp: Hyperparamet
         return QuantTensor(name, list(tensor.shape), 16, values=tensor.detach().cpu().half().flatten())
     w = tensor.detach().float().to(hessian.device if hessian is not None else "cpu")
     weight = hessian.diagonal() if hessian is not None else torch.ones(w.size(1), device=w.device)
-    # The QAT k joins the search, so the grid training converged to is always on offer. Without the search block
-    # matrices keep exactly that grid, and k becomes the size lever: a wider clip means coarser steps, fewer distinct
-    # codes and a smaller artifact. Embeddings always search their own clip.
-    search = hp.clip_search or not name.startswith(("blocks.", "bigram_proj."))
-    codes, scale = quantize_rows(w, bits, hp.clip_mode, weight, STD_CLIP_KS * search + (hp.qat_clip_k,))
+    codes, scale = row_grid(name, w, bits, hp, weight)
     group, group_scale = -1, None
     if hessian is not None:
-        if hp.awq_group and bits < 8 and w.size(1) >= 2 * AWQ_WIDTH:
+        if hp.awq_group and bits < 8 and w.size(1) >= 2 * AWQ_WIDTH and clip_kind(name) != "embed":
             group = salient_group(w, hessian, AWQ_WIDTH)
             group_scale = fp16_scale(w[:, group:group + AWQ_WIDTH].abs().amax(dim=1), 127).half()
         codes = gptq_quantize(w, hessian, bits, scale, (group, AWQ_WIDTH, group_scale) if group >= 0 else None,
@@ -1444,11 +1495,12 @@ def line(points: list[tuple[float, float]], x: float) -> float:
 LADDER_MIN_BITS = 2
 
 
-def quantisation_error(w: torch.Tensor, bits: int, hp: Hyperparameters, hessian: torch.Tensor | None) -> float:
-    """Squared error of round-to-nearest at `bits`, columns weighted by the Hessian diagonal: a cheap stand-in for
-    the GPTQ error, good enough to rank which matrix should lose a bit."""
+def quantisation_error(name: str, w: torch.Tensor, bits: int, hp: Hyperparameters,
+                       hessian: torch.Tensor | None) -> float:
+    """Squared error of round-to-nearest at `bits` on the tensor's export grid, columns weighted by the Hessian
+    diagonal: a cheap stand-in for the GPTQ error, good enough to rank which matrix should lose a bit."""
     weight = hessian.diagonal().cpu() if hessian is not None else torch.ones(w.size(1))
-    codes, scale = quantize_rows(w, bits, hp.clip_mode, weight, STD_CLIP_KS + (hp.qat_clip_k,))
+    codes, scale = row_grid(name, w, bits, hp, weight)
     return float(((dequantize_rows(codes, scale) - w).square() * weight).sum())
 
 
@@ -1467,7 +1519,7 @@ def fit_artifact(tensors: list[QuantTensor], state: dict[str, torch.Tensor], hes
         priced = []
         for i in matrices:
             t, w, h = tensors[i], state[tensors[i].name].detach().float().cpu(), hessians.get(tensors[i].name)
-            added = quantisation_error(w, t.bits - 1, hp, h) - quantisation_error(w, t.bits, hp, h)
+            added = quantisation_error(t.name, w, t.bits - 1, hp, h) - quantisation_error(t.name, w, t.bits, hp, h)
             priced.append((added / (w.numel() / 8), i))
         saved, over = 0.0, len(blob) - budget
         for _, i in sorted(priced):
@@ -1737,7 +1789,7 @@ def train_on_scored(model: GPT, scorer: nn.Module, tokens: torch.Tensor, starts:
 def adapt_cost(counts: np.ndarray, hp: Hyperparameters) -> int:
     """Tokens one batch of documents runs through the model under TTT: per chunk, every row padded to the widest
     window."""
-    chunk, seq = hp.ttt_chunk_tokens, hp.eval_seq_len
+    chunk, seq = hp.ttt_chunk_for(int(counts.max())), hp.eval_seq_len
     ends = np.minimum(np.arange(1, -(-int(counts.max()) // chunk) + 1)[:, None] * chunk, counts[None, :])
     return int(hp.ttt_batch_docs * np.minimum(ends, seq).max(axis=1).sum())
 
@@ -1854,7 +1906,7 @@ def adapt_batch(scorer: nn.Module, adapters: DocumentAdapters, tokens: torch.Ten
                 per_target: torch.Tensor | None) -> None:
     """Score-first TTT on one batch of documents, chunk by chunk: each chunk is scored by the current adapters,
     then (if its document has a chunk after it) trains them. Rows of documents that have ended score nothing."""
-    chunk, seq = hp.ttt_chunk_tokens, hp.eval_seq_len
+    chunk, seq = hp.ttt_chunk_for(int(counts.max())), hp.eval_seq_len
     pad = hp.ttt_batch_docs - len(starts)  # rows of no document: they score and learn nothing
     begin_host = np.concatenate((starts, np.zeros(pad, np.int64)))
     count_host = np.concatenate((counts, np.zeros(pad, np.int64)))
@@ -2196,7 +2248,7 @@ class Trainer:
         hp, t = self.hp, time.perf_counter()
         loader = TrainLoader(self.train_files, hp.vocab_size, self.rank, self.world_size, self.device)
         batches = (loader.next_batch(self.local_tokens, hp.train_seq_len)[0] for _ in range(hp.gptq_calib_batches))
-        self.hessians = collect_hessians(self.model, batches)
+        self.hessians = collect_hessians(self.model, batches, hp.gptq_embed)
         if self.world_size > 1:
             for h in self.hessians.values():
                 dist.all_reduce(h)

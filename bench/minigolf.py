@@ -210,6 +210,8 @@ ROWS = {r.name: r for r in (
     row("eval_ctx", "+ evaluation context 1024 (trained at 512)", EVAL_SEQ_LEN=1024, EVAL_STRIDE=512),
     row("ttt", "+ score-first LoRA TTT per document (rank 16, chunks of 48), no phases", TTT=1, TTT_PHASES=0),
     row("ttt_phases", "+ LoRA TTT with 3 global SGD phases over the first 200 documents", TTT=1, TTT_PHASES=3),
+    row("ttt_short_chunks", "ttt_phases + the #2014 chunks for short documents (8 up to 256 tokens, 24 up to 2,000)",
+        base="ttt_phases", TTT=1, TTT_PHASES=3, TTT_SHORT_CHUNKS="256:8,2000:24"),
     row("sp8192", "sp8192 data, dim 96, int6 embedding", **SP8192),
     row("proxy8192", "ours on an sp8192 BPE trained on the proxy's training documents (caseops' base)", base="ours",
         **{**SP8192, "data": "proxy8192"}),
@@ -220,9 +222,14 @@ ROWS = {r.name: r for r in (
         XSA_LAST_N=6, PARALLEL_START=4, RECUR_LAYERS="2,3"),
     row("shape_8x96", "ours with 8 layers", base="ours", **SP8192, NUM_LAYERS=8,
         XSA_LAST_N=8, PARALLEL_START=5, RECUR_LAYERS="3,4"),
-    # seq_growth was at the edge of the noise against `plain`; this measures it where the default would change.
+    # The records' export choices that ours has as options, each against ours (paired export penalty decides).
     row("ours_act_order", "ours + GPTQ with act-order (the records' column order)", base="ours", **SP8192,
         GPTQ_ACT_ORDER=1),
+    row("ours_gptq_embed", "ours + GPTQ on the tied embedding (the records' embedding export)", base="ours", **SP8192,
+        GPTQ_EMBED=1),
+    row("ours_clip_sigmas", "ours + the #2135 run's fixed uncapped clips instead of the search", base="ours", **SP8192,
+        CLIP_SIGMAS="attn:13,mlp:11.5,embed:14"),
+    # seq_growth was at the edge of the noise against `plain`; this measures it where the default would change.
     row("ours_seq_growth", "ours + training context 256 -> 512 at 40% of training", base="ours", **SP8192,
         TRAIN_SEQ_SCHEDULE="256@0,512@0.4"),
 )}

@@ -99,6 +99,47 @@ def test_hessians_are_the_mean_outer_product_of_each_quantised_layers_input():
     assert not any(m._forward_hooks for m in model.modules()), "collection must remove its hooks"
 
 
+def test_gptq_embed_adds_the_tied_heads_input_hessian_under_the_embeddings_name():
+    hp, model = tiny_model()
+    batches = [torch.randint(0, hp.vocab_size, (2, 16)) for _ in range(3)]
+    seen = []
+    handle = model.final_norm.register_forward_hook(lambda m, inputs, out: seen.append(out.flatten(0, 1)))
+    hessians = tg.collect_hessians(model, batches, embed=True)
+    handle.remove()
+    x = torch.cat(seen)
+    assert torch.allclose(hessians["tok_emb.weight"], x.T @ x / 96, rtol=1e-4, atol=1e-7)
+    assert "tok_emb.weight" not in tg.collect_hessians(model, batches)  # GPTQ_EMBED=0: the embedding rounds
+    assert not any(m._forward_hooks for m in model.modules()), "collection must remove its hooks"
+
+
+def test_gptq_on_the_embedding_moves_the_heads_output_less_than_rounding():
+    x, w = correlated_layer(rows=64, cols=32)  # vocab x dim, the head's inputs near a subspace
+    hp = plain_hp(gptq=True, embed_bits=6)
+    rounded = tg.quantize_tensor("tok_emb.weight", w, 6, hp)
+    solved = tg.quantize_tensor("tok_emb.weight", w, 6, hp, x.T @ x / len(x))
+    assert solved.group < 0  # the AWQ group stays a block-matrix technique
+    assert output_error(x, w, solved.codes, solved.scale) < 0.7 * output_error(x, w, rounded.codes, rounded.scale)
+
+
+def test_clip_sigmas_fix_each_kinds_clip_at_k_std_without_the_cap():
+    w = torch.randn(16, 64) * 0.05
+    hp = plain_hp(clip_sigmas="mlp:11.5,attn:13")
+    ones = torch.ones(64)
+    for name, k in (("blocks.0.mlp.fc.weight", 11.5), ("blocks.0.attn.c_q.weight", 13.0)):
+        _, scale = tg.row_grid(name, w, 6, hp, ones)
+        assert torch.equal(scale.float(), tg.fp16_scale(k * w.std(dim=1, keepdim=True), 31).squeeze(1))
+    assert (13 * w.std(dim=1) > w.abs().amax(dim=1)).all()  # uncapped: the clip lies past every row's max
+    # A kind CLIP_SIGMAS leaves out searches as before.
+    assert torch.equal(tg.row_grid("tok_emb.weight", w, 6, hp, ones)[1],
+                       tg.row_grid("tok_emb.weight", w, 6, plain_hp(), ones)[1])
+
+
+@pytest.mark.parametrize("value", ["mlp", "ffn:11", "mlp:-1", "attn:nan", "mlp:x"])
+def test_a_malformed_clip_sigmas_is_a_user_error(value):
+    with pytest.raises(tg.UserError, match="CLIP_SIGMAS"):
+        plain_hp(clip_sigmas=value).validate(world_size=1)
+
+
 def test_a_repeated_blocks_hessian_sums_the_inputs_of_every_pass():
     # Its weights act on every pass, so their quantisation error costs in each: the scorer runs with recurrence on.
     hp = plain_hp(vocab_size=64, num_layers=2, model_dim=32, num_heads=2, num_kv_heads=1, mlp_mult=2, recur_layers="1")

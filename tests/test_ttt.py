@@ -287,6 +287,36 @@ def test_a_chunk_longer_than_the_scoring_window_is_refused_at_start_up():
         hp(ttt_chunk_tokens=SEQ_LEN + 1).validate(world_size=1)
 
 
+def test_short_chunks_pick_each_batchs_chunk_by_its_longest_document():
+    h = hp(ttt_short_chunks="16:2,40:4")
+    assert [h.ttt_chunk_for(n) for n in (1, 16, 17, 40, 41, 70)] == [2, 2, 4, 4, CHUNK, CHUNK]
+    assert hp().ttt_chunk_for(5) == CHUNK  # empty: one chunk size for every batch
+
+
+def test_a_short_documents_adapters_step_sooner_with_short_chunks_and_still_score_first(tokens):
+    """With TTT_SHORT_CHUNKS the 9-token document (one chunk of 8 by default, so scored by unadapted weights) is cut
+    into chunks of 2: later chunks are scored by adapters that learned from the earlier ones, and a token still
+    moves no score made before it was seen."""
+    starts, counts = tg.document_spans(tokens.numpy())
+    doc = int(np.flatnonzero(counts == 9)[0])
+    first, end = int(starts[doc]), int(starts[doc] + counts[doc])
+    frozen, _ = ttt_scores(tokens, ttt_phases=0, ttt_lr=0.0)
+    plain, _ = ttt_scores(tokens, ttt_phases=0)
+    short, _ = ttt_scores(tokens, ttt_phases=0, ttt_short_chunks="9:2")
+    assert torch.equal(plain[first:CHUNK + first], frozen[first:CHUNK + first])
+    assert torch.equal(short[first:first + 2], frozen[first:first + 2])
+    assert (short[first + 2:end] - frozen[first + 2:end]).abs().max() > 1e-3
+    position = first + 5
+    other, _ = ttt_scores(perturbed(tokens, position), ttt_phases=0, ttt_short_chunks="9:2")
+    assert torch.equal(short[:position - 1], other[:position - 1])
+
+
+@pytest.mark.parametrize("value", ["256", "256:0", "2000:24,256:8", "a:b", "256:33"])
+def test_a_malformed_short_chunk_schedule_is_refused_at_start_up(value):
+    with pytest.raises(tg.UserError, match="TTT_SHORT_CHUNKS"):
+        hp(ttt_short_chunks=value).validate(world_size=1)
+
+
 def _two_rank_ttt(rank, init_file, out):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     model, tokens = fresh_model(), stream(LENGTHS)
