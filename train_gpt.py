@@ -143,6 +143,7 @@ class Hyperparameters:
     awq_group: bool = True
     lqer_rank: int = 4
     lqer_tensors: int = 3
+    lqer_asym: bool = False
     artifact_dir: str = "artifacts"
     fit_to_limit: bool = True
     allow_oversize: bool = False
@@ -1060,7 +1061,7 @@ class QuantTensor:
     scale: torch.Tensor | None = None
     group: int = -1
     group_scale: torch.Tensor | None = None
-    lqer: tuple | None = None  # (a codes, a scale, b codes, b scale): rank x out and rank x in, 8-bit rows
+    lqer: tuple | None = None  # (a codes, a scale, b codes, b scale): rank x out and rank x in, a scale per group
     cost: torch.Tensor | None = None  # per code: squared error of setting its weight to 0 (Hessian-weighted)
 
     def dequantize(self) -> torch.Tensor:
@@ -1073,8 +1074,13 @@ class QuantTensor:
                                                                  self.group_scale)
         if self.lqer is not None:
             a_codes, a_scale, b_codes, b_scale = self.lqer
-            w += dequantize_rows(a_codes, a_scale).T @ dequantize_rows(b_codes, b_scale)
+            w += dequantize_groups(a_codes, a_scale).T @ dequantize_groups(b_codes, b_scale)
         return w
+
+
+def dequantize_groups(codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Codes in as many equal runs (of the flattened tensor) as there are scales: one per row, or per matrix."""
+    return (codes.float().view(scale.numel(), -1) * scale.float()[:, None]).view(codes.shape)
 
 
 AWQ_WIDTH = 64  # columns in a salient group: the frontier records' choice (PR #1908)
@@ -1127,8 +1133,9 @@ def quantize_tensor(name: str, tensor: torch.Tensor, bits: int, hp: Hyperparamet
 
 def add_lqer(tensors: list[QuantTensor], state: dict[str, torch.Tensor], hessians: dict, hp: Hyperparameters) -> list:
     """LQER: the LQER_TENSORS quantised matrices with the largest relative error (Hessian-weighted where a Hessian
-    was collected: tr(E H E^T) / tr(W H W^T), E the quantisation error) get a rank-LQER_RANK correction, the leading
-    singular directions of E, stored as two 8-bit factors and added back at load. Returns the names chosen."""
+    was collected: tr(E H E^T) / tr(W H W^T), E the quantisation error; with LQER_ASYM the records' absolute |E|)
+    get a rank-LQER_RANK correction, the leading singular directions of E, stored as two factors and added back at
+    load. Returns the names chosen."""
     scored = []
     for t in tensors:
         if t.bits == 16 or t.lqer is not None:
@@ -1137,19 +1144,29 @@ def add_lqer(tensors: list[QuantTensor], state: dict[str, torch.Tensor], hessian
         error, h = w - t.dequantize(), hessians.get(t.name)
         relative = ((error @ h.cpu() * error).sum() / (w @ h.cpu() * w).sum() if h is not None
                     else error.square().sum() / w.square().sum())
-        scored.append((float(relative), t, error))
+        scored.append((float(error.norm() if hp.lqer_asym else relative), t, error))
     chosen = sorted(scored, key=lambda item: -item[0])[:hp.lqer_tensors]
     for _, t, error in chosen:
-        t.lqer = lqer_factors(error, hp.lqer_rank)
+        t.lqer = lqer_factors(error, hp.lqer_rank, hp.lqer_asym)
     return [t.name for _, t, _ in chosen]
 
 
-def lqer_factors(error: torch.Tensor, rank: int) -> tuple:
-    """The leading `rank` singular directions of a quantisation error as two 8-bit factors (rank x out, rank x in),
-    each row on its own grid."""
+LQER_ASYM_GROUP = 32  # the #2135 run's LQER_ASYM_GROUP
+
+
+def lqer_factors(error: torch.Tensor, rank: int, asym: bool = False) -> tuple:
+    """The leading `rank` singular directions of a quantisation error as two factors (rank x out, rank x in): 8-bit,
+    each row on its own grid; or (LQER_ASYM, the records' form) A at 2 bits, codes -2..1 on one grid for the whole
+    factor, and B at 4 bits, codes -8..7, a grid per LQER_ASYM_GROUP values, where B's size allows it."""
     u, sigma, vh = torch.linalg.svd(error, full_matrices=False)
-    a = (u[:, :rank] * sigma[:rank]).T.contiguous()
-    return (*quantize_rows(a, 8), *quantize_rows(vh[:rank].contiguous(), 8))
+    a, b = (u[:, :rank] * sigma[:rank]).T.contiguous(), vh[:rank].contiguous()
+    if not asym or b.numel() % LQER_ASYM_GROUP:
+        return (*quantize_rows(a, 8), *quantize_rows(b, 8))
+    a_scale = (a.abs().max().clamp_min(1e-10) / 1.5).half().view(1)
+    b_scale = (b.view(-1, LQER_ASYM_GROUP).abs().amax(dim=1).clamp_min(1e-10) / 7.5).half()
+    a_codes = (a / a_scale.float()).round().clamp(-2, 1).to(torch.int8)
+    b_codes = (b.view(-1, LQER_ASYM_GROUP) / b_scale.float()[:, None]).round().clamp(-8, 7).to(torch.int8)
+    return a_codes, a_scale, b_codes.view(b.shape), b_scale
 
 
 @dataclasses.dataclass
@@ -1242,8 +1259,10 @@ def unpack_state(payload: bytes) -> dict[str, torch.Tensor]:
                     a, a_scale, b, b_scale, a_shape, b_shape = e["lqer"]
                     if a_shape[1] != shape[0] or b_shape[1] != shape[1] or a_shape[0] != b_shape[0]:
                         raise ValueError(f"LQER factors {a_shape} x {b_shape} do not fit {shape}")
-                    t.lqer = (read(codes, a, a_shape), read(halves, a_scale, a_shape[:1]), read(codes, b, b_shape),
-                              read(halves, b_scale, b_shape[:1]))
+                    t.lqer = (read(codes, a, a_shape), read(halves, a_scale, [a_scale[1]]), read(codes, b, b_shape),
+                              read(halves, b_scale, [b_scale[1]]))
+                    if any(n <= 0 or math.prod(s) % n for n, s in ((a_scale[1], a_shape), (b_scale[1], b_shape))):
+                        raise ValueError(f"LQER scales {a_scale[1]}, {b_scale[1]} do not group {a_shape}, {b_shape}")
             state[t.name] = t.dequantize()
         return state
     except (ValueError, KeyError, TypeError, IndexError, RuntimeError) as e:
@@ -1526,7 +1545,8 @@ def fit_artifact(tensors: list[QuantTensor], state: dict[str, torch.Tensor], hes
             old = tensors[i]
             new = quantize_tensor(old.name, state[old.name], old.bits - 1, hp, hessians.get(old.name))
             if old.lqer is not None:
-                new.lqer = lqer_factors(state[old.name].detach().float().cpu() - new.dequantize(), hp.lqer_rank)
+                new.lqer = lqer_factors(state[old.name].detach().float().cpu() - new.dequantize(), hp.lqer_rank,
+                                        hp.lqer_asym)
             tensors[i], saved = new, saved + new.codes.numel() / 8
             log(f"fit_lower tensor:{old.name} bits:{old.bits}->{new.bits} est_saved:{new.codes.numel() // 8}")
             if saved >= 1.1 * over:

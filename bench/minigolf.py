@@ -227,6 +227,8 @@ ROWS = {r.name: r for r in (
         GPTQ_ACT_ORDER=1),
     row("ours_gptq_embed", "ours + GPTQ on the tied embedding (the records' embedding export)", base="ours", **SP8192,
         GPTQ_EMBED=1),
+    row("ours_lqer_asym", "ours + the records' LQER: absolute-error choice, 2-bit A and grouped 4-bit B", base="ours",
+        **SP8192, LQER_ASYM=1),
     row("ours_clip_sigmas", "ours + the #2135 run's fixed uncapped clips instead of the search", base="ours", **SP8192,
         CLIP_SIGMAS="attn:13,mlp:11.5,embed:14"),
     # seq_growth was at the edge of the noise against `plain`; this measures it where the default would change.

@@ -180,9 +180,32 @@ def test_lqer_corrects_the_worst_matrices_and_lowers_their_error():
             assert (state[t.name] - t.dequantize()).square().sum() < relative[t.name] * state[t.name].square().sum()
 
 
-def test_lqer_and_awq_survive_the_artifact_and_are_never_pruned():
+def test_asymmetric_lqer_factors_are_2_and_4_bit_on_their_records_grids_and_still_correct():
+    torch.manual_seed(0)
+    error = torch.randn(48, 8) @ torch.randn(8, 96) * 0.01  # a quantisation error of rank 8
+    a_codes, a_scale, b_codes, b_scale = tg.lqer_factors(error, 4, asym=True)
+    assert a_scale.numel() == 1 and b_scale.numel() == 4 * 96 // tg.LQER_ASYM_GROUP
+    assert a_codes.min() >= -2 and a_codes.max() <= 1 and b_codes.min() >= -8 and b_codes.max() <= 7
+    corrected = lambda f: (error - tg.dequantize_groups(f[0], f[1]).T @ tg.dequantize_groups(f[2], f[3])).norm()  # noqa: E731
+    assert corrected((a_codes, a_scale, b_codes, b_scale)) < 0.9 * error.norm()
+    assert corrected(tg.lqer_factors(error, 4)) < corrected((a_codes, a_scale, b_codes, b_scale))  # 8 bits: finer
+
+
+def test_asymmetric_lqer_picks_the_largest_absolute_error():
+    torch.manual_seed(0)
+    small, large = torch.randn(16, 64) * 0.01, torch.randn(16, 64)
+    small[:, 0] = 0.3  # an outlier per row stretches the grid: the larger relative error, the smaller absolute one
+    state = {"blocks.0.mlp.fc.weight": small, "blocks.1.mlp.fc.weight": large}
+    for asym, worst in ((False, "blocks.0.mlp.fc.weight"), (True, "blocks.1.mlp.fc.weight")):
+        hp = plain_hp(qat_bits_mlp=4, lqer_rank=2, lqer_tensors=1, lqer_asym=asym)
+        tensors = [tg.quantize_tensor(name, w, 4, hp) for name, w in state.items()]
+        assert tg.add_lqer(tensors, state, {}, hp) == [worst]
+
+
+@pytest.mark.parametrize("asym", [False, True])
+def test_lqer_and_awq_survive_the_artifact_and_are_never_pruned(asym):
     x, w, h = layer_with_a_loud_group()
-    hp = plain_hp(gptq=True, awq_group=True, lqer_rank=4, lqer_tensors=1)
+    hp = plain_hp(gptq=True, awq_group=True, lqer_rank=4, lqer_tensors=1, lqer_asym=asym)
     t = tg.quantize_tensor("blocks.0.mlp.fc.weight", w, 5, hp, h)
     tg.add_lqer([t], {t.name: w}, {t.name: h}, hp)
     packed = tg.pack([t])
