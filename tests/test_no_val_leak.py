@@ -51,15 +51,17 @@ def test_training_and_warmup_never_see_validation_tokens(tiny_dataset, split_voc
 @pytest.mark.slow
 def test_gptq_hessians_are_collected_from_training_tokens_only(tiny_dataset, split_vocab_dataset, monkeypatch):
     env = tiny_env(tiny_dataset, "leakgptq", DATA_PATH=split_vocab_dataset, ITERATIONS=4, EVAL_STRIDE=0, GPTQ=1,
-                   GPTQ_CALIB_BATCHES=3)
+                   GPTQ_CALIB_BATCHES=3, GPTQ_EMBED=1)
     seen = []
     original = tg.collect_hessians
 
-    def spy(model, batches):
+    def spy(model, batches, embed):
         # The embedding is the first thing every token id reaches, whatever path the collection takes.
         handle = model.tok_emb.register_forward_pre_hook(lambda module, inputs: seen.append(int(inputs[0].max())))
         try:
-            return original(model, batches)
+            hessians = original(model, batches, embed)
+            assert "tok_emb.weight" in hessians  # the head's input is collected in the same pass
+            return hessians
         finally:
             handle.remove()
 
