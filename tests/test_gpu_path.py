@@ -83,6 +83,7 @@ def test_flex_and_dense_document_masks_attend_alike():
     assert not torch.allclose(flex, tg.causal_attention(q, k, v, None), atol=1e-3)  # the documents did matter
 
 
+@pytest.mark.slow  # dynamo traces flex attention: ~40 s each on 2 cores
 @pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 def test_flex_document_masks_trace_into_two_dynamic_shape_graphs(monkeypatch):
     """Evaluation on CUDA compiles the scorer with dynamic shapes and fullgraph (duck sizing off), and the block mask
@@ -107,6 +108,7 @@ def test_flex_document_masks_trace_into_two_dynamic_shape_graphs(monkeypatch):
     assert tg.compiled_graphs() - graphs == 2
 
 
+@pytest.mark.slow  # dynamo traces flex attention: ~40 s each on 2 cores
 @pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 def test_the_evaluation_warm_up_builds_the_flex_graph_of_short_windows_too(monkeypatch):
     """Document windows of at most 128 tokens (one flex block) need a graph of their own: the warm-up must build it,
