@@ -58,6 +58,14 @@ def depth_defaults(num_layers: int) -> dict:
 RETIRED = {"WARMDOWN_ITERS": "WARMDOWN_FRAC (the fraction of training the warm-down takes, e.g. 0.85)"}
 
 
+def colon_pairs(text: str) -> list[list[str]]:
+    """'a:b,c:d' as [['a', 'b'], ['c', 'd']], spaces ignored; ValueError when an item is not one pair."""
+    items = [item.split(":") for item in text.replace(" ", "").split(",") if item]
+    if any(len(item) != 2 for item in items):
+        raise ValueError(text)
+    return items
+
+
 @dataclasses.dataclass
 class Hyperparameters:
     # Each field is read from the environment variable of the same name in upper case.
@@ -296,8 +304,7 @@ class Hyperparameters:
     def clip_sigma_map(self) -> dict[str, float]:
         """CLIP_SIGMAS as {kind: k}, e.g. 'mlp:11.5,attn:13,embed:14'; empty: every kind searches its clip."""
         try:
-            pairs = {kind: float(k) for kind, k in (item.split(":") for item in self.clip_sigmas.replace(" ", "")
-                                                    .split(",") if item)}
+            pairs = {kind: float(k) for kind, k in colon_pairs(self.clip_sigmas)}
         except ValueError:
             pairs = {"": 0.0}
         if not set(pairs) <= {"attn", "mlp", "embed"} or not all(k > 0 and math.isfinite(k) for k in pairs.values()):
@@ -310,8 +317,7 @@ class Hyperparameters:
         '256:8,2000:24' (#2014), gives batches of short documents smaller chunks, so their adapters step more often;
         TTT_CHUNK_TOKENS otherwise."""
         try:
-            steps = [(int(limit), int(chunk)) for limit, chunk in
-                     (item.split(":") for item in self.ttt_short_chunks.replace(" ", "").split(",") if item)]
+            steps = [(int(limit), int(chunk)) for limit, chunk in colon_pairs(self.ttt_short_chunks)]
         except ValueError:
             steps = [(0, 0)]
         if any(limit <= 0 or not 0 < chunk <= self.eval_seq_len for limit, chunk in steps) or \
@@ -1037,14 +1043,20 @@ def dequantize_rows(codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return codes.float() * scale.float()[:, None]
 
 
+def tensor_kind(name: str) -> str:
+    """embed, attn or mlp: which bit width (QAT_BITS_*, EMBED_BITS) and CLIP_SIGMAS entry a matrix takes."""
+    if name in ("tok_emb.weight", "lm_head.weight", "bigram_emb.weight"):
+        return "embed"
+    return "attn" if ".attn." in name else "mlp"
+
+
 def export_bits(name: str, tensor: torch.Tensor, hp: Hyperparameters) -> int:
     """Bit width a tensor is stored at; 16 means plain fp16 (small and control tensors)."""
-    if name in ("tok_emb.weight", "lm_head.weight", "bigram_emb.weight"):
+    kind = tensor_kind(name)
+    if kind == "embed":
         return hp.embed_bits
-    if name == "bigram_proj.weight":
-        return hp.qat_bits_mlp
-    if tensor.ndim == 2 and name.startswith("blocks.") and name.endswith(".weight"):
-        return hp.qat_bits_attn if ".attn." in name else hp.qat_bits_mlp
+    if name == "bigram_proj.weight" or (tensor.ndim == 2 and name.startswith("blocks.") and name.endswith(".weight")):
+        return hp.qat_bits_attn if kind == "attn" else hp.qat_bits_mlp
     return 16
 
 
@@ -1093,17 +1105,12 @@ def salient_group(w: torch.Tensor, hessian: torch.Tensor, width: int) -> int:
     return int(saliency[:saliency.numel() // width * width].view(-1, width).sum(1).argmax()) * width
 
 
-def clip_kind(name: str) -> str:
-    return "embed" if name in ("tok_emb.weight", "lm_head.weight", "bigram_emb.weight") else (
-        "attn" if ".attn." in name else "mlp")
-
-
 def row_grid(name: str, w: torch.Tensor, bits: int, hp: Hyperparameters, weight: torch.Tensor) -> tuple:
     """Codes and per-row scales of round-to-nearest on the grid `name` exports with. CLIP_SIGMAS fixes k per kind of
     tensor (the records' uncapped k * std). Otherwise the QAT k joins the search, so the grid training converged to is
     always on offer; without the search (CLIP_SEARCH=0) block matrices keep exactly that grid, and k becomes the size
     lever: a wider clip means coarser steps, fewer distinct codes and a smaller artifact. Embeddings always search."""
-    k = hp.clip_sigma_map().get(clip_kind(name))
+    k = hp.clip_sigma_map().get(tensor_kind(name))
     if k is not None:
         return quantize_rows(w, bits, "std", weight, (k,), cap=False)
     search = hp.clip_search or not name.startswith(("blocks.", "bigram_proj."))
@@ -1121,7 +1128,7 @@ def quantize_tensor(name: str, tensor: torch.Tensor, bits: int, hp: Hyperparamet
     codes, scale = row_grid(name, w, bits, hp, weight)
     group, group_scale = -1, None
     if hessian is not None:
-        if hp.awq_group and bits < 8 and w.size(1) >= 2 * AWQ_WIDTH and clip_kind(name) != "embed":
+        if hp.awq_group and bits < 8 and w.size(1) >= 2 * AWQ_WIDTH and tensor_kind(name) != "embed":
             group = salient_group(w, hessian, AWQ_WIDTH)
             group_scale = fp16_scale(w[:, group:group + AWQ_WIDTH].abs().amax(dim=1), 127).half()
         codes = gptq_quantize(w, hessian, bits, scale, (group, AWQ_WIDTH, group_scale) if group >= 0 else None,
@@ -1142,9 +1149,13 @@ def add_lqer(tensors: list[QuantTensor], state: dict[str, torch.Tensor], hessian
             continue
         w = state[t.name].detach().float().cpu()
         error, h = w - t.dequantize(), hessians.get(t.name)
-        relative = ((error @ h.cpu() * error).sum() / (w @ h.cpu() * w).sum() if h is not None
-                    else error.square().sum() / w.square().sum())
-        scored.append((float(error.norm() if hp.lqer_asym else relative), t, error))
+        if hp.lqer_asym:
+            score = error.norm()
+        elif h is not None:
+            score = (error @ h.cpu() * error).sum() / (w @ h.cpu() * w).sum()
+        else:
+            score = error.square().sum() / w.square().sum()
+        scored.append((float(score), t, error))
     chosen = sorted(scored, key=lambda item: -item[0])[:hp.lqer_tensors]
     for _, t, error in chosen:
         t.lqer = lqer_factors(error, hp.lqer_rank, hp.lqer_asym)
@@ -1259,10 +1270,10 @@ def unpack_state(payload: bytes) -> dict[str, torch.Tensor]:
                     a, a_scale, b, b_scale, a_shape, b_shape = e["lqer"]
                     if a_shape[1] != shape[0] or b_shape[1] != shape[1] or a_shape[0] != b_shape[0]:
                         raise ValueError(f"LQER factors {a_shape} x {b_shape} do not fit {shape}")
-                    t.lqer = (read(codes, a, a_shape), read(halves, a_scale, [a_scale[1]]), read(codes, b, b_shape),
-                              read(halves, b_scale, [b_scale[1]]))
                     if any(n <= 0 or math.prod(s) % n for n, s in ((a_scale[1], a_shape), (b_scale[1], b_shape))):
                         raise ValueError(f"LQER scales {a_scale[1]}, {b_scale[1]} do not group {a_shape}, {b_shape}")
+                    t.lqer = (read(codes, a, a_shape), read(halves, a_scale, [a_scale[1]]), read(codes, b, b_shape),
+                              read(halves, b_scale, [b_scale[1]]))
             state[t.name] = t.dequantize()
         return state
     except (ValueError, KeyError, TypeError, IndexError, RuntimeError) as e:
