@@ -1,0 +1,196 @@
+#!/usr/bin/env python3
+"""Paired export measure: train a mini-golf row once per seed, then write and score its artifact once per export
+variant, so every variant quantises the very same weights and the comparison carries no training noise.
+
+    python3 bench/export_pairs.py run proxy8192 --seeds 1337 42 2025 \\
+        --variant GPTQ_ACT_ORDER=1 --variant GPTQ_EMBED=1 --variant "LQER_ASYM=1" \\
+        --variant "CLIP_SIGMAS=attn:13,mlp:11.5,embed:14"
+    python3 bench/export_pairs.py table        # markdown table of the results file
+
+A variant changes only export settings (EXPORT_SETTINGS; anything that touches training is refused). Its export
+penalty is its reloaded artifact's score minus the trained model's, both plain windows at EVAL_SEQ_LEN in eager fp32;
+the table gives each variant's penalty and its difference from the row's own export (the same seeds, paired).
+The row's settings, data and code are mini-golf's (bench/minigolf.py); results go to
+results/minigolf/export_pairs.jsonl, each run's log to the work folder.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.util
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import minigolf as mg  # noqa: E402
+
+RESULTS = mg.REPO / "results" / "minigolf" / "export_pairs.jsonl"
+# Settings read only by the export (quantisation, LQER, packing): the trained weights and Hessians stay valid.
+# GPTQ_EMBED is among them because the embedding's Hessian is always collected here and only used when asked for.
+EXPORT_SETTINGS = {"GPTQ_ACT_ORDER", "GPTQ_EMBED", "CLIP_SIGMAS", "CLIP_SEARCH", "LQER_ASYM", "LQER_RANK",
+                   "LQER_TENSORS", "AWQ_GROUP", "BYTE_SHUFFLE", "COMPRESSOR"}
+EMBED_HESSIAN = "tok_emb.weight"
+
+
+def parse_variant(text: str) -> dict:
+    settings = dict(item.split("=", 1) for item in text.split() if "=" in item)
+    if not settings or len(settings) != len(text.split()):
+        raise mg.HarnessError(f"--variant {text!r}: give NAME=VALUE settings separated by spaces")
+    foreign = sorted(set(settings) - EXPORT_SETTINGS)
+    if foreign:
+        raise mg.HarnessError(f"--variant {text!r}: {', '.join(foreign)} would change training, not only the export "
+                              f"(allowed: {', '.join(sorted(EXPORT_SETTINGS))})")
+    return settings
+
+
+def label(settings: dict) -> str:
+    return " ".join(f"{k}={v}" for k, v in sorted(settings.items())) or "row"
+
+
+def load_script(capped: Path, packed: Path):
+    """The capped train_gpt.py as a module; its code bytes are the packed copy's, as in every mini-golf run."""
+    spec = importlib.util.spec_from_file_location("train_gpt_capped", capped)
+    module = sys.modules[spec.name] = importlib.util.module_from_spec(spec)  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    module.__file__ = str(packed)
+    return module
+
+
+def run_seed(tg, row: mg.Row, seed: int, variants: list[dict], args, folder: Path, base_env: dict) -> list[dict]:
+    """One training, then one export + reload + score per variant (the row's own settings first)."""
+    os.environ.update(base_env, GPTQ_EMBED="1")  # collect the embedding's Hessian; variants without it drop it
+    os.chdir(folder)
+    (folder / "artifacts").mkdir(exist_ok=True)
+    hp = tg.Hyperparameters.from_env()
+    hp.validate(1)
+    log = tg.Logger(hp.run_id, True)
+    _, world_size, device = tg.setup_distributed()
+    tg.log_setup(hp, log, world_size, device)
+    tg.torch.manual_seed(hp.seed)
+    tg.np.random.seed(hp.seed)
+    sp = tg.load_tokenizer(hp)
+    val_tokens = tg.load_validation(hp, device)
+    sidecar = tg.load_byte_sidecar(hp, sp, val_tokens.numel(), device)
+    tables = (sidecar,) if sidecar is not None else tuple(
+        tg.torch.from_numpy(t).to(device) for t in tg.build_byte_tables(sp, hp.vocab_size))
+    trainer = tg.Trainer(hp, 0, 1, device, log)
+    trainer.warm_up_compile(tables)
+    steps, train_ms = trainer.train(val_tokens, tables)
+    trainer.calibrate()
+    hessians = trainer.hessians
+    seq, batch = hp.eval_seq_len, hp.val_batch_size
+    _, pre_bpb = tg.evaluate(trainer.model.eval(), val_tokens, tables, seq, seq, batch, 0, 1)
+    log(f"pre_export_exact val_bpb:{pre_bpb:.8f} steps:{steps} train_time:{train_ms:.0f}ms")
+    records = []
+    for settings in variants:
+        os.environ.pop("GPTQ_EMBED", None)
+        os.environ.update({**base_env, **settings, "RUN_ID": f"{hp.run_id}_v{len(records)}"})
+        hp_v = tg.Hyperparameters.from_env()
+        hp_v.validate(1)
+        trainer.hessians = {k: h for k, h in hessians.items() if hp_v.gptq_embed or k != EMBED_HESSIAN}
+        t = time.perf_counter()
+        path, sizes = tg.export(hp_v, trainer, log)
+        export_s = time.perf_counter() - t
+        model = tg.load_artifact_model(hp_v, path, device, sizes["sha256"]).requires_grad_(False)
+        _, bpb = tg.evaluate(model, val_tokens, tables, seq, seq, batch, 0, 1)
+        log(f"variant {label(settings)} roundtrip_bpb:{bpb:.8f} penalty:{bpb - pre_bpb:+.8f} "
+            f"bytes_total:{sizes['bytes_total']} export_s:{export_s:.1f}")
+        os.remove(path)
+        records.append(dict(row=row.name, seed=seed, variant=label(settings), settings=settings, steps=steps,
+                            train_s=train_ms / 1000, pre_bpb=pre_bpb, roundtrip_bpb=bpb, penalty=bpb - pre_bpb,
+                            bytes_model=sizes["bytes_model"], bytes_total=sizes["bytes_total"], export_s=export_s,
+                            log=str(folder / "logs" / f"{hp.run_id}.txt")))
+        for key in settings:
+            del os.environ[key]
+    return records
+
+
+def cmd_run(args) -> int:
+    row = mg.ROWS.get(args.row)
+    if row is None or row.script != "ours":
+        raise mg.HarnessError(f"{args.row!r} is not one of our rows (bench/minigolf.py rows)")
+    variants = [{}] + [parse_variant(v) for v in args.variant]
+    clash = sorted(k for v in variants for k in v if k in row.env)
+    if clash:
+        raise mg.HarnessError(f"row {row.name} already sets {', '.join(clash)}: measure against a row that leaves it")
+    shared, work = mg.need_shared(args.shared), args.work
+    results = args.results or (work / "smoke_export_pairs.jsonl" if args.smoke else RESULTS)
+    os.environ.update(OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
+    packed = mg.prepare_ours(work, pack=True)
+    info = mg.ensure_data(shared, work, row.data, args.smoke, args.threads)
+    print(f"data {row.data}: {info['val_docs']} val docs, {info['val_tokens']:,} val tokens", flush=True)
+    tg = load_script(work / "code" / "train_gpt_capped.py", packed)
+    host, git = mg.machine(), mg.git_state()
+    for seed in args.seeds:
+        stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+        run_id = f"export_{row.name}_s{seed}_{stamp}"
+        folder = work / "runs" / run_id
+        folder.mkdir(parents=True, exist_ok=True)
+        env = mg.row_env(row, seed, run_id, mg.data_dir(work, row.data, args.smoke), shared, args.threads, 1,
+                         2, args.smoke, None, None)
+        print(f"{row.name} seed {seed}: log {folder / 'logs' / (run_id + '.txt')}", flush=True)
+        for record in run_seed(tg, row, seed, variants, args, folder, env):
+            record.update(git, date=stamp, machine=host, threads=args.threads)
+            with open(results, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+            print(f"    {record['variant']}: penalty {record['penalty']:+.5f}  bytes {record['bytes_total']:,}",
+                  flush=True)
+    return 0
+
+
+def signed(values: list[float]) -> str:
+    se = mg.standard_error(values)
+    return f"{statistics.fmean(values):+.5f}" + (f" ± {se:.5f}" if se is not None else "")
+
+
+def table(records: list[dict]) -> str:
+    """Per row and variant: seeds, export penalty (mean ± SE), its paired difference from the row's own export."""
+    lines = ["| row | variant | seeds | export penalty (mean ± SE) | Δ vs row's export, same seeds | bytes_total "
+             "(mean) | Δ bytes | commits |", "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- |"]
+    runs = {(r["row"], r["seed"], r["date"], r["variant"]): r for r in records}
+    for row in sorted({r["row"] for r in records}):
+        for variant in dict.fromkeys(r["variant"] for r in records if r["row"] == row):
+            mine = [r for r in records if r["row"] == row and r["variant"] == variant]
+            own = [runs[(row, r["seed"], r["date"], "row")] for r in mine]
+            paired, extra = "", ""
+            if variant != "row":
+                paired = signed([r["penalty"] - o["penalty"] for r, o in zip(mine, own)])
+                extra = f"{statistics.fmean(r['bytes_total'] - o['bytes_total'] for r, o in zip(mine, own)):+,.0f}"
+            commits = ", ".join(sorted({r["commit"][:7] for r in mine}))
+            lines.append(f"| {row} | `{variant}` | {len(mine)} | {signed([r['penalty'] for r in mine])} | {paired} | "
+                         f"{statistics.fmean(r['bytes_total'] for r in mine):,.0f} | {extra} | {commits} |")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="train a row per seed and export it once per variant")
+    run.add_argument("row")
+    run.add_argument("--seeds", type=int, nargs="+", default=[1337])
+    run.add_argument("--variant", action="append", default=[], help="export settings, e.g. 'GPTQ_ACT_ORDER=1'")
+    run.add_argument("--threads", type=int, default=2)
+    run.add_argument("--work", type=Path, default=mg.DEFAULT_WORK)
+    run.add_argument("--shared", type=Path, default=mg.DEFAULT_SHARED)
+    run.add_argument("--results", type=Path, help=f"JSON lines file (default {RESULTS.relative_to(mg.REPO)}; with "
+                     "--smoke WORK/smoke_export_pairs.jsonl)")
+    run.add_argument("--smoke", action="store_true", help="harness check: 8 steps, 40 val docs")
+    show = sub.add_parser("table", help="markdown table of the results")
+    show.add_argument("--results", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    try:
+        if args.command == "run":
+            return cmd_run(args)
+        print(table(mg.read_results(args.results)))
+        return 0
+    except mg.HarnessError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
