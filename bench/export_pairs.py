@@ -123,7 +123,7 @@ def cmd_run(args) -> int:
     packed = mg.prepare_ours(work, pack=True)
     info = mg.ensure_data(shared, work, row.data, args.smoke, args.threads)
     print(f"data {row.data}: {info['val_docs']} val docs, {info['val_tokens']:,} val tokens", flush=True)
-    tg = load_script(work / "code" / "train_gpt_capped.py", packed)
+    tg = load_script(mg.capped_copy(work, mg.SHAPES["mini"]), packed)
     host, git = mg.machine(), mg.git_state()
     for seed in args.seeds:
         stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")

@@ -42,11 +42,12 @@ TABLE_DOC = REPO / "results" / "MINIGOLF.md"
 TABLE_BEGIN, TABLE_END = "<!-- minigolf-table:begin -->", "<!-- minigolf-table:end -->"
 PAIRED_BEGIN, PAIRED_END = "<!-- minigolf-paired:begin -->", "<!-- minigolf-paired:end -->"
 PARITY_BEGIN, PARITY_END = "<!-- minigolf-parity:begin -->", "<!-- minigolf-parity:end -->"
+REGIME_BEGIN, REGIME_END = "<!-- minigolf-regime:begin -->", "<!-- minigolf-regime:end -->"
 STANDINGS_BEGIN, STANDINGS_END = "<!-- minigolf-standings:begin -->", "<!-- minigolf-standings:end -->"
 FIGURE = REPO / "results" / "minigolf" / "standings.png"
 
 CAP = 1_000_000
-LIMIT_LINE, CAPPED_LINE = "SIZE_LIMIT = 16_000_000", f"SIZE_LIMIT = {CAP:_}"
+LIMIT_LINE = "SIZE_LIMIT = 16_000_000"
 # The largest number of whole sp1024 val documents holding at most 500,000 tokens (499,476); the sp8192 cut
 # keeps the same documents, so both vocabularies score the same text. Their byte counts still differ: by the
 # official metric (train_gpt.build_byte_tables) the 713 documents are 1,267,741 bytes under sp1024 and 1,269,848
@@ -70,6 +71,37 @@ VOCABS = {"sp1024": 1024, "sp8192": 8192, "proxy8192": 8192, "proxy8192_caseops"
 SHAPE = dict(NUM_LAYERS=4, MODEL_DIM=128, NUM_HEADS=4, NUM_KV_HEADS=2, TRAIN_SEQ_LEN=512, TRAIN_BATCH_TOKENS=8192,
              ITERATIONS=600, WARMDOWN_FRAC=1 / 3, MUON_MOMENTUM_WARMUP_STEPS=100, VAL_LOSS_EVERY=0,
              MAX_WALLCLOCK_SECONDS=0, TRAIN_LOG_EVERY=50)
+# `regime`: the records' training regime, ~100 tokens per weight (the #2135 run: 5,001 steps of 786,432 tokens on
+# 35,945,673 weights, 109 per weight; `mini` trains ~4-7). Width 64 (head 16) on sp1024, where the embedding is a
+# quarter of the weights instead of most of them: ours' form has 247,525 weights, and 3,000 steps of 8,192 tokens
+# are 99 tokens per weight. The warm-down and momentum warm-up keep mini's shares of the run (1/3, 1/6). Its cap
+# binds like 16 MB does: the #2135 artifact's 15,947,490 bytes over its weights is 0.4437 bytes a weight, 109,816
+# bytes for ours' form, plus 40,000 for the code (ours packs to ~35.5 KB; at full scale code is 0.2% of the cap).
+REGIME = dict(SHAPE, MODEL_DIM=64, ITERATIONS=3000, MUON_MOMENTUM_WARMUP_STEPS=500, TRAIN_LOG_EVERY=250)
+REGIME_CAP = 109_816 + 40_000
+
+
+@dataclasses.dataclass(frozen=True)
+class Shape:
+    name: str
+    env: dict  # both scripts' settings of the shape; they win over a row's own (rows that change them are refused)
+    cap: int  # code + model bytes
+    data: str | None  # every row's data at this shape (None: each row's own)
+    record_env: dict  # the record runner's settings beyond its mini defaults
+
+
+SHAPES = {"mini": Shape("mini", SHAPE, CAP, None, {}),
+          # The record at head 16: RoPE on a quarter of the head as at mini (6 of 24), its own EMA 0.9965 (an
+          # average over ~285 steps, 9.5% of 3,000, near its 6% at full scale; mini needed 0.985).
+          "regime": Shape("regime", REGIME, REGIME_CAP, "sp1024",
+                          dict(MODEL_DIM=64, ITERATIONS=3000, MUON_MOMENTUM_WARMUP_STEPS=500, TRAIN_LOG_EVERY=250,
+                               VOCAB_SIZE=1024, ROPE_DIMS=4, EMA_DECAY=0.9965))}
+
+
+def capped_line(cap: int) -> str:
+    return f"SIZE_LIMIT = {cap:_}"
+
+
 # Ours only; the measured eval costs behind both numbers are in bench/README.md. VAL_BATCH_SIZE changes no score
 # (every window is scored exactly once), only speed: 8 windows a batch keep a CPU's caches warm and score the val
 # cut in about half the time of 128. EVAL_STRIDE 256 costs two passes more than no sliding; 128 would cost four.
@@ -139,6 +171,7 @@ GPTQ = dict(GPTQ=1, CLIP_MODE="std", BYTE_SHUFFLE=1, GPTQ_RESERVE_SECONDS=6)
 # At dim 128 the 8192-row embedding alone (1.05 M weights) would overrun the cap: every sp8192 row (the default
 # vocabulary, so `ours` too) takes dim 96 and a 6-bit embedding.
 SP8192 = dict(data="sp8192", MODEL_DIM=96, EMBED_BITS=6)
+SP8192_FIT = ("MODEL_DIM", "EMBED_BITS")
 # Each difference between the record's run and ours that both scripts can express, measured in both: `record_X` is
 # the record with our value (base `record`), `ours_fp32_X` ours with the record's (base `ours_fp32_m099`), largest
 # expected effect first: (name, what ours has, the record's settings for it, ours' settings for the record's value).
@@ -385,26 +418,34 @@ def ensure_data(shared: Path, work: Path, variant: str, smoke: bool, threads: in
 # ------------------------------------------------------------------------------------------ the two scripts
 
 
-def cap_source(source: str) -> str:
-    """train_gpt.py with the mini-golf size limit: its prune-to-fit and oversize check then work against CAP."""
+def cap_source(source: str, cap: int = CAP) -> str:
+    """train_gpt.py with a shape's size limit: its prune-to-fit and oversize check then work against `cap`."""
     pattern = re.compile(rf"^{re.escape(LIMIT_LINE)}$", re.M)
-    capped, count = pattern.subn(CAPPED_LINE, source)
+    capped, count = pattern.subn(capped_line(cap), source)
     if count != 1:
         raise HarnessError(f"expected exactly one line '{LIMIT_LINE}' in train_gpt.py, found {count}")
     return capped
 
 
-def prepare_ours(work: Path, pack: bool) -> Path:
-    code = work / "code"
-    code.mkdir(parents=True, exist_ok=True)
-    capped = code / "train_gpt_capped.py"
-    capped.write_text(cap_source((REPO / "train_gpt.py").read_text(encoding="utf-8")), encoding="utf-8")
+def results_file(shape: Shape) -> Path:
+    return DEFAULT_RESULTS if shape.name == "mini" else DEFAULT_RESULTS.with_name(f"{shape.name}_runs.jsonl")
+
+
+def capped_copy(work: Path, shape: Shape, packed: bool = False) -> Path:
+    suffix = "" if shape.name == "mini" else f"_{shape.name}"
+    return work / "code" / f"train_gpt_{'packed' if packed else 'capped'}{suffix}.py"
+
+
+def prepare_ours(work: Path, pack: bool, shape: Shape = SHAPES["mini"]) -> Path:
+    capped = capped_copy(work, shape)
+    capped.parent.mkdir(parents=True, exist_ok=True)
+    capped.write_text(cap_source((REPO / "train_gpt.py").read_text(encoding="utf-8"), shape.cap), encoding="utf-8")
     if not pack:
         return capped
     packer = REPO / "tools" / "pack_code.py"
     if not packer.exists():
         raise HarnessError("tools/pack_code.py not found: pass --no-pack to run the unpacked copy")
-    packed = code / "train_gpt_packed.py"
+    packed = capped_copy(work, shape, packed=True)
     done = subprocess.run([sys.executable, str(packer), str(capped), "-o", str(packed)], capture_output=True, text=True)
     if done.returncode != 0 or not packed.exists():
         raise HarnessError(f"tools/pack_code.py failed: {last_line(done.stderr + done.stdout)}")
@@ -462,23 +503,46 @@ def ours_settings(r: Row) -> dict:
     return {k: str(v) for k, v in {**OURS_BASE, **base}.items()}
 
 
+def shape_refusal(r: Row, shape: Shape) -> str | None:
+    """Why a row cannot run at a shape with data of its own: a row whose point is its data (it differs from its
+    base's) or its size (it sets a shape setting other than the width its vocabulary needs) means nothing there."""
+    if shape.data is None:
+        return None
+    base = ROWS.get(r.base) if r.base else None
+    if base and base.data != r.data:
+        return f"{r.name} changes the data ({base.data} -> {r.data}), and every row at {shape.name} runs on {shape.data}"
+    sized = sorted(set(r.env) & set(SHAPE) - {"MODEL_DIM"})
+    if sized:
+        return f"{r.name} sets {', '.join(sized)}, which {shape.name} fixes"
+    return None
+
+
 def row_env(r: Row, seed: int, run_id: str, data: Path, shared: Path, threads: int, compile_: int,
-            warmup: int, smoke: bool, iterations: int | None, wallclock: float | None) -> dict:
-    if r.script == "record":  # the runner sets the shape, data, seed and run id itself
-        env = {k: str(v) for k, v in RECORD_BASE.items()}
+            warmup: int, smoke: bool, iterations: int | None, wallclock: float | None,
+            shape: Shape = SHAPES["mini"]) -> dict:
+    variant = shape.data or r.data
+    if r.script == "record":  # the runner sets the shape, data, seed and run id itself; the rest overrides it
+        env = {k: str(v) for k, v in {**RECORD_BASE, **shape.record_env}.items()}
+        if shape.data:
+            env.update(TOKENIZER_PATH=str(tokenizer(shared, variant)))
     else:
         env = {k: str(v) for k, v in SHAPE.items()}
         if r.script == "ours":
             env.update(ours_settings(r), COMPILE=str(compile_))
-        tok = data / "tokenizer.model" if r.data in PROXY_TRAINED else tokenizer(shared, r.data)
+        tok = data / "tokenizer.model" if variant in PROXY_TRAINED else tokenizer(shared, variant)
         env.update(WARMUP_STEPS=str(warmup), DATA_PATH=str(data), TOKENIZER_PATH=str(tok),
-                   VOCAB_SIZE=str(VOCABS[r.data]), RUN_ID=run_id, SEED=str(seed))
+                   VOCAB_SIZE=str(VOCABS[variant]), RUN_ID=run_id, SEED=str(seed))
     env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    env.update(r.env)
+    if shape.data and r.script != "record":  # the shape's size wins over what a row's own vocabulary needed
+        if r.data != shape.data:
+            for k in SP8192_FIT:
+                env.pop(k, None)
+        env.update({k: str(v) for k, v in shape.env.items()})
     if smoke:
         n = iterations or SMOKE_ITERATIONS
         env.update(ITERATIONS=str(n),
                    MUON_MOMENTUM_WARMUP_STEPS=str(max(1, n // 6)), TRAIN_LOG_EVERY="1")  # every step: the last too
-    env.update(r.env)
     if r.budget == "time":
         env.update(ITERATIONS=str(TIME_ITERATIONS), MAX_WALLCLOCK_SECONDS=f"{wallclock:.1f}")
     return env
@@ -708,12 +772,15 @@ def execute(cmd: list[str], cwd: Path, env: dict, log: Path, timeout: float) -> 
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    rows = resolve_rows(args.rows)
+    rows, shape = resolve_rows(args.rows), SHAPES[args.shape]
+    refused = [why for r in rows if (why := shape_refusal(r, shape))]
+    if refused:
+        raise HarnessError("; ".join(refused))
     if args.iterations is not None and not args.smoke:
         raise HarnessError("--iterations only goes with --smoke (a shortened run is not a mini-golf result)")
     shared = need_shared(args.shared)
     work = args.work
-    results = args.results or (work / "smoke_runs.jsonl" if args.smoke else DEFAULT_RESULTS)
+    results = args.results or (work / "smoke_runs.jsonl" if args.smoke else results_file(shape))
     host, plan = machine(), schedule(rows, args.seeds)
     timed = any(r.budget == "time" for r in rows) and args.wallclock == "auto"
     if timed and not args.dry_run and not any(r.name == "baseline" for r in rows) and \
@@ -721,17 +788,17 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise HarnessError(f"no baseline run from this machine in this sitting at {args.threads} threads in "
                            f"{results}: add the `baseline` row or pass --wallclock SECONDS")
     if args.dry_run:
-        scripts = dict(ours=work / "code" / ("train_gpt_capped.py" if args.no_pack else "train_gpt_packed.py"),
+        scripts = dict(ours=capped_copy(work, shape, packed=not args.no_pack),
                        baseline=work / "code" / "baseline_cpu.py", record=shared / RECORD_RUNNER)
     else:
         scripts = {}
         if any(r.script == "ours" for r in rows):
-            scripts["ours"] = prepare_ours(work, pack=not args.no_pack)
+            scripts["ours"] = prepare_ours(work, pack=not args.no_pack, shape=shape)
         if any(r.script == "baseline" for r in rows):
             scripts["baseline"] = prepare_baseline(shared, work)
         if any(r.script == "record" for r in rows):
             scripts["record"] = prepare_record(shared)
-        for variant in sorted({r.data for r in rows}):
+        for variant in sorted({shape.data or r.data for r in rows}):
             info = ensure_data(shared, work, variant, args.smoke, args.threads)
             print(f"data {variant}: {info['val_docs']} val docs, {info['val_tokens']:,} val tokens "
                   f"(sha {info['val_sha16']}), {info['train_tokens']:,} train tokens", flush=True)
@@ -748,11 +815,12 @@ def cmd_run(args: argparse.Namespace) -> int:
                                    f"wall clock to give it; pass --wallclock SECONDS")
         stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
         run_id = f"{r.name}_s{seed}_{stamp}"
-        env = row_env(r, seed, run_id, data_dir(work, r.data, args.smoke), shared, args.threads, args.compile, warmup,
-                      args.smoke, args.iterations, wallclock if wallclock is not None else math.nan)
+        data = data_dir(work, shape.data or r.data, args.smoke)
+        env = row_env(r, seed, run_id, data, shared, args.threads, args.compile, warmup, args.smoke, args.iterations,
+                      wallclock if wallclock is not None else math.nan, shape)
         cmd = [sys.executable, str(scripts[r.script])]
         if r.script == "record":
-            cmd = ["bash", str(scripts["record"]), str(data_dir(work, r.data, args.smoke)), str(seed),
+            cmd = ["bash", str(scripts["record"]), str(data), str(seed),
                    str(work / "runs" / run_id), *(f"{k}={v}" for k, v in env.items())]
         if args.dry_run:
             shown = " ".join(f"{k}={v}" for k, v in env.items())
@@ -765,7 +833,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"[{i}/{len(plan)}] {r.name} seed {seed} ({r.script}, {budget}): "
               f"log {work / 'runs' / run_id / 'output.txt'}", flush=True)
         code = shared / "anchors" / "record_1855_train_gpt.py" if r.script == "record" else scripts[r.script]
-        record = run_one(r, seed, cmd, code, work / "runs" / run_id, {**inherited, **env}, env, args)
+        record = run_one(r, seed, cmd, code, work / "runs" / run_id, {**inherited, **env}, env, args, shape)
         record.update(wallclock_s=wallclock, machine=host)
         results.parent.mkdir(parents=True, exist_ok=True)
         with open(results, "a", encoding="utf-8") as f:
@@ -784,7 +852,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def run_one(r: Row, seed: int, cmd: list[str], code: Path, cwd: Path, full_env: dict, env: dict,
-            args: argparse.Namespace) -> dict:
+            args: argparse.Namespace, shape: Shape) -> dict:
     """Run one row/seed in its own folder and turn its output into a record."""
     cwd.mkdir(parents=True, exist_ok=True)
     log = cwd / "output.txt"
@@ -802,10 +870,11 @@ def run_one(r: Row, seed: int, cmd: list[str], code: Path, cwd: Path, full_env: 
     text = log.read_text(encoding="utf-8", errors="replace")
     parsed = PARSERS[r.script](text)
     record = dict(
-        row=r.name, seed=seed, script=r.script, budget=r.budget, data=r.data, smoke=args.smoke,
+        row=r.name, seed=seed, script=r.script, budget=r.budget, data=shape.data or r.data, smoke=args.smoke,
+        shape=shape.name,
         val_bpb=parsed["val_bpb"], val_loss=parsed["val_loss"], bytes_code=parsed["bytes_code"],
         bytes_model=parsed["bytes_model"], bytes_total=parsed["bytes_total"],
-        fits=None if parsed["bytes_total"] is None else parsed["bytes_total"] <= CAP, steps=parsed["steps"],
+        fits=None if parsed["bytes_total"] is None else parsed["bytes_total"] <= shape.cap, steps=parsed["steps"],
         s_per_step=parsed["train_s"] / parsed["steps"] if parsed["train_s"] and parsed["steps"] else None,
         train_s=parsed["train_s"], eval_s=parsed["eval_s"], wall_s=round(wall, 1), wallclock_s=None,
         exit_code=exit_code,
@@ -923,12 +992,12 @@ def format_delta(d: tuple[float, float | None] | None) -> str:
     return "" if d is None else f"{d[0]:+.4f}" + (f" ± {d[1]:.4f}" if d[1] is not None else "")
 
 
-def render_table(summary: list[dict], records: list[dict]) -> str:
+def render_table(summary: list[dict], records: list[dict], cap: int = CAP) -> str:
     def num(x, fmt):
         return "" if x is None else format(x, fmt)
 
     lines = ["| row | script | budget | data | n | val_bpb mean ± std | Δ vs base | Δ vs base, same seeds | Δ vs baseline "
-             f"| bytes_total (cap {CAP:,}) | s/step | train s | eval s |",
+             f"| bytes_total (cap {cap:,}) | s/step | train s | eval s |",
              "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for s in summary:
         n = f"{s['n']}" + (f" (+{s['failed']} failed)" if s["failed"] else "")
@@ -1109,10 +1178,13 @@ def replace_section(doc: str, table: str, begin: str = TABLE_BEGIN, end: str = T
 
 
 def cmd_table(args: argparse.Namespace) -> int:
-    results = args.results or DEFAULT_RESULTS
+    shape = SHAPES[args.shape]
+    results = args.results or results_file(shape)
     records = [r for r in read_results(results) if not r.get("smoke") or args.results]
     if not records:
         raise HarnessError(f"no runs recorded in {results}")
+    if shape.name != "mini":
+        return regime_table(args, shape, records)
     kinds: dict[str, list[dict]] = {}
     for rec in records:
         kinds.setdefault(cpu_kind(rec), []).append(rec)
@@ -1150,6 +1222,22 @@ def cmd_table(args: argparse.Namespace) -> int:
     return 0
 
 
+def regime_table(args: argparse.Namespace, shape: Shape, records: list[dict]) -> int:
+    """A shape other than mini: its rows and paired measures, per kind of CPU, in a section of their own."""
+    kinds: dict[str, list[dict]] = {}
+    for rec in records:
+        kinds.setdefault(cpu_kind(rec), []).append(rec)
+    heading = (lambda kind: f"CPU with {kind}:\n\n") if len(kinds) > 1 else (lambda kind: "")
+    text = "\n\n".join(heading(k) + render_table(summarize(rs), rs, shape.cap) + "\n\n" + paired_table(rs)
+                       for k, rs in sorted(kinds.items()))
+    print(text)
+    if args.write:
+        doc = replace_section(args.doc.read_text(encoding="utf-8"), text, REGIME_BEGIN, REGIME_END)
+        args.doc.write_text(doc, encoding="utf-8")
+        print(f"updated {args.doc}")
+    return 0
+
+
 # ------------------------------------------------------------------------------------------ rows and sizes
 
 
@@ -1158,6 +1246,10 @@ def cmd_rows(args: argparse.Namespace) -> int:
         env = " ".join(f"{k}={v}" for k, v in r.env.items())
         print(f"{r.name:<18} {r.script:<8} {r.budget:<5} {r.data:<6} {r.about}" + (f"\n{'':<40} {env}" if env else ""))
     print(f"\nshape (both scripts): {' '.join(f'{k}={v}' for k, v in SHAPE.items())}")
+    for shape in SHAPES.values():
+        if shape.data:
+            print(f"--shape {shape.name}: every row on {shape.data}, {' '.join(f'{k}={v}' for k, v in shape.env.items() if SHAPE[k] != v)}, "
+                  f"cap {shape.cap:,}; the record also {' '.join(f'{k}={v}' for k, v in shape.record_env.items())}")
     print(f"ours also: {' '.join(f'{k}={v}' for k, v in OURS_BASE.items())} COMPILE=<--compile>")
     return 0
 
@@ -1166,20 +1258,22 @@ def cmd_sizes(args: argparse.Namespace) -> int:
     """Artifact size with every weight Gaussian: near the size of a briefly trained model (trained 17.52 MB against
     18.11 MB Gaussian at the old default shape, results/proxy_trained_size.md), so an estimate that errs on the large
     side."""
+    shape = SHAPES[args.shape]
     rows = resolve_rows(args.rows or [n for n, r in ROWS.items() if r.script == "ours"])
     extra = dict(kv.split("=", 1) for kv in args.set)
-    code = prepare_ours(args.work, pack=not args.no_pack)
+    code = prepare_ours(args.work, pack=not args.no_pack, shape=shape)
     code_bytes = code.stat().st_size
     sys.path.insert(0, str(REPO))
     import torch
     import train_gpt as tg
     torch.manual_seed(0)
-    print(f"code bytes {code_bytes:,} ({code.name}); cap {CAP:,}")
+    print(f"code bytes {code_bytes:,} ({code.name}); cap {shape.cap:,}")
     for r in rows:
-        if r.script != "ours":
+        if r.script != "ours" or shape_refusal(r, shape):
             continue
-        env = {**{k: str(v) for k, v in SHAPE.items()}, **ours_settings(r), "VOCAB_SIZE": str(VOCABS[r.data]),
-               **r.env, **extra}
+        env = {**{k: str(v) for k, v in SHAPE.items()}, **ours_settings(r),
+               "VOCAB_SIZE": str(VOCABS[shape.data or r.data]), **r.env,
+               **({k: str(v) for k, v in shape.env.items()} if shape.data else {}), **extra}
         saved = {k: os.environ.get(k) for k in env}
         os.environ.update(env)
         try:
@@ -1196,7 +1290,7 @@ def cmd_sizes(args: argparse.Namespace) -> int:
         total = model_bytes + code_bytes
         params = sum(p.numel() for p in model.parameters())
         print(f"{r.name:<18} params {params:>9,}  model ~{model_bytes:>9,}  total ~{total:>9,}  "
-              f"{'fits' if total <= CAP else 'OVER'} ({CAP - total:+,})", flush=True)
+              f"{'fits' if total <= shape.cap else 'OVER'} ({shape.cap - total:+,})", flush=True)
     return 0
 
 
@@ -1225,6 +1319,9 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--work", type=Path, default=DEFAULT_WORK, help="work folder (data, code copies, runs)")
     common.add_argument("--shared", type=Path, default=DEFAULT_SHARED, help="the shared folder (proxy data, anchors)")
     common.add_argument("--threads", type=int, default=2, help="OMP/MKL threads of every run and data build")
+    common.add_argument("--shape", choices=SHAPES, default="mini",
+                        help="mini: 4 x 128 (sp8192 rows 96), 600 steps; regime: 4 x 64 on sp1024, 3,000 steps, "
+                             "~100 tokens a weight as in the records (results in results/minigolf/regime_runs.jsonl)")
     sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
     sub.add_parser("prepare", parents=[common], help="build and check the data in the work folder")
     run = sub.add_parser("run", parents=[common], help="run rows x seeds, interleaved; append to the results")
@@ -1237,7 +1334,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--warmup-steps", type=int, default=None, help="WARMUP_STEPS (default 2 with --compile 1, else 0)")
     run.add_argument("--no-pack", action="store_true", help="run the capped copy of train_gpt.py without packing it")
     run.add_argument("--results", type=Path, default=None,
-                     help=f"JSON lines file (default {DEFAULT_RESULTS.relative_to(REPO)}; "
+                     help=f"JSON lines file (default {DEFAULT_RESULTS.relative_to(REPO)}, or per --shape; "
                           "with --smoke WORK/smoke_runs.jsonl)")
     # A guard against hung runs, not a budget: fp32 record rows at one thread, two side by side, took up to 89 minutes.
     run.add_argument("--timeout", type=float, default=3 * 3600, help="seconds before a run is stopped")
@@ -1246,6 +1343,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--iterations", type=int, default=None, help="with --smoke: steps instead of the default")
     run.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
     table = sub.add_parser("table", help="markdown table of the results; updates results/MINIGOLF.md")
+    table.add_argument("--shape", choices=SHAPES, default="mini", help="whose results: mini's or regime's")
     table.add_argument("--results", type=Path, default=None, help=f"default {DEFAULT_RESULTS.relative_to(REPO)}")
     table.add_argument("--doc", type=Path, default=TABLE_DOC, help="document whose marked section is replaced")
     table.add_argument("--figure", type=Path, default=FIGURE, help="PNG of the standings and technique deltas")

@@ -189,6 +189,46 @@ def test_the_caseops_pair_differs_only_in_its_data_and_tokenizer(tmp_path):
     assert plain["TOKENIZER_PATH"] == str(tmp_path / "tokenizer.model") and plain["VOCAB_SIZE"] == "8192"
 
 
+def test_at_regime_every_row_runs_at_4x64_on_sp1024_for_3000_steps(tmp_path):
+    kw = env_args(tmp_path, shape=mg.SHAPES["regime"])
+    ours, plain, smear = (mg.row_env(mg.ROWS[n], 1, **kw) for n in ("ours", "plain", "smear"))
+    for env in (ours, plain, smear):
+        assert (env["MODEL_DIM"], env["ITERATIONS"], env["VOCAB_SIZE"]) == ("64", "3000", "1024")
+        assert env["TOKENIZER_PATH"].endswith("fineweb_1024_bpe.model")
+    assert "EMBED_BITS" not in ours  # the 6-bit embedding fitted sp8192 into mini's cap: ours keeps its default
+    assert {k: v for k, v in smear.items() if plain.get(k) != v and k != "RUN_ID"} == {"SMEAR": "1"}
+
+
+def test_the_record_at_regime_takes_the_shape_and_its_own_row_settings_win(tmp_path):
+    kw = env_args(tmp_path, shape=mg.SHAPES["regime"])
+    record, rope = (mg.row_env(mg.ROWS[n], 1, **kw) for n in ("record", "record_rope_ln_qk"))
+    assert (record["MODEL_DIM"], record["VOCAB_SIZE"], record["ROPE_DIMS"]) == ("64", "1024", "4")
+    assert record["TOKENIZER_PATH"].endswith("fineweb_1024_bpe.model")
+    assert rope["ROPE_DIMS"] == "0"
+
+
+def test_rows_whose_point_is_their_data_or_size_are_refused_at_regime_only():
+    regime, mini = mg.SHAPES["regime"], mg.SHAPES["mini"]
+    refused = {n for n, r in mg.ROWS.items() if mg.shape_refusal(r, regime)}
+    assert refused == {"sp8192", "proxy8192", "caseops", "shape_6x96", "shape_8x96"}
+    assert not any(mg.shape_refusal(r, mini) for r in mg.ROWS.values())
+    assert mg.main(["run", "--shape", "regime", "sp8192", "--dry-run"]) == 2
+
+
+def test_regime_trains_about_100_tokens_a_weight_and_its_cap_binds_like_16_mb(tmp_path, monkeypatch):
+    """The #2135 run: 5,001 steps of 786,432 tokens on 35,945,673 weights; 15,947,490 bytes."""
+    sys.path.insert(0, str(mg.REPO))
+    import train_gpt as tg
+    env = mg.row_env(mg.ROWS["ours"], 1, **env_args(tmp_path, shape=mg.SHAPES["regime"]))
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    weights = sum(p.numel() for p in tg.GPT(tg.Hyperparameters.from_env(), bf16=False).parameters())
+    record_tokens_per_weight = 5001 * 786432 / 35945673
+    assert 0.85 < int(env["ITERATIONS"]) * int(env["TRAIN_BATCH_TOKENS"]) / weights / record_tokens_per_weight < 1.1
+    code_allowance = 40_000
+    assert mg.SHAPES["regime"].cap - code_allowance == pytest.approx(15947490 / 35945673 * weights, rel=0.01)
+
+
 def test_every_row_is_well_formed():
     for r in mg.ROWS.values():
         assert r.script in mg.PARSERS and r.budget in ("steps", "time") and r.data in mg.VOCABS, r.name
