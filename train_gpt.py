@@ -107,6 +107,7 @@ class Hyperparameters:
     train_batch_tokens: int = 786432
     train_seq_len: int = 2048
     train_seq_schedule: str = ""
+    seq_change_warmup_steps: int = 0
     grad_accum_steps: int = 0
     warmup_steps: int = 20
     lr_warmup_steps: int = 0
@@ -216,7 +217,7 @@ class Hyperparameters:
         for name in ("matrix_lr", "scalar_lr", "tied_embed_lr", "embed_lr", "head_lr", "ttt_lr", "ttt_phase_lr",
                      "adam_eps", "rope_base", "qk_gain_init"):
             need(getattr(self, name) > 0, f"{name.upper()} must be positive, got {getattr(self, name)}")
-        for name in ("muon_wd", "adam_wd", "scalar_wd", "ttt_wd", "grad_clip_norm"):
+        for name in ("muon_wd", "adam_wd", "scalar_wd", "ttt_wd", "grad_clip_norm", "seq_change_warmup_steps"):
             need(getattr(self, name) >= 0, f"{name.upper()} must be >= 0 (0 = off), got {getattr(self, name)}")
         for name in ("beta1", "beta2", "muon_momentum", "muon_momentum_warmup_start"):
             need(0 <= getattr(self, name) < 1, f"{name.upper()} must be in [0, 1), got {getattr(self, name)}")
@@ -933,6 +934,13 @@ def lr_multiplier(step: int, elapsed_ms: float, hp: Hyperparameters) -> float:
     warm = min(1.0, (step + 1) / hp.lr_warmup_steps) if hp.lr_warmup_steps > 0 else 1.0
     left = 1.0 - training_progress(step, elapsed_ms, hp)
     return warm * max(min(1.0, left / hp.warmdown_frac), hp.min_lr_frac) if hp.warmdown_frac > 0 else warm
+
+
+def rewarm(step: int, switched_at: int, hp: Hyperparameters) -> float:
+    """The learning rate's share SEQ_CHANGE_WARMUP_STEPS after a context switch at `switched_at` (#2014): a longer
+    context changes the gradients' statistics, and full steps at once disturb what was learnt."""
+    n = hp.seq_change_warmup_steps
+    return min(1.0, (step - switched_at + 1) / n) if n > 0 and switched_at > 0 else 1.0
 
 
 def training_progress(step: int, elapsed_ms: float, hp: Hyperparameters) -> float:
@@ -2303,7 +2311,7 @@ class Trainer:
         ema = [p.detach().clone() for p in params] if hp.ema_decay > 0 else None
         finite = torch.ones((), dtype=torch.bool, device=self.device)  # a device flag: no host sync per step
         cap_ms = 1000 * hp.train_seconds
-        step, paused_ms, last_ms = 0, 0.0, 0.0
+        step, paused_ms, last_ms, switched_at = 0, 0.0, 0.0, 0
         self.sync()
         t0 = time.perf_counter()
 
@@ -2340,13 +2348,14 @@ class Trainer:
             progress = training_progress(step, elapsed_ms, hp)
             seq_len = [length for length, start in self.schedule if progress >= start][-1]
             if seq_len != self.seq_len:
-                self.seq_len = seq_len
-                log(f"seq_len_changed step:{step} seq_len:{seq_len} train_time:{elapsed_ms:.0f}ms")
+                self.seq_len, switched_at = seq_len, step
+                log(f"seq_len_changed step:{step} seq_len:{seq_len} train_time:{elapsed_ms:.0f}ms "
+                    f"rewarm_steps:{hp.seq_change_warmup_steps}")
             if not self.qat_on and training_progress(step, elapsed_ms, hp) >= hp.qat_start_frac:
                 self.model.set_qat(True)
                 self.qat_on = True
                 log(f"qat_enabled step:{step} train_time:{elapsed_ms:.0f}ms")
-            self.set_lr(lr_multiplier(step, elapsed_ms, hp))
+            self.set_lr(lr_multiplier(step, elapsed_ms, hp) * rewarm(step, switched_at, hp))
             loss = self.train_step(step)
             finite &= torch.isfinite(loss)
             if ema is not None:

@@ -127,15 +127,21 @@ def test_every_stretch_of_training_is_a_state_compiled_before_the_clock():
                                                    (128, True, True)]
 
 
+def test_after_a_context_switch_the_learning_rate_ramps_back_over_the_rewarm_steps():
+    hp = tg.Hyperparameters(seq_change_warmup_steps=4)
+    assert [tg.rewarm(step, 10, hp) for step in range(10, 16)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+    assert tg.rewarm(3, 0, hp) == 1.0  # the first length is no switch
+    assert tg.rewarm(10, 10, tg.Hyperparameters()) == 1.0  # off by default
+
+
 @pytest.mark.slow
 def test_a_run_with_a_growing_context_switches_at_its_fraction(tiny_dataset, tmp_path):
     env = tiny_env(tiny_dataset, "grow", TRAIN_SEQ_SCHEDULE="32@0,64@0.5", ITERATIONS=20, EVAL_STRIDE=0,
-                   WARMUP_STEPS=2)
+                   WARMUP_STEPS=2, SEQ_CHANGE_WARMUP_STEPS=3)
     result = run_train(tmp_path, env)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert parse_line(result.stdout, "seq_len_changed") == dict(step="10", seq_len="64",
-                                                                train_time=parse_line(result.stdout,
-                                                                                      "seq_len_changed")["train_time"])
+    switch = parse_line(result.stdout, "seq_len_changed")
+    assert (switch["step"], switch["seq_len"], switch["rewarm_steps"]) == ("10", "64", "3")
 
 
 # ----------------------------------------------------------------------------------------------------------
