@@ -1,0 +1,114 @@
+#!/usr/bin/env python3
+"""Does a CPU shape agree with full scale? Each published full-scale delta of one change (results/calibration.json,
+with its source) beside the same change measured by mini-golf at each shape: a registry row against its base, the
+same seeds (bench/minigolf.py). Per shape: how many signs agree, and the rank correlation of the deltas.
+
+    python3 bench/calibration.py              # prints the table; --write puts it in results/MINIGOLF.md
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from scipy.stats import spearmanr
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import minigolf as mg  # noqa: E402
+
+CALIBRATION = mg.REPO / "results" / "calibration.json"
+# Full-scale seed spreads are ~0.0003-0.0017: a published delta below this says nothing about its sign.
+FULL_SCALE_NOISE = 0.0005
+BEGIN, END = "<!-- minigolf-calibration:begin -->", "<!-- minigolf-calibration:end -->"
+
+
+def load_entries(path: Path) -> list[dict]:
+    try:
+        entries = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise mg.HarnessError(f"{path}: {e}") from None
+    for e in entries:
+        missing = {"change", "full_scale", "source", "row"} - set(e)
+        row = mg.ROWS.get(e.get("row"))
+        if missing or row is None or (e.get("base") or row.base) not in mg.ROWS:
+            raise mg.HarnessError(f"{path}: entry {e.get('change')!r} needs change, full_scale, source and a registry "
+                                  f"row with a base (missing {sorted(missing)}, row {e.get('row')!r})")
+    return entries
+
+
+def measured(records: list[dict], row: str, base: str) -> tuple[float, float | None, int] | None:
+    """The row's same-seed delta against `base` (mean, standard error, seeds), on the one kind of CPU that ran most
+    of the pair's seeds; None if no seed ran both."""
+    kinds: dict[str, list[dict]] = {}
+    for rec in records:
+        kinds.setdefault(mg.cpu_kind(rec), []).append(rec)
+    best = None
+    for runs in kinds.values():
+        mine, ref = mg.scored(r for r in runs if r["row"] == row), mg.scored(r for r in runs if r["row"] == base)
+        seeds = {r["seed"] for r in mine} & {r["seed"] for r in ref}
+        d = mg.paired_delta(mine, ref) if seeds else None
+        if d and (best is None or len(seeds) > best[2]):
+            best = (d[0], d[1], len(seeds))
+    return best
+
+
+def agreement(pairs: list[tuple[float, float]]) -> str:
+    """Signs that agree, and Spearman's rho of the deltas (their signed sizes), over the (full scale, shape) pairs
+    whose full-scale delta is beyond FULL_SCALE_NOISE."""
+    pairs = [(a, b) for a, b in pairs if abs(a) >= FULL_SCALE_NOISE]
+    if not pairs:
+        return "nothing measured"
+    agree = sum((a < 0) == (b < 0) for a, b in pairs)
+    rho = spearmanr([a for a, _ in pairs], [b for _, b in pairs]).statistic if len(pairs) > 2 else float("nan")
+    return f"signs agree {agree}/{len(pairs)}, Spearman rho {rho:+.2f}"
+
+
+def table(entries: list[dict], shapes: dict[str, list[dict]]) -> str:
+    head = " | ".join(f"{name} Δ (same seeds, n)" for name in shapes)
+    lines = [f"| change | full-scale Δ val_bpb | source | rows (from → to) | {head} |",
+             "| --- | ---: | --- | --- |" + " ---: |" * len(shapes)]
+    pairs: dict[str, list[tuple[float, float]]] = {name: [] for name in shapes}
+    for e in entries:
+        cells = []
+        base = e.get("base") or mg.ROWS[e["row"]].base
+        for name, records in shapes.items():
+            m = measured(records, e["row"], base)
+            if m is None:
+                cells.append("not run")
+                continue
+            sign = -1 if e.get("reverse") else 1  # a row measured the change the other way round
+            cells.append(f"{sign * m[0]:+.4f}" + (f" ± {m[1]:.4f}" if m[1] is not None else "") + f" ({m[2]})")
+            pairs[name].append((e["full_scale"], sign * m[0]))
+        note = f" ({e['note']})" if e.get("note") else ""
+        source = e["source"].replace("|", "\\|")  # the quoted table rows would split the cell
+        pair = f"`{base}` → `{e['row']}`" if not e.get("reverse") else f"`{e['row']}` → `{base}`"
+        lines.append(f"| {e['change']}{note} | {e['full_scale']:+.5f} | {source} | {pair} | {' | '.join(cells)} |")
+    lines += ["", "Agreement with full scale, over the changes whose full-scale |Δ| is at least "
+              f"{FULL_SCALE_NOISE} (smaller ones are within the records' seed spread): "
+              + "; ".join(f"**{name}** {agreement(p)}" for name, p in pairs.items())
+              + ". Δ = the change's end minus its start, on the seeds both rows ran (n), ± its standard error."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--entries", type=Path, default=CALIBRATION)
+    parser.add_argument("--write", action="store_true", help="replace the calibration section of results/MINIGOLF.md")
+    args = parser.parse_args(argv)
+    try:
+        entries = load_entries(args.entries)
+        shapes = {name: mg.read_results(mg.results_file(shape)) for name, shape in mg.SHAPES.items()}
+    except mg.HarnessError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    text = table(entries, shapes)
+    print(text)
+    if args.write:
+        mg.TABLE_DOC.write_text(mg.replace_section(mg.TABLE_DOC.read_text(encoding="utf-8"), text, BEGIN, END),
+                                encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

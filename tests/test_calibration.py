@@ -1,0 +1,32 @@
+"""bench/calibration.py: every published delta names rows mini-golf can run, and agreement counts only signs that
+full scale can tell."""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+import calibration as cal  # noqa: E402
+import minigolf as mg  # noqa: E402
+
+
+def test_every_published_delta_has_a_source_and_rows_that_run_at_both_shapes():
+    entries = cal.load_entries(cal.CALIBRATION)
+    assert len(entries) >= 10
+    for e in entries:
+        assert e["source"] and e["full_scale"] != 0, e["change"]
+        for name in (e["row"], e.get("base") or mg.ROWS[e["row"]].base):
+            assert not mg.shape_refusal(mg.ROWS[name], mg.SHAPES["regime"]), name
+
+
+def test_agreement_counts_signs_beyond_the_full_scale_noise_and_ranks_the_deltas():
+    pairs = [(-0.002, -0.001), (-0.001, -0.0005), (0.003, 0.004), (-0.0002, 0.01)]  # the last is within noise
+    assert cal.agreement(pairs) == "signs agree 3/3, Spearman rho +1.00"
+    assert cal.agreement([(-0.002, 0.001), (-0.001, -0.001), (0.001, 0.002)]).startswith("signs agree 2/3")
+
+
+def test_a_row_is_measured_against_its_base_on_the_seeds_both_ran():
+    def run(row, seed, bpb):
+        return dict(row=row, seed=seed, val_bpb=bpb, exit_code=0, machine=dict(bf16=False))
+    records = [run("plain", 1, 2.0), run("plain", 2, 2.1), run("xsa", 1, 1.99), run("xsa", 2, 2.09), run("xsa", 3, 1.0)]
+    mean, se, n = cal.measured(records, "xsa", "plain")
+    assert n == 2 and abs(mean + 0.01) < 1e-9 and se < 1e-9
+    assert cal.measured(records, "smear", "plain") is None
