@@ -22,7 +22,7 @@ def test_defaults_are_the_8xh100_frontier_recipe(monkeypatch):
     assert "sp8192" in hp.data_path and "8192" in hp.tokenizer_path
     assert (hp.xsa_last_n, hp.parallel_start, hp.recur_span()) == (11, 8, range(3, 6))
     assert hp.block_order() == [0, 1, 2, 3, 4, 5, 3, 4, 5, 3, 4, 5, 6, 7, 8, 9, 10]  # the record's 3 passes
-    assert (hp.train_seq_len, hp.train_batch_tokens, hp.eval_stride, hp.eval_seq_len) == (2048, 786432, 64, 2048)
+    assert (hp.train_seq_len, hp.train_batch_tokens, hp.eval_stride, hp.eval_seq_len) == (2048, 786432, 64, 2560)
     # The #1855 and #2135 runs' forms: warm-down over 85% to a 0.1 floor, scalar decay 0.02, gate scale 0.5.
     assert (hp.warmdown_frac, hp.min_lr_frac, hp.scalar_wd, hp.attn_gate_scale, hp.ortho_init) == \
         (0.85, 0.1, 0.02, 0.5, True)
