@@ -1,15 +1,16 @@
 #!/usr/bin/env python3
-"""Paired export measure: train a mini-golf row once per seed, then write and score its artifact once per export
-variant, so every variant quantises the very same weights and the comparison carries no training noise.
+"""Paired export and evaluation measure: train a mini-golf row once per seed, then write and score its artifact once
+per variant, so every variant quantises and scores the very same weights and the comparison has no training noise.
 
     python3 bench/export_pairs.py run proxy8192 --seeds 1337 42 2025 \\
         --variant GPTQ_ACT_ORDER=1 --variant GPTQ_EMBED=1 --variant "LQER_ASYM=1" \\
         --variant "CLIP_SIGMAS=attn:13,mlp:11.5,embed:14"
     python3 bench/export_pairs.py table        # markdown table of the results file
 
-A variant changes only export settings (EXPORT_SETTINGS; anything that touches training is refused). Its export
-penalty is its reloaded artifact's score minus the trained model's, both plain windows at EVAL_SEQ_LEN in eager fp32;
-the table gives each variant's penalty and its difference from the row's own export (the same seeds, paired).
+A variant changes only export or scoring settings (EXPORT_SETTINGS, EVAL_SETTINGS; anything that touches training
+is refused). Its export penalty is its reloaded artifact's score minus the trained model's, both plain windows at
+the row's EVAL_SEQ_LEN in eager fp32; a variant of the scoring is also scored in its final mode. The table gives
+each variant's penalty and final score against the row's own (the same seeds, paired).
 The row's settings, data and code are mini-golf's (bench/minigolf.py); results go to
 results/minigolf/export_pairs.jsonl, each run's log to the work folder.
 """
@@ -33,6 +34,9 @@ RESULTS = mg.REPO / "results" / "minigolf" / "export_pairs.jsonl"
 # GPTQ_EMBED is among them because the embedding's Hessian is always collected here and only used when asked for.
 EXPORT_SETTINGS = {"GPTQ_ACT_ORDER", "GPTQ_EMBED", "CLIP_SIGMAS", "CLIP_SEARCH", "LQER_ASYM", "LQER_RANK",
                    "LQER_TENSORS", "AWQ_GROUP", "BYTE_SHUFFLE", "COMPRESSOR"}
+# Settings read only by the final scoring (TTT aside: on a CPU it costs minutes a variant); a variant with one of
+# them is also scored in its final mode, beside the row's own final score.
+EVAL_SETTINGS = {"EVAL_SEQ_LEN", "EVAL_STRIDE", "DOC_EVAL"}
 EMBED_HESSIAN = "tok_emb.weight"
 
 
@@ -40,10 +44,10 @@ def parse_variant(text: str) -> dict:
     settings = dict(item.split("=", 1) for item in text.split() if "=" in item)
     if not settings or len(settings) != len(text.split()):
         raise mg.HarnessError(f"--variant {text!r}: give NAME=VALUE settings separated by spaces")
-    foreign = sorted(set(settings) - EXPORT_SETTINGS)
+    foreign = sorted(set(settings) - EXPORT_SETTINGS - EVAL_SETTINGS)
     if foreign:
         raise mg.HarnessError(f"--variant {text!r}: {', '.join(foreign)} would change training, not only the export "
-                              f"(allowed: {', '.join(sorted(EXPORT_SETTINGS))})")
+                              f"or the scoring (allowed: {', '.join(sorted(EXPORT_SETTINGS | EVAL_SETTINGS))})")
     return settings
 
 
@@ -58,6 +62,15 @@ def load_script(capped: Path, packed: Path):
     spec.loader.exec_module(module)
     module.__file__ = str(packed)
     return module
+
+
+def final_score(tg, model, hp, val_tokens, tables) -> float:
+    """The reloaded model's score in the variant's final mode (document windows, sliding or plain), eager."""
+    mode, seq = tg.final_mode(hp), hp.eval_seq_len
+    if mode == "ttt":
+        raise mg.HarnessError("a TTT row's final score takes minutes a variant on a CPU: measure on a row with TTT=0")
+    stride = hp.eval_stride or seq if mode in ("doc", "sliding") else seq
+    return tg.evaluate(model, val_tokens, tables, seq, stride, hp.val_batch_size, 0, 1, documents=mode == "doc")[1]
 
 
 def run_seed(tg, row: mg.Row, seed: int, variants: list[dict], args, folder: Path, base_env: dict) -> list[dict]:
@@ -97,11 +110,14 @@ def run_seed(tg, row: mg.Row, seed: int, variants: list[dict], args, folder: Pat
         export_s = time.perf_counter() - t
         model = tg.load_artifact_model(hp_v, path, device, sizes["sha256"]).requires_grad_(False)
         _, bpb = tg.evaluate(model, val_tokens, tables, seq, seq, batch, 0, 1)
+        final = final_score(tg, model, hp_v, val_tokens, tables) if not settings or EVAL_SETTINGS & set(settings) \
+            else None
         log(f"variant {label(settings)} roundtrip_bpb:{bpb:.8f} penalty:{bpb - pre_bpb:+.8f} "
-            f"bytes_total:{sizes['bytes_total']} export_s:{export_s:.1f}")
+            f"final_bpb:{final} bytes_total:{sizes['bytes_total']} export_s:{export_s:.1f}")
         os.remove(path)
         records.append(dict(row=row.name, seed=seed, variant=label(settings), settings=settings, steps=steps,
                             train_s=train_ms / 1000, pre_bpb=pre_bpb, roundtrip_bpb=bpb, penalty=bpb - pre_bpb,
+                            final_bpb=final, final_mode=tg.final_mode(hp_v),
                             bytes_model=sizes["bytes_model"], bytes_total=sizes["bytes_total"], export_s=export_s,
                             log=str(folder / "logs" / f"{hp.run_id}.txt")))
         for key in settings:
@@ -150,19 +166,22 @@ def signed(values: list[float]) -> str:
 def table(records: list[dict]) -> str:
     """Per row and variant: seeds, export penalty (mean ± SE), its paired difference from the row's own export."""
     lines = ["| row | variant | seeds | export penalty (mean ± SE) | Δ vs row's export, same seeds | bytes_total "
-             "(mean) | Δ bytes | commits |", "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- |"]
+             "(mean) | Δ bytes | final score Δ vs row's, same seeds | commits |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
     runs = {(r["row"], r["seed"], r["date"], r["variant"]): r for r in records}
     for row in sorted({r["row"] for r in records}):
         for variant in dict.fromkeys(r["variant"] for r in records if r["row"] == row):
             mine = [r for r in records if r["row"] == row and r["variant"] == variant]
             own = [runs[(row, r["seed"], r["date"], "row")] for r in mine]
-            paired, extra = "", ""
+            paired, extra, final = "", "", ""
             if variant != "row":
                 paired = signed([r["penalty"] - o["penalty"] for r, o in zip(mine, own)])
                 extra = f"{statistics.fmean(r['bytes_total'] - o['bytes_total'] for r, o in zip(mine, own)):+,.0f}"
+                if all(r.get("final_bpb") is not None and o.get("final_bpb") is not None for r, o in zip(mine, own)):
+                    final = signed([r["final_bpb"] - o["final_bpb"] for r, o in zip(mine, own)])
             commits = ", ".join(sorted({r["commit"][:7] for r in mine}))
             lines.append(f"| {row} | `{variant}` | {len(mine)} | {signed([r['penalty'] for r in mine])} | {paired} | "
-                         f"{statistics.fmean(r['bytes_total'] for r in mine):,.0f} | {extra} | {commits} |")
+                         f"{statistics.fmean(r['bytes_total'] for r in mine):,.0f} | {extra} | {final} | {commits} |")
     return "\n".join(lines)
 
 
