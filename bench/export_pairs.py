@@ -3,9 +3,8 @@
 per variant, so every variant quantises and scores the very same weights and the comparison has no training noise.
 
     python3 bench/export_pairs.py run proxy8192 --seeds 1337 42 2025 \\
-        --variant GPTQ_ACT_ORDER=1 --variant GPTQ_EMBED=1 --variant "LQER_ASYM=1" \\
-        --variant "CLIP_SIGMAS=attn:13,mlp:11.5,embed:14"
-    python3 bench/export_pairs.py table        # markdown table of the results file
+        --variant GPTQ_ACT_ORDER=1 --variant GPTQ_EMBED=0 --variant "CLIP_SIGMAS=attn:13,mlp:11.5,embed:14"
+    python3 bench/export_pairs.py table --write   # markdown table of the results; --write: into results/MINIGOLF.md
 
 A variant changes only export or scoring settings (EXPORT_SETTINGS, EVAL_SETTINGS; anything that touches training
 is refused). Its export penalty is its reloaded artifact's score minus the trained model's, both plain windows at
@@ -30,10 +29,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import minigolf as mg  # noqa: E402
 
 RESULTS = mg.REPO / "results" / "minigolf" / "export_pairs.jsonl"
+BEGIN, END = "<!-- minigolf-export-pairs:begin -->", "<!-- minigolf-export-pairs:end -->"
 # Settings read only by the export (quantisation, LQER, packing): the trained weights and Hessians stay valid.
 # GPTQ_EMBED is among them because the embedding's Hessian is always collected here and only used when asked for.
-EXPORT_SETTINGS = {"GPTQ_ACT_ORDER", "GPTQ_EMBED", "CLIP_SIGMAS", "CLIP_SEARCH", "LQER_ASYM", "LQER_RANK",
-                   "LQER_TENSORS", "AWQ_GROUP", "BYTE_SHUFFLE", "COMPRESSOR"}
+EXPORT_SETTINGS = {"GPTQ_ACT_ORDER", "GPTQ_EMBED", "CLIP_SIGMAS", "CLIP_SEARCH", "LQER_RANK", "LQER_TENSORS",
+                   "AWQ_GROUP", "BYTE_SHUFFLE", "COMPRESSOR"}
 # Settings read only by the final scoring (TTT aside: on a CPU it costs minutes a variant); a variant with one of
 # them is also scored in its final mode, beside the row's own final score.
 EVAL_SETTINGS = {"EVAL_SEQ_LEN", "EVAL_STRIDE", "DOC_EVAL"}
@@ -200,11 +200,16 @@ def main() -> int:
     run.add_argument("--smoke", action="store_true", help="harness check: 8 steps, 40 val docs")
     show = sub.add_parser("table", help="markdown table of the results")
     show.add_argument("--results", type=Path, default=RESULTS)
+    show.add_argument("--write", action="store_true", help="replace its section of results/MINIGOLF.md")
     args = parser.parse_args()
     try:
         if args.command == "run":
             return cmd_run(args)
-        print(table(mg.read_results(args.results)))
+        text = table(mg.read_results(args.results))
+        print(text)
+        if args.write:
+            mg.TABLE_DOC.write_text(mg.replace_section(mg.TABLE_DOC.read_text(encoding="utf-8"), text, BEGIN, END),
+                                    encoding="utf-8")
         return 0
     except mg.HarnessError as e:
         print(f"error: {e}", file=sys.stderr)
