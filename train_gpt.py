@@ -55,7 +55,8 @@ def depth_defaults(num_layers: int) -> dict:
 
 
 # Settings a release replaced: one set from an older command line is named, not silently ignored.
-RETIRED = {"WARMDOWN_ITERS": "WARMDOWN_FRAC (the fraction of training the warm-down takes, e.g. 0.85)"}
+RETIRED = {"WARMDOWN_ITERS": "set WARMDOWN_FRAC (the fraction of training the warm-down takes, e.g. 0.85) instead",
+           "LQER_ASYM": "LQER always takes the records' asymmetric form now (LQER_RANK=0 turns it off)"}
 
 
 def colon_pairs(text: str) -> list[list[str]]:
@@ -143,7 +144,7 @@ class Hyperparameters:
     clip_search: bool = True
     gptq: bool = True
     gptq_act_order: bool = False
-    gptq_embed: bool = False
+    gptq_embed: bool = True
     clip_sigmas: str = ""
     gptq_calib_batches: int = 32
     gptq_reserve_seconds: float = 12.0
@@ -152,7 +153,6 @@ class Hyperparameters:
     awq_group: bool = True
     lqer_rank: int = 4
     lqer_tensors: int = 3
-    lqer_asym: bool = False
     artifact_dir: str = "artifacts"
     fit_to_limit: bool = True
     allow_oversize: bool = False
@@ -183,7 +183,7 @@ class Hyperparameters:
     def from_env(cls) -> "Hyperparameters":
         for old, new in RETIRED.items():
             if old in os.environ:
-                raise UserError(f"{old} is no longer read: set {new} instead")
+                raise UserError(f"{old} is no longer read: {new}")
         values = {}
         for f in dataclasses.fields(cls):
             name, raw, kind = f.name.upper(), os.environ.get(f.name.upper()), type(f.default)
@@ -1148,40 +1148,33 @@ def quantize_tensor(name: str, tensor: torch.Tensor, bits: int, hp: Hyperparamet
                        cost=(w.square() * weight).cpu())
 
 
-def add_lqer(tensors: list[QuantTensor], state: dict[str, torch.Tensor], hessians: dict, hp: Hyperparameters) -> list:
-    """LQER: the LQER_TENSORS quantised matrices with the largest relative error (Hessian-weighted where a Hessian
-    was collected: tr(E H E^T) / tr(W H W^T), E the quantisation error; with LQER_ASYM the records' absolute |E|)
-    get a rank-LQER_RANK correction, the leading singular directions of E, stored as two factors and added back at
-    load. Returns the names chosen."""
+def add_lqer(tensors: list[QuantTensor], state: dict[str, torch.Tensor], hp: Hyperparameters) -> list:
+    """LQER, the records' form: the LQER_TENSORS quantised matrices with the largest quantisation error |E| get a
+    rank-LQER_RANK correction, the leading singular directions of E, stored as two low-bit factors and added back at
+    load. (A relative, Hessian-weighted choice with 8-bit factors exported 0.5% larger for the same score: the
+    paired measure in results/MINIGOLF.md.) Returns the names chosen."""
     scored = []
     for t in tensors:
         if t.bits == 16 or t.lqer is not None:
             continue
-        w = state[t.name].detach().float().cpu()
-        error, h = w - t.dequantize(), hessians.get(t.name)
-        if hp.lqer_asym:
-            score = error.norm()
-        elif h is not None:
-            score = (error @ h.cpu() * error).sum() / (w @ h.cpu() * w).sum()
-        else:
-            score = error.square().sum() / w.square().sum()
-        scored.append((float(score), t, error))
+        error = state[t.name].detach().float().cpu() - t.dequantize()
+        scored.append((float(error.norm()), t, error))
     chosen = sorted(scored, key=lambda item: -item[0])[:hp.lqer_tensors]
     for _, t, error in chosen:
-        t.lqer = lqer_factors(error, hp.lqer_rank, hp.lqer_asym)
+        t.lqer = lqer_factors(error, hp.lqer_rank)
     return [t.name for _, t, _ in chosen]
 
 
 LQER_ASYM_GROUP = 32  # the #2135 run's LQER_ASYM_GROUP
 
 
-def lqer_factors(error: torch.Tensor, rank: int, asym: bool = False) -> tuple:
-    """The leading `rank` singular directions of a quantisation error as two factors (rank x out, rank x in): 8-bit,
-    each row on its own grid; or (LQER_ASYM, the records' form) A at 2 bits, codes -2..1 on one grid for the whole
-    factor, and B at 4 bits, codes -8..7, a grid per LQER_ASYM_GROUP values, where B's size allows it."""
+def lqer_factors(error: torch.Tensor, rank: int) -> tuple:
+    """The leading `rank` singular directions of a quantisation error as two factors (rank x out, rank x in), the
+    records' asymmetric form: A at 2 bits, codes -2..1 on one grid for the whole factor, and B at 4 bits, codes
+    -8..7, a grid per LQER_ASYM_GROUP values; where B's size is no multiple of that, both 8-bit, a grid per row."""
     u, sigma, vh = torch.linalg.svd(error, full_matrices=False)
     a, b = (u[:, :rank] * sigma[:rank]).T.contiguous(), vh[:rank].contiguous()
-    if not asym or b.numel() % LQER_ASYM_GROUP:
+    if b.numel() % LQER_ASYM_GROUP:
         return (*quantize_rows(a, 8), *quantize_rows(b, 8))
     a_scale = (a.abs().max().clamp_min(1e-10) / 1.5).half().view(1)
     b_scale = (b.view(-1, LQER_ASYM_GROUP).abs().amax(dim=1).clamp_min(1e-10) / 7.5).half()
@@ -1231,7 +1224,7 @@ def quantize_state(state: dict[str, torch.Tensor], hp: Hyperparameters,
     tensors = [quantize_tensor(name, tensor, export_bits(name, tensor, hp), hp, hessians.get(name))
                for name, tensor in state.items()]
     if hp.lqer_rank:
-        add_lqer(tensors, state, hessians, hp)
+        add_lqer(tensors, state, hp)
     return tensors
 
 
@@ -1566,8 +1559,7 @@ def fit_artifact(tensors: list[QuantTensor], state: dict[str, torch.Tensor], hes
             old = tensors[i]
             new = quantize_tensor(old.name, state[old.name], old.bits - 1, hp, hessians.get(old.name))
             if old.lqer is not None:
-                new.lqer = lqer_factors(state[old.name].detach().float().cpu() - new.dequantize(), hp.lqer_rank,
-                                        hp.lqer_asym)
+                new.lqer = lqer_factors(state[old.name].detach().float().cpu() - new.dequantize(), hp.lqer_rank)
             tensors[i], saved = new, saved + new.codes.numel() / 8
             log(f"fit_lower tensor:{old.name} bits:{old.bits}->{new.bits} est_saved:{new.codes.numel() // 8}")
             if saved >= 1.1 * over:

@@ -133,7 +133,7 @@ PLAIN = dict(MLP_MULT=3, XSA_LAST_N=0, PARALLEL_START=-1, RECUR_LAYERS="", RECUR
              SKIP_GATES=0, ATTN_GATE=0, MUON_NS="classic", MUON_ROW_NORM=0, MUON_WD=0.04, MIN_LR_FRAC=0,
              EMA_DECAY=0.997, QAT_BITS_MLP=5, EMBED_BITS=8, QAT_START_FRAC=0.85, LOGIT_SOFTCAP_NEG=0, ROPE_DIMS=0,
              LN_SCALE=0, QK_GAIN_INIT=1.5, GPTQ=0, CLIP_MODE="max", BYTE_SHUFFLE=0, AWQ_GROUP=0, LQER_RANK=0,
-             DOC_EVAL=0, TTT=0, ORTHO_INIT=0, SCALAR_WD=0, ASYM_LOGIT=0, DOC_ATTENTION=0)
+             DOC_EVAL=0, TTT=0, ORTHO_INIT=0, SCALAR_WD=0, ASYM_LOGIT=0, DOC_ATTENTION=0, GPTQ_EMBED=0)
 TIME_ITERATIONS = 1_000_000  # equal-wall-clock rows stop on the clock, never on the step count
 # The #1855 record's own code, run by ../shared/anchors/record_mini.sh (which sets the same shape as SHAPE with
 # SP8192 and scales its block indices to 4 blocks), in fp32: on a CPU without native bf16 its bf16 weights make a
@@ -264,15 +264,6 @@ ROWS = {r.name: r for r in (
         XSA_LAST_N=6, PARALLEL_START=4, RECUR_LAYERS="2,3"),
     row("shape_8x96", "ours with 8 layers", base="ours", **SP8192, NUM_LAYERS=8,
         XSA_LAST_N=8, PARALLEL_START=5, RECUR_LAYERS="3,4"),
-    # The records' export choices that ours has as options, each against ours (paired export penalty decides).
-    row("ours_act_order", "ours + GPTQ with act-order (the records' column order)", base="ours", **SP8192,
-        GPTQ_ACT_ORDER=1),
-    row("ours_gptq_embed", "ours + GPTQ on the tied embedding (the records' embedding export)", base="ours", **SP8192,
-        GPTQ_EMBED=1),
-    row("ours_lqer_asym", "ours + the records' LQER: absolute-error choice, 2-bit A and grouped 4-bit B", base="ours",
-        **SP8192, LQER_ASYM=1),
-    row("ours_clip_sigmas", "ours + the #2135 run's fixed uncapped clips instead of the search", base="ours", **SP8192,
-        CLIP_SIGMAS="attn:13,mlp:11.5,embed:14"),
     # seq_growth was at the edge of the noise against `plain`; this measures it where the default would change.
     row("ours_seq_growth", "ours + training context 256 -> 512 at 40% of training", base="ours", **SP8192,
         TRAIN_SEQ_SCHEDULE="256@0,512@0.4"),

@@ -13,7 +13,7 @@ def test_a_variant_is_export_settings_only():
     assert ep.parse_variant("GPTQ_ACT_ORDER=1 CLIP_SIGMAS=attn:13,mlp:11.5") == {
         "GPTQ_ACT_ORDER": "1", "CLIP_SIGMAS": "attn:13,mlp:11.5"}
     with pytest.raises(mg.HarnessError, match="MATRIX_LR would change training"):
-        ep.parse_variant("LQER_ASYM=1 MATRIX_LR=0.03")
+        ep.parse_variant("LQER_RANK=2 MATRIX_LR=0.03")
     with pytest.raises(mg.HarnessError, match="NAME=VALUE"):
         ep.parse_variant("GPTQ_EMBED")
 

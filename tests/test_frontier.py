@@ -174,51 +174,59 @@ def test_awq_keeps_the_salient_group_at_8_bits_and_lowers_the_output_error():
 
 def test_lqer_corrects_the_worst_matrices_and_lowers_their_error():
     hp = plain_hp(vocab_size=64, num_layers=2, model_dim=32, num_heads=2, num_kv_heads=1, mlp_mult=2,
-                            qat_bits_mlp=4, lqer_rank=4, lqer_tensors=2)
+                  qat_bits_mlp=4, lqer_rank=4, lqer_tensors=2)
     state = randomised(tg.GPT(hp)).state_dict()
     tensors = tg.quantize_state(state, plain_hp(**{**hp.__dict__, "lqer_rank": 0}))
-    relative = {t.name: float((state[t.name] - t.dequantize()).square().sum() / state[t.name].square().sum())
-                for t in tensors if t.bits < 16}
-    chosen = tg.add_lqer(tensors, state, {}, hp)
-    assert sorted(chosen) == sorted(sorted(relative, key=relative.get)[-2:])
+    error = {t.name: float((state[t.name] - t.dequantize()).norm()) for t in tensors if t.bits < 16}
+    chosen = tg.add_lqer(tensors, state, hp)
+    assert sorted(chosen) == sorted(sorted(error, key=error.get)[-2:])
     for t in tensors:
         if t.name in chosen:
-            assert (state[t.name] - t.dequantize()).square().sum() < relative[t.name] * state[t.name].square().sum()
+            assert (state[t.name] - t.dequantize()).norm() < error[t.name]
 
 
-def test_asymmetric_lqer_factors_are_2_and_4_bit_on_their_records_grids_and_still_correct():
+def test_lqer_factors_are_2_and_4_bit_on_the_records_grids_and_still_correct():
     torch.manual_seed(0)
     error = torch.randn(48, 8) @ torch.randn(8, 96) * 0.01  # a quantisation error of rank 8
-    a_codes, a_scale, b_codes, b_scale = tg.lqer_factors(error, 4, asym=True)
+    a_codes, a_scale, b_codes, b_scale = tg.lqer_factors(error, 4)
     assert a_scale.numel() == 1 and b_scale.numel() == 4 * 96 // tg.LQER_ASYM_GROUP
     assert a_codes.min() >= -2 and a_codes.max() <= 1 and b_codes.min() >= -8 and b_codes.max() <= 7
-    corrected = lambda f: (error - tg.dequantize_groups(f[0], f[1]).T @ tg.dequantize_groups(f[2], f[3])).norm()  # noqa: E731
-    assert corrected((a_codes, a_scale, b_codes, b_scale)) < 0.9 * error.norm()
-    assert corrected(tg.lqer_factors(error, 4)) < corrected((a_codes, a_scale, b_codes, b_scale))  # 8 bits: finer
+    corrected = (error - tg.dequantize_groups(a_codes, a_scale).T @ tg.dequantize_groups(b_codes, b_scale)).norm()
+    assert corrected < 0.9 * error.norm()
 
 
-def test_asymmetric_lqer_picks_the_largest_absolute_error():
+def test_lqer_factors_too_small_for_the_groups_are_8_bit_rows():
+    error = torch.randn(8, 40) * 0.01  # rank 2 x 40 values: no multiple of 32
+    a_codes, a_scale, b_codes, b_scale = tg.lqer_factors(error, 2)
+    assert a_scale.numel() == 2 and b_scale.numel() == 2 and b_codes.abs().max() > 7
+
+
+def test_lqer_picks_the_largest_absolute_error():
     torch.manual_seed(0)
     small, large = torch.randn(16, 64) * 0.01, torch.randn(16, 64)
     small[:, 0] = 0.3  # an outlier per row stretches the grid: the larger relative error, the smaller absolute one
     state = {"blocks.0.mlp.fc.weight": small, "blocks.1.mlp.fc.weight": large}
-    for asym, worst in ((False, "blocks.0.mlp.fc.weight"), (True, "blocks.1.mlp.fc.weight")):
-        hp = plain_hp(qat_bits_mlp=4, lqer_rank=2, lqer_tensors=1, lqer_asym=asym)
-        tensors = [tg.quantize_tensor(name, w, 4, hp) for name, w in state.items()]
-        assert tg.add_lqer(tensors, state, {}, hp) == [worst]
+    hp = plain_hp(qat_bits_mlp=4, lqer_rank=2, lqer_tensors=1)
+    tensors = [tg.quantize_tensor(name, w, 4, hp) for name, w in state.items()]
+    assert tg.add_lqer(tensors, state, hp) == ["blocks.1.mlp.fc.weight"]
 
 
-@pytest.mark.parametrize("asym", [False, True])
-def test_lqer_and_awq_survive_the_artifact_and_are_never_pruned(asym):
+def test_lqer_and_awq_survive_the_artifact_and_are_never_pruned():
     x, w, h = layer_with_a_loud_group()
-    hp = plain_hp(gptq=True, awq_group=True, lqer_rank=4, lqer_tensors=1, lqer_asym=asym)
+    hp = plain_hp(gptq=True, awq_group=True, lqer_rank=4, lqer_tensors=1)
     t = tg.quantize_tensor("blocks.0.mlp.fc.weight", w, 5, hp, h)
-    tg.add_lqer([t], {t.name: w}, {t.name: h}, hp)
+    tg.add_lqer([t], {t.name: w}, hp)
     packed = tg.pack([t])
     restored = tg.unpack_state(tg.serialize(packed))[t.name]
     assert torch.equal(restored, t.dequantize())
     factors = t.lqer[0].numel() + t.lqer[2].numel()
     assert np.isinf(packed.cost[-factors:]).all() and not np.isinf(packed.cost[:-factors]).any()
+
+
+def test_lqer_asym_is_retired_with_a_message_that_says_what_to_do(monkeypatch):
+    monkeypatch.setenv("LQER_ASYM", "0")
+    with pytest.raises(tg.UserError, match="LQER_ASYM is no longer read: LQER always takes the records"):
+        tg.Hyperparameters.from_env()
 
 
 def test_the_fit_ladder_lowers_bits_when_pruning_cannot_fit_and_logs_each_step():
