@@ -2156,6 +2156,16 @@ def load_byte_sidecar(hp: Hyperparameters, sp: spm.SentencePieceProcessor, n_tok
     return torch.from_numpy(counts.astype(np.int32)).to(device)
 
 
+def load_scoring(hp: Hyperparameters, device: torch.device) -> tuple[torch.Tensor, tuple]:
+    """The validation tokens and what counts their bytes: the byte sidecar where one exists, else the tokenizer's
+    byte tables."""
+    sp = load_tokenizer(hp)
+    val_tokens = load_validation(hp, device)
+    sidecar = load_byte_sidecar(hp, sp, val_tokens.numel(), device)
+    return val_tokens, (sidecar,) if sidecar is not None else tuple(
+        torch.from_numpy(t).to(device) for t in build_byte_tables(sp, hp.vocab_size))
+
+
 def diverged(step: int) -> UserError:
     return UserError(f"training diverged (a non-finite loss or weight by step {step}): lower the learning rates "
                      f"(MATRIX_LR, SCALAR_LR, TIED_EMBED_LR) or set GRAD_CLIP_NORM")
@@ -2345,7 +2355,7 @@ class Trainer:
                 self.seq_len, switched_at = seq_len, step
                 log(f"seq_len_changed step:{step} seq_len:{seq_len} train_time:{elapsed_ms:.0f}ms "
                     f"rewarm_steps:{hp.seq_change_warmup_steps}")
-            if not self.qat_on and training_progress(step, elapsed_ms, hp) >= hp.qat_start_frac:
+            if not self.qat_on and progress >= hp.qat_start_frac:
                 self.model.set_qat(True)
                 self.qat_on = True
                 log(f"qat_enabled step:{step} train_time:{elapsed_ms:.0f}ms")
@@ -2640,11 +2650,7 @@ def run(hp: Hyperparameters, rank: int, world_size: int, device: torch.device, l
     """The recipe: data, model, compile warm-up, timed training, export, roundtrip score."""
     torch.manual_seed(hp.seed)
     np.random.seed(hp.seed)
-    sp = load_tokenizer(hp)
-    val_tokens = load_validation(hp, device)
-    sidecar = load_byte_sidecar(hp, sp, val_tokens.numel(), device)
-    tables = (sidecar,) if sidecar is not None else tuple(
-        torch.from_numpy(t).to(device) for t in build_byte_tables(sp, hp.vocab_size))
+    val_tokens, tables = load_scoring(hp, device)
     n_bytes = int(count_target_bytes(val_tokens[:-1], val_tokens[1:], tables,
                                      torch.arange(1, val_tokens.numel(), device=device)).sum())
     log(f"val_data tokens:{val_tokens.numel()} targets:{val_tokens.numel() - 1} bytes:{n_bytes} "

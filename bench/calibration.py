@@ -40,11 +40,8 @@ def load_entries(path: Path) -> list[dict]:
 def measured(records: list[dict], row: str, base: str) -> tuple[float, float | None, int] | None:
     """The row's same-seed delta against `base` (mean, standard error, seeds), on the one kind of CPU that ran most
     of the pair's seeds; None if no seed ran both."""
-    kinds: dict[str, list[dict]] = {}
-    for rec in records:
-        kinds.setdefault(mg.cpu_kind(rec), []).append(rec)
     best = None
-    for runs in kinds.values():
+    for runs in mg.by_cpu_kind(records).values():
         mine, ref = mg.scored(r for r in runs if r["row"] == row), mg.scored(r for r in runs if r["row"] == base)
         seeds = {r["seed"] for r in mine} & {r["seed"] for r in ref}
         d = mg.paired_delta(mine, ref) if seeds else None

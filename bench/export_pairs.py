@@ -85,11 +85,7 @@ def run_seed(tg, row: mg.Row, seed: int, variants: list[dict], args, folder: Pat
     tg.log_setup(hp, log, world_size, device)
     tg.torch.manual_seed(hp.seed)
     tg.np.random.seed(hp.seed)
-    sp = tg.load_tokenizer(hp)
-    val_tokens = tg.load_validation(hp, device)
-    sidecar = tg.load_byte_sidecar(hp, sp, val_tokens.numel(), device)
-    tables = (sidecar,) if sidecar is not None else tuple(
-        tg.torch.from_numpy(t).to(device) for t in tg.build_byte_tables(sp, hp.vocab_size))
+    val_tokens, tables = tg.load_scoring(hp, device)
     trainer = tg.Trainer(hp, 0, 1, device, log)
     trainer.warm_up_compile(tables)
     steps, train_ms = trainer.train(val_tokens, tables)

@@ -77,7 +77,7 @@ SHAPE = dict(NUM_LAYERS=4, MODEL_DIM=128, NUM_HEADS=4, NUM_KV_HEADS=2, TRAIN_SEQ
 # are 99 tokens per weight. The warm-down and momentum warm-up keep mini's shares of the run (1/3, 1/6). Its cap
 # binds like 16 MB does: the #2135 artifact's 15,947,490 bytes over its weights is 0.4437 bytes a weight, 109,816
 # bytes for ours' form, plus 40,000 for the code (ours packs to ~35.5 KB; at full scale code is 0.2% of the cap).
-REGIME = dict(SHAPE, MODEL_DIM=64, ITERATIONS=3000, MUON_MOMENTUM_WARMUP_STEPS=500, TRAIN_LOG_EVERY=250)
+REGIME_CHANGES = dict(MODEL_DIM=64, ITERATIONS=3000, MUON_MOMENTUM_WARMUP_STEPS=500, TRAIN_LOG_EVERY=250)
 REGIME_CAP = 109_816 + 40_000
 
 
@@ -93,9 +93,8 @@ class Shape:
 SHAPES = {"mini": Shape("mini", SHAPE, CAP, None, {}),
           # The record at head 16: RoPE on a quarter of the head as at mini (6 of 24), its own EMA 0.9965 (an
           # average over ~285 steps, 9.5% of 3,000, near its 6% at full scale; mini needed 0.985).
-          "regime": Shape("regime", REGIME, REGIME_CAP, "sp1024",
-                          dict(MODEL_DIM=64, ITERATIONS=3000, MUON_MOMENTUM_WARMUP_STEPS=500, TRAIN_LOG_EVERY=250,
-                               VOCAB_SIZE=1024, ROPE_DIMS=4, EMA_DECAY=0.9965))}
+          "regime": Shape("regime", {**SHAPE, **REGIME_CHANGES}, REGIME_CAP, "sp1024",
+                          dict(REGIME_CHANGES, VOCAB_SIZE=1024, ROPE_DIMS=4, EMA_DECAY=0.9965))}
 
 
 def capped_line(cap: int) -> str:
@@ -700,6 +699,14 @@ def cpu_kind(rec: dict) -> str:
     return "native bf16" if rec["machine"]["bf16"] else "no native bf16"
 
 
+def by_cpu_kind(records: list[dict]) -> dict[str, list[dict]]:
+    """Runs of the two kinds of CPU never meet in one comparison: the records split by kind."""
+    kinds: dict[str, list[dict]] = {}
+    for rec in records:
+        kinds.setdefault(cpu_kind(rec), []).append(rec)
+    return kinds
+
+
 def git_state() -> dict:
     def git(*args: str) -> str:
         done = subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, text=True)
@@ -1185,10 +1192,7 @@ def cmd_table(args: argparse.Namespace) -> int:
         raise HarnessError(f"no runs recorded in {results}")
     if shape.name != "mini":
         return regime_table(args, shape, records)
-    kinds: dict[str, list[dict]] = {}
-    for rec in records:
-        kinds.setdefault(cpu_kind(rec), []).append(rec)
-    # Runs of the two kinds of CPU never meet in one comparison: one table of each per kind.
+    kinds = by_cpu_kind(records)  # one table of each per kind
     heading = (lambda kind: f"CPU with {kind}:\n\n") if len(kinds) > 1 else (lambda kind: "")
     table = "\n\n".join(heading(k) + render_table(summarize(rs), rs) for k, rs in sorted(kinds.items()))
     paired = "\n\n".join(heading(k) + paired_table(rs) for k, rs in sorted(kinds.items()))
@@ -1224,9 +1228,7 @@ def cmd_table(args: argparse.Namespace) -> int:
 
 def regime_table(args: argparse.Namespace, shape: Shape, records: list[dict]) -> int:
     """A shape other than mini: its rows and paired measures, per kind of CPU, in a section of their own."""
-    kinds: dict[str, list[dict]] = {}
-    for rec in records:
-        kinds.setdefault(cpu_kind(rec), []).append(rec)
+    kinds = by_cpu_kind(records)
     heading = (lambda kind: f"CPU with {kind}:\n\n") if len(kinds) > 1 else (lambda kind: "")
     text = "\n\n".join(heading(k) + render_table(summarize(rs), rs, shape.cap) + "\n\n" + paired_table(rs)
                        for k, rs in sorted(kinds.items()))
@@ -1271,9 +1273,7 @@ def cmd_sizes(args: argparse.Namespace) -> int:
     for r in rows:
         if r.script != "ours" or shape_refusal(r, shape):
             continue
-        env = {**{k: str(v) for k, v in SHAPE.items()}, **ours_settings(r),
-               "VOCAB_SIZE": str(VOCABS[shape.data or r.data]), **r.env,
-               **({k: str(v) for k, v in shape.env.items()} if shape.data else {}), **extra}
+        env = {**row_env(r, 1, "sizes", args.work, args.shared, 1, 0, 0, False, None, math.nan, shape), **extra}
         saved = {k: os.environ.get(k) for k in env}
         os.environ.update(env)
         try:
