@@ -1286,7 +1286,7 @@ def cmd_sizes(args: argparse.Namespace) -> int:
                 os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
         model = tg.GPT(hp)
         state = {k: torch.randn_like(v) if v.is_floating_point() else v for k, v in model.state_dict().items()}
-        model_bytes = len(tg.encode_artifact(tg.quantize_state(state, hp), hp.compressor, hp.byte_shuffle))
+        model_bytes = len(tg.encode_artifact(tg.pack(tg.quantize_state(state, hp)), hp.compressor, hp.byte_shuffle))
         total = model_bytes + code_bytes
         params = sum(p.numel() for p in model.parameters())
         print(f"{r.name:<18} params {params:>9,}  model ~{model_bytes:>9,}  total ~{total:>9,}  "
