@@ -74,10 +74,16 @@ SHAPE = dict(NUM_LAYERS=4, MODEL_DIM=128, NUM_HEADS=4, NUM_KV_HEADS=2, TRAIN_SEQ
 # `regime`: the records' training regime, ~100 tokens per weight (the #2135 run: 5,001 steps of 786,432 tokens on
 # 35,945,673 weights, 109 per weight; `mini` trains ~4-7). Width 64 (head 16) on sp1024, where the embedding is a
 # quarter of the weights instead of most of them: ours' form has 247,525 weights, and 3,000 steps of 8,192 tokens
-# are 99 tokens per weight. The warm-down and momentum warm-up keep mini's shares of the run (1/3, 1/6). Its cap
-# binds like 16 MB does: the #2135 artifact's 15,947,490 bytes over its weights is 0.4437 bytes a weight, 109,816
-# bytes for ours' form, plus 40,000 for the code (ours packs to ~35.5 KB; at full scale code is 0.2% of the cap).
-REGIME_CHANGES = dict(MODEL_DIM=64, ITERATIONS=3000, MUON_MOMENTUM_WARMUP_STEPS=500, TRAIN_LOG_EVERY=250)
+# are 99 tokens per weight. A run costs its tokens (~18-23 k a second here at any width from 48 to 64, so fewer,
+# larger steps do not help): sequences of 256 tokens, the records' 4 tokens of context per unit of width (2,048 at
+# 512), score 22.5 k a second against 18 k at 512, which brings 3,000 steps to ~18 minutes (bench/README.md).
+# Scoring keeps mini's proportions (context = training context, stride half of it). The warm-down and momentum
+# warm-up keep mini's shares of the run (1/3, 1/6). Its cap binds like 16 MB does: the #2135 artifact's 15,947,490
+# bytes over its weights is 0.4437 bytes a weight, 109,816 bytes for ours' form, plus 40,000 for the code (ours
+# packs to ~35.6 KB; at full scale code is 0.2% of the cap).
+REGIME_CHANGES = dict(MODEL_DIM=64, TRAIN_SEQ_LEN=256, ITERATIONS=3000, MUON_MOMENTUM_WARMUP_STEPS=500,
+                      TRAIN_LOG_EVERY=250)
+REGIME_EVAL = dict(EVAL_SEQ_LEN=256, EVAL_STRIDE=128)
 REGIME_CAP = 109_816 + 40_000
 
 
@@ -88,13 +94,15 @@ class Shape:
     cap: int  # code + model bytes
     data: str | None  # every row's data at this shape (None: each row's own)
     record_env: dict  # the record runner's settings beyond its mini defaults
+    eval_env: dict  # our rows' scoring at this shape; a row's own scoring settings win over it
 
 
-SHAPES = {"mini": Shape("mini", SHAPE, CAP, None, {}),
+SHAPES = {"mini": Shape("mini", SHAPE, CAP, None, {}, {}),
           # The record at head 16: RoPE on a quarter of the head as at mini (6 of 24), its own EMA 0.9965 (an
           # average over ~285 steps, 9.5% of 3,000, near its 6% at full scale; mini needed 0.985).
           "regime": Shape("regime", {**SHAPE, **REGIME_CHANGES}, REGIME_CAP, "sp1024",
-                          dict(REGIME_CHANGES, VOCAB_SIZE=1024, ROPE_DIMS=4, EMA_DECAY=0.9965))}
+                          dict(REGIME_CHANGES, **REGIME_EVAL, ROPE_TRAIN_SEQ_LEN=256, VOCAB_SIZE=1024, ROPE_DIMS=4,
+                               EMA_DECAY=0.9965), REGIME_EVAL)}
 
 
 def capped_line(cap: int) -> str:
@@ -532,12 +540,16 @@ def row_env(r: Row, seed: int, run_id: str, data: Path, shared: Path, threads: i
         env.update(WARMUP_STEPS=str(warmup), DATA_PATH=str(data), TOKENIZER_PATH=str(tok),
                    VOCAB_SIZE=str(VOCABS[variant]), RUN_ID=run_id, SEED=str(seed))
     env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    if r.script != "record":
+        env.update({k: str(v) for k, v in shape.eval_env.items()})
     env.update(r.env)
     if shape.data and r.script != "record":  # the shape's size wins over what a row's own vocabulary needed
         if r.data != shape.data:
             for k in SP8192_FIT:
                 env.pop(k, None)
         env.update({k: str(v) for k, v in shape.env.items()})
+        if "ROPE_DIMS" in r.env:  # a row's partial RoPE is a share of the head (8 of 32 at mini: 4 of 16 at regime)
+            env["ROPE_DIMS"] = str(int(r.env["ROPE_DIMS"]) * shape.env["MODEL_DIM"] // SHAPE["MODEL_DIM"])
     if smoke:
         n = iterations or SMOKE_ITERATIONS
         env.update(ITERATIONS=str(n),

@@ -199,6 +199,17 @@ def test_at_regime_every_row_runs_at_4x64_on_sp1024_for_3000_steps(tmp_path):
     assert {k: v for k, v in smear.items() if plain.get(k) != v and k != "RUN_ID"} == {"SMEAR": "1"}
 
 
+def test_at_regime_context_and_scoring_keep_the_records_proportions_and_rows_keep_their_meaning(tmp_path):
+    kw = env_args(tmp_path, shape=mg.SHAPES["regime"])
+    plain, no_sliding, rope, record = (mg.row_env(mg.ROWS[n], 1, **kw)
+                                       for n in ("plain", "no_sliding", "rope_ln", "record"))
+    for env in (plain, record):  # 4 tokens of context per unit of width, as 2,048 at 512; stride half the context
+        assert (env["TRAIN_SEQ_LEN"], env["EVAL_SEQ_LEN"], env["EVAL_STRIDE"]) == ("256", "256", "128")
+    assert no_sliding["EVAL_STRIDE"] == "0"  # a row's own scoring wins over the shape's
+    assert rope["ROPE_DIMS"] == record["ROPE_DIMS"] == "4"  # a quarter of the 16-dim head, as 8 of 32 at mini
+    assert mg.row_env(mg.ROWS["rope_ln"], 1, **env_args(tmp_path))["ROPE_DIMS"] == "8"
+
+
 def test_the_record_at_regime_takes_the_shape_and_its_own_row_settings_win(tmp_path):
     kw = env_args(tmp_path, shape=mg.SHAPES["regime"])
     record, rope = (mg.row_env(mg.ROWS[n], 1, **kw) for n in ("record", "record_rope_ln_qk"))
