@@ -1,7 +1,9 @@
 #!/usr/bin/env python3
 """Does a CPU shape agree with full scale? Each published full-scale delta of one change (results/calibration.json,
 with its source) beside the same change measured by mini-golf at each shape: a registry row against its base, the
-same seeds (bench/minigolf.py). Per shape: how many signs agree, and the rank correlation of the deltas.
+same seeds (bench/minigolf.py), or, for a row that changes only the export or the scoring and has no such runs, its
+settings as a variant of its base in bench/export_pairs.py (the same trained weights). Per shape: how many signs
+agree, and the rank correlation of the deltas.
 
     python3 bench/calibration.py              # prints the table; --write puts it in results/MINIGOLF.md
 """
@@ -15,6 +17,7 @@ from pathlib import Path
 from scipy.stats import spearmanr
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import export_pairs as ep  # noqa: E402
 import minigolf as mg  # noqa: E402
 
 CALIBRATION = mg.REPO / "results" / "calibration.json"
@@ -50,6 +53,19 @@ def measured(records: list[dict], row: str, base: str) -> tuple[float, float | N
     return best
 
 
+def measured_on_same_weights(exports: list[dict], row: str, base: str) -> tuple[float, float | None, int] | None:
+    """A row of export or scoring settings only, as a variant of `base` exported from the same training: its final
+    score minus the base's own (mean, standard error, seeds); None if it never ran so."""
+    settings = {k: str(v) for k, v in mg.ROWS[row].env.items()}
+    if not settings or set(settings) - ep.EXPORT_SETTINGS - ep.EVAL_SETTINGS:
+        return None
+    own = {(r["seed"], r["date"]): r["final_bpb"] for r in exports if r["row"] == base and r["variant"] == "row"}
+    deltas = [r["final_bpb"] - own[(r["seed"], r["date"])] for r in exports
+              if r["row"] == base and r.get("settings") == settings and r.get("final_bpb") is not None
+              and own.get((r["seed"], r["date"])) is not None]
+    return (sum(deltas) / len(deltas), mg.standard_error(deltas), len(deltas)) if deltas else None
+
+
 def agreement(pairs: list[tuple[float, float]]) -> str:
     """Signs that agree, and Spearman's rho of the deltas (their signed sizes), over the (full scale, shape) pairs
     whose full-scale delta is beyond FULL_SCALE_NOISE."""
@@ -61,7 +77,7 @@ def agreement(pairs: list[tuple[float, float]]) -> str:
     return f"signs agree {agree}/{len(pairs)}, Spearman rho {rho:+.2f}"
 
 
-def table(entries: list[dict], shapes: dict[str, list[dict]]) -> str:
+def table(entries: list[dict], shapes: dict[str, list[dict]], exports: dict[str, list[dict]]) -> str:
     head = " | ".join(f"{name} Δ (same seeds, n)" for name in shapes)
     lines = [f"| change | full-scale Δ val_bpb | source | rows (from → to) | {head} |",
              "| --- | ---: | --- | --- |" + " ---: |" * len(shapes)]
@@ -70,12 +86,14 @@ def table(entries: list[dict], shapes: dict[str, list[dict]]) -> str:
         cells = []
         base = e.get("base") or mg.ROWS[e["row"]].base
         for name, records in shapes.items():
-            m = measured(records, e["row"], base)
+            m, how = measured(records, e["row"], base), ""
+            if m is None:
+                m, how = measured_on_same_weights(exports[name], e["row"], base), ", same weights"
             if m is None:
                 cells.append("not run")
                 continue
             sign = -1 if e.get("reverse") else 1  # a row measured the change the other way round
-            cells.append(f"{sign * m[0]:+.4f}" + (f" ± {m[1]:.4f}" if m[1] is not None else "") + f" ({m[2]})")
+            cells.append(f"{sign * m[0]:+.4f}" + (f" ± {m[1]:.4f}" if m[1] is not None else "") + f" ({m[2]}{how})")
             pairs[name].append((e["full_scale"], sign * m[0]))
         note = f" ({e['note']})" if e.get("note") else ""
         source = e["source"].replace("|", "\\|")  # the quoted table rows would split the cell
@@ -84,7 +102,8 @@ def table(entries: list[dict], shapes: dict[str, list[dict]]) -> str:
     lines += ["", "Agreement with full scale, over the changes whose full-scale |Δ| is at least "
               f"{FULL_SCALE_NOISE} (smaller ones are within the records' seed spread): "
               + "; ".join(f"**{name}** {agreement(p)}" for name, p in pairs.items())
-              + ". Δ = the change's end minus its start, on the seeds both rows ran (n), ± its standard error."]
+              + ". Δ = the change's end minus its start, on the seeds both rows ran (n), ± its standard error; "
+              "\"same weights\": measured by bench/export_pairs.py, the change as a variant of its base's export."]
     return "\n".join(lines)
 
 
@@ -96,10 +115,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         entries = load_entries(args.entries)
         shapes = {name: mg.read_results(mg.results_file(shape)) for name, shape in mg.SHAPES.items()}
+        exports = {name: mg.read_results(ep.results_file(shape)) for name, shape in mg.SHAPES.items()}
     except mg.HarnessError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    text = table(entries, shapes)
+    text = table(entries, shapes, exports)
     print(text)
     if args.write:
         mg.TABLE_DOC.write_text(mg.replace_section(mg.TABLE_DOC.read_text(encoding="utf-8"), text, BEGIN, END),

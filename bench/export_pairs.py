@@ -8,10 +8,10 @@ per variant, so every variant quantises and scores the very same weights and the
 
 A variant changes only export or scoring settings (EXPORT_SETTINGS, EVAL_SETTINGS; anything that touches training
 is refused). Its export penalty is its reloaded artifact's score minus the trained model's, both plain windows at
-the row's EVAL_SEQ_LEN in eager fp32; a variant of the scoring is also scored in its final mode. The table gives
-each variant's penalty and final score against the row's own (the same seeds, paired).
-The row's settings, data and code are mini-golf's (bench/minigolf.py); results go to
-results/minigolf/export_pairs.jsonl, each run's log to the work folder.
+the row's EVAL_SEQ_LEN in eager fp32; every variant is also scored in its final mode. The table gives each
+variant's penalty and final score against the row's own (the same seeds, paired).
+The row's settings, data and code are mini-golf's at the chosen shape (bench/minigolf.py, `--shape`); results go to
+results/minigolf/export_pairs.jsonl (regime: regime_export_pairs.jsonl), each run's log to the work folder.
 """
 from __future__ import annotations
 
@@ -34,8 +34,7 @@ BEGIN, END = "<!-- minigolf-export-pairs:begin -->", "<!-- minigolf-export-pairs
 # GPTQ_EMBED is among them because the embedding's Hessian is always collected here and only used when asked for.
 EXPORT_SETTINGS = {"GPTQ_ACT_ORDER", "GPTQ_EMBED", "CLIP_SIGMAS", "CLIP_SEARCH", "LQER_RANK", "LQER_TENSORS",
                    "AWQ_GROUP", "BYTE_SHUFFLE", "COMPRESSOR"}
-# Settings read only by the final scoring (TTT aside: on a CPU it costs minutes a variant); a variant with one of
-# them is also scored in its final mode, beside the row's own final score.
+# Settings read only by the final scoring (TTT aside: on a CPU it costs minutes a variant).
 EVAL_SETTINGS = {"EVAL_SEQ_LEN", "EVAL_STRIDE", "DOC_EVAL"}
 EMBED_HESSIAN = "tok_emb.weight"
 
@@ -106,8 +105,7 @@ def run_seed(tg, row: mg.Row, seed: int, variants: list[dict], args, folder: Pat
         export_s = time.perf_counter() - t
         model = tg.load_artifact_model(hp_v, path, device, sizes["sha256"]).requires_grad_(False)
         _, bpb = tg.evaluate(model, val_tokens, tables, seq, seq, batch, 0, 1)
-        final = final_score(tg, model, hp_v, val_tokens, tables) if not settings or EVAL_SETTINGS & set(settings) \
-            else None
+        final = final_score(tg, model, hp_v, val_tokens, tables)
         log(f"variant {label(settings)} roundtrip_bpb:{bpb:.8f} penalty:{bpb - pre_bpb:+.8f} "
             f"final_bpb:{final} bytes_total:{sizes['bytes_total']} export_s:{export_s:.1f}")
         os.remove(path)
@@ -121,32 +119,40 @@ def run_seed(tg, row: mg.Row, seed: int, variants: list[dict], args, folder: Pat
     return records
 
 
+def results_file(shape: mg.Shape) -> Path:
+    return RESULTS if shape.name == "mini" else RESULTS.with_name(f"{shape.name}_{RESULTS.name}")
+
+
 def cmd_run(args) -> int:
-    row = mg.ROWS.get(args.row)
+    row, shape = mg.ROWS.get(args.row), mg.SHAPES[args.shape]
     if row is None or row.script != "ours":
         raise mg.HarnessError(f"{args.row!r} is not one of our rows (bench/minigolf.py rows)")
+    refusal = mg.shape_refusal(row, shape)
+    if refusal:
+        raise mg.HarnessError(refusal)
     variants = [{}] + [parse_variant(v) for v in args.variant]
     clash = sorted(k for v in variants for k in v if k in row.env)
     if clash:
         raise mg.HarnessError(f"row {row.name} already sets {', '.join(clash)}: measure against a row that leaves it")
     shared, work = mg.need_shared(args.shared), args.work
-    results = args.results or (work / "smoke_export_pairs.jsonl" if args.smoke else RESULTS)
+    results = args.results or (work / "smoke_export_pairs.jsonl" if args.smoke else results_file(shape))
     os.environ.update(OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
-    packed = mg.prepare_ours(work, pack=True)
-    info = mg.ensure_data(shared, work, row.data, args.smoke, args.threads)
-    print(f"data {row.data}: {info['val_docs']} val docs, {info['val_tokens']:,} val tokens", flush=True)
-    tg = load_script(mg.capped_copy(work, mg.SHAPES["mini"]), packed)
+    packed = mg.prepare_ours(work, pack=True, shape=shape)
+    data = shape.data or row.data
+    info = mg.ensure_data(shared, work, data, args.smoke, args.threads)
+    print(f"data {data}: {info['val_docs']} val docs, {info['val_tokens']:,} val tokens", flush=True)
+    tg = load_script(mg.capped_copy(work, shape), packed)
     host, git = mg.machine(), mg.git_state()
     for seed in args.seeds:
         stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
         run_id = f"export_{row.name}_s{seed}_{stamp}"
         folder = work / "runs" / run_id
         folder.mkdir(parents=True, exist_ok=True)
-        env = mg.row_env(row, seed, run_id, mg.data_dir(work, row.data, args.smoke), shared, args.threads, 1,
-                         2, args.smoke, None, None)
+        env = mg.row_env(row, seed, run_id, mg.data_dir(work, data, args.smoke), shared, args.threads, 1,
+                         2, args.smoke, None, None, shape)
         print(f"{row.name} seed {seed}: log {folder / 'logs' / (run_id + '.txt')}", flush=True)
         for record in run_seed(tg, row, seed, variants, args, folder, env):
-            record.update(git, date=stamp, machine=host, threads=args.threads)
+            record.update(git, date=stamp, machine=host, threads=args.threads, shape=shape.name)
             with open(results, "a", encoding="utf-8") as f:
                 f.write(json.dumps(record) + "\n")
             print(f"    {record['variant']}: penalty {record['penalty']:+.5f}  bytes {record['bytes_total']:,}",
@@ -181,23 +187,24 @@ def table(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="train a row per seed and export it once per variant")
     run.add_argument("row")
     run.add_argument("--seeds", type=int, nargs="+", default=[1337])
+    run.add_argument("--shape", choices=mg.SHAPES, default="mini", help="mini-golf's shape (bench/minigolf.py)")
     run.add_argument("--variant", action="append", default=[], help="export settings, e.g. 'GPTQ_ACT_ORDER=1'")
     run.add_argument("--threads", type=int, default=2)
     run.add_argument("--work", type=Path, default=mg.DEFAULT_WORK)
     run.add_argument("--shared", type=Path, default=mg.DEFAULT_SHARED)
-    run.add_argument("--results", type=Path, help=f"JSON lines file (default {RESULTS.relative_to(mg.REPO)}; with "
-                     "--smoke WORK/smoke_export_pairs.jsonl)")
+    run.add_argument("--results", type=Path, help=f"JSON lines file (default {RESULTS.relative_to(mg.REPO)}, at "
+                     "regime regime_export_pairs.jsonl beside it; with --smoke WORK/smoke_export_pairs.jsonl)")
     run.add_argument("--smoke", action="store_true", help="harness check: 8 steps, 40 val docs")
     show = sub.add_parser("table", help="markdown table of the results")
     show.add_argument("--results", type=Path, default=RESULTS)
     show.add_argument("--write", action="store_true", help="replace its section of results/MINIGOLF.md")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     try:
         if args.command == "run":
             return cmd_run(args)

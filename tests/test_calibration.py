@@ -30,3 +30,15 @@ def test_a_row_is_measured_against_its_base_on_the_seeds_both_ran():
     mean, se, n = cal.measured(records, "xsa", "plain")
     assert n == 2 and abs(mean + 0.01) < 1e-9 and se < 1e-9
     assert cal.measured(records, "smear", "plain") is None
+
+
+def test_a_scoring_row_without_runs_is_measured_as_a_variant_of_its_base_on_the_same_weights():
+    def export(seed, variant, settings, final):
+        return dict(row="plain", seed=seed, date=f"d{seed}", variant=variant, settings=settings, final_bpb=final)
+    exports = [export(1, "row", {}, 2.00), export(1, "DOC_EVAL=1", {"DOC_EVAL": "1"}, 1.99),
+               export(2, "row", {}, 2.10), export(2, "DOC_EVAL=1", {"DOC_EVAL": "1"}, 2.09),
+               export(2, "EVAL_STRIDE=0", {"EVAL_STRIDE": "0"}, 2.12)]
+    mean, se, n = cal.measured_on_same_weights(exports, "doc_eval", "plain")
+    assert n == 2 and abs(mean + 0.01) < 1e-9 and se < 1e-9
+    assert cal.measured_on_same_weights(exports, "no_sliding", "plain")[2] == 1
+    assert cal.measured_on_same_weights(exports, "xsa", "plain") is None  # it changes training: no export pair

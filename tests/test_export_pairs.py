@@ -31,3 +31,9 @@ def test_the_table_pairs_each_variant_with_the_rows_own_export_of_the_same_train
     variant = next(line for line in lines if "`X=1`" in line).split(" | ")
     assert variant[3] == "+0.00500 ± 0.00400"  # the penalties themselves carry the seed spread
     assert variant[4] == "-0.00100 ± 0.00000" and variant[6] == "-20"
+
+
+def test_a_row_whose_point_is_its_data_is_refused_at_regime_before_any_work(tmp_path, capsys):
+    assert ep.main(["run", "proxy8192", "--shape", "regime", "--work", str(tmp_path)]) == 2
+    assert "every row at regime runs on sp1024" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
