@@ -961,14 +961,16 @@ ARTIFACT_MAGIC, PAYLOAD_MAGIC = b"PGA2", b"PGQ1"
 
 
 def quantize_rows(w: torch.Tensor, bits: int, clip_mode: str = "max", weight: torch.Tensor | None = None,
-                  ks: tuple = STD_CLIP_KS, cap: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric per-row int quantisation. Each row's clip is the candidate (max: CLIP_FRACTIONS of the row's
-    max |w|; std: std_clip(w, k) for k in ks) with the least squared error, columns weighted by `weight` (the
-    Hessian diagonal under GPTQ). Returns int8 codes and fp16 scales."""
+                  ks: tuple | None = None, cap: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-row int quantisation. Each row's clip is the candidate (max: fractions ks of the row's max |w|,
+    CLIP_FRACTIONS by default; std: std_clip(w, k) for k in ks, STD_CLIP_KS by default) with the least squared
+    error, columns weighted by `weight` (the Hessian diagonal under GPTQ). Returns int8 codes and fp16 scales."""
     w = w.float()
     qmax = 2 ** (bits - 1) - 1
-    row_max = w.abs().amax(dim=1, keepdim=True)
-    clips = [row_max * f for f in CLIP_FRACTIONS] if clip_mode == "max" else [std_clip(w, k, cap) for k in ks]
+    if clip_mode == "max":
+        clips = [w.abs().amax(dim=1, keepdim=True) * f for f in ks or CLIP_FRACTIONS]
+    else:
+        clips = [std_clip(w, k, cap) for k in ks or STD_CLIP_KS]
     weight = torch.ones(w.size(1), device=w.device) if weight is None else weight.float()
     best_err = best_scale = None
     for clip in clips:
@@ -1124,7 +1126,9 @@ def row_grid(name: str, w: torch.Tensor, bits: int, hp: Hyperparameters, weight:
     if k is not None:
         return quantize_rows(w, bits, "std", weight, (k,), cap=False)
     search = hp.clip_search or not name.startswith(("blocks.", "bigram_proj."))
-    return quantize_rows(w, bits, hp.clip_mode, weight, STD_CLIP_KS * search + (hp.qat_clip_k,))
+    if hp.clip_mode == "max":  # QAT trained on the row maximum's grid
+        return quantize_rows(w, bits, "max", weight, CLIP_FRACTIONS if search else (1.0,))
+    return quantize_rows(w, bits, "std", weight, STD_CLIP_KS * search + (hp.qat_clip_k,))
 
 
 def quantize_tensor(name: str, tensor: torch.Tensor, bits: int, hp: Hyperparameters,

@@ -196,13 +196,14 @@ def test_std_mode_reaches_every_qat_layer():
     assert ks == {4.5}
 
 
-def test_without_clip_search_every_block_row_is_exported_on_the_qat_grid():
+@pytest.mark.parametrize("clip_mode, qat_k", [("std", 9.0), ("max", 0.0)])
+def test_without_clip_search_every_block_row_is_exported_on_the_qat_grid(clip_mode, qat_k):
     hp, state = small_state()
-    hp.clip_mode, hp.qat_clip_k, hp.clip_search = "std", 9.0, False
+    hp.clip_mode, hp.qat_clip_k, hp.clip_search = clip_mode, 9.0, False
     restored = tg.unpack_state(tg.serialize(tg.pack(tg.quantize_state(state, hp))))
     for name, w in state.items():
         if name.startswith("blocks.") and name.endswith(".weight"):
-            grid = tg.fake_quantize(w, tg.export_bits(name, w, hp), clip_k=9.0)
+            grid = tg.fake_quantize(w, tg.export_bits(name, w, hp), clip_k=qat_k)  # max mode: the row maximum
             assert torch.allclose(restored[name], grid, rtol=0, atol=1e-6), name
 
 
