@@ -232,7 +232,9 @@ ROWS = {r.name: r for r in (
     row("qk_gain5", "+ QK gain 5", QK_GAIN_INIT=5),
     row("xsa", f"+ XSA in all {_L} blocks", XSA_LAST_N=_L),
     row("parallel", f"+ parallel attention/MLP from block {_L // 2}", PARALLEL_START=_L // 2),
-    row("recur", "+ depth recurrence of blocks 1,2 from 35% of training", RECUR_LAYERS="1,2", RECUR_START_FRAC=0.35),
+    # One repeat of the span (2 passes), as the records' first recurrence (#1204); the default is #1855's 3 passes.
+    row("recur", "+ depth recurrence of blocks 1,2 from 35% of training", RECUR_LAYERS="1,2", RECUR_START_FRAC=0.35,
+        RECUR_PASSES=2),
     row("smear", "+ SmearGate (BOS-masked)", SMEAR=1),
     row("bigram", "+ BigramHash, 2048 buckets x 64", BIGRAM_BUCKETS=2048, BIGRAM_DIM=64),
     row("skip_gates", "+ sigmoid-gated U-Net skips", SKIP_GATES=1),
@@ -254,7 +256,8 @@ ROWS = {r.name: r for r in (
         base="ttt_phases", TTT=1, TTT_PHASES=3, TTT_SHORT_CHUNKS="256:8,2000:24"),
     # The other side of changes the records measured at full scale (bench/calibration.py, results/calibration.json).
     row("qk_gain4", "+ QK gain 4 (the base of the records' 4 -> 5)", QK_GAIN_INIT=4),
-    row("recur_always", "+ depth recurrence of blocks 1,2 from the start", RECUR_LAYERS="1,2", RECUR_START_FRAC=0),
+    row("recur_always", "+ depth recurrence of blocks 1,2 from the start", RECUR_LAYERS="1,2", RECUR_START_FRAC=0,
+        RECUR_PASSES=2),
     row("row_norm", "+ MuonEq-R (row-normalised Muon updates)", MUON_ROW_NORM=1),
     row("momentum099", "- Muon momentum 0.97, 0.99 instead", MUON_MOMENTUM=0.99),
     row("no_ema", "- EMA of the weights (EMA_DECAY=0)", EMA_DECAY=0),
