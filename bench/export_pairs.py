@@ -74,7 +74,7 @@ def final_score(tg, model, hp, val_tokens, tables) -> float:
 
 def run_seed(tg, row: mg.Row, seed: int, variants: list[dict], args, folder: Path, base_env: dict) -> list[dict]:
     """One training, then one export + reload + score per variant (the row's own settings first)."""
-    os.environ.update(base_env, GPTQ_EMBED="1")  # collect the embedding's Hessian; variants without it drop it
+    os.environ.update(base_env, GPTQ_EMBED="1")  # a GPTQ row collects the embedding Hessian; variants may drop it
     os.chdir(folder)
     (folder / "artifacts").mkdir(exist_ok=True)
     hp = tg.Hyperparameters.from_env()
@@ -88,7 +88,8 @@ def run_seed(tg, row: mg.Row, seed: int, variants: list[dict], args, folder: Pat
     trainer = tg.Trainer(hp, 0, 1, device, log)
     trainer.warm_up_compile(tables)
     steps, train_ms = trainer.train(val_tokens, tables)
-    trainer.calibrate()
+    if hp.gptq:  # as in a run: without Hessians every matrix, the embedding too, competes in FIT_TO_LIMIT's ladder
+        trainer.calibrate()
     hessians = trainer.hessians
     seq, batch = hp.eval_seq_len, hp.val_batch_size
     _, pre_bpb = tg.evaluate(trainer.model.eval(), val_tokens, tables, seq, seq, batch, 0, 1)
