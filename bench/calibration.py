@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         entries = load_entries(args.entries)
         shapes = {name: mg.read_results(mg.results_file(shape)) for name, shape in mg.SHAPES.items()}
-        exports = {name: mg.read_results(ep.results_file(shape)) for name, shape in mg.SHAPES.items()}
+        exports = {name: mg.read_results(mg.results_file(shape, ep.RESULTS)) for name, shape in mg.SHAPES.items()}
     except mg.HarnessError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -120,10 +120,6 @@ def run_seed(tg, row: mg.Row, seed: int, variants: list[dict], args, folder: Pat
     return records
 
 
-def results_file(shape: mg.Shape) -> Path:
-    return RESULTS if shape.name == "mini" else RESULTS.with_name(f"{shape.name}_{RESULTS.name}")
-
-
 def cmd_run(args) -> int:
     row, shape = mg.ROWS.get(args.row), mg.SHAPES[args.shape]
     if row is None or row.script != "ours":
@@ -136,7 +132,7 @@ def cmd_run(args) -> int:
     if clash:
         raise mg.HarnessError(f"row {row.name} already sets {', '.join(clash)}: measure against a row that leaves it")
     shared, work = mg.need_shared(args.shared), args.work
-    results = args.results or (work / "smoke_export_pairs.jsonl" if args.smoke else results_file(shape))
+    results = args.results or (work / "smoke_export_pairs.jsonl" if args.smoke else mg.results_file(shape, RESULTS))
     os.environ.update(OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
     packed = mg.prepare_ours(work, pack=True, shape=shape)
     data = shape.data or row.data

@@ -437,8 +437,9 @@ def cap_source(source: str, cap: int = CAP) -> str:
     return capped
 
 
-def results_file(shape: Shape) -> Path:
-    return DEFAULT_RESULTS if shape.name == "mini" else DEFAULT_RESULTS.with_name(f"{shape.name}_runs.jsonl")
+def results_file(shape: Shape, base: Path = DEFAULT_RESULTS) -> Path:
+    """A shape's results beside mini's (`base`), its name prefixed by the shape's: regime_runs.jsonl."""
+    return base if shape.name == "mini" else base.with_name(f"{shape.name}_{base.name}")
 
 
 def capped_copy(work: Path, shape: Shape, packed: bool = False) -> Path:
