@@ -3,7 +3,9 @@
 with its source) beside the same change measured by mini-golf at each shape: a registry row against its base, the
 same seeds (bench/minigolf.py), or, for a row that changes only the export or the scoring and has no such runs, its
 settings as a variant of its base in bench/export_pairs.py (the same trained weights). Per shape: how many signs
-agree, and the rank correlation of the deltas.
+agree, and the rank correlation of the deltas, read twice: on the final score, and with every change of training
+measured on its model before export (each run's own log), since a CPU shape's export penalty need not be the
+records' (at `regime` it is ten times theirs and moves by more than the training changes do).
 
     python3 bench/calibration.py              # prints the table; --write puts it in results/MINIGOLF.md
 """
@@ -24,6 +26,7 @@ CALIBRATION = mg.REPO / "results" / "calibration.json"
 # Full-scale seed spreads are ~0.0003-0.0017: a published delta below this says nothing about its sign.
 FULL_SCALE_NOISE = 0.0005
 BEGIN, END = "<!-- minigolf-calibration:begin -->", "<!-- minigolf-calibration:end -->"
+STAGES = ("training", "export", "scoring")  # what an entry's change touches; only training has a before-export Δ
 
 
 def load_entries(path: Path) -> list[dict]:
@@ -34,10 +37,26 @@ def load_entries(path: Path) -> list[dict]:
     for e in entries:
         missing = {"change", "full_scale", "source", "row"} - set(e)
         row = mg.ROWS.get(e.get("row"))
-        if missing or row is None or (e.get("base") or row.base) not in mg.ROWS:
-            raise mg.HarnessError(f"{path}: entry {e.get('change')!r} needs change, full_scale, source and a registry "
-                                  f"row with a base (missing {sorted(missing)}, row {e.get('row')!r})")
+        if missing or row is None or (e.get("base") or row.base) not in mg.ROWS or stage(e) not in STAGES:
+            raise mg.HarnessError(f"{path}: entry {e.get('change')!r} needs change, full_scale, source, a registry "
+                                  f"row with a base and a stage among {STAGES} (missing {sorted(missing)}, row "
+                                  f"{e.get('row')!r}, stage {stage(e)!r})")
     return entries
+
+
+def stage(entry: dict) -> str:
+    return entry.get("stage", "training")
+
+
+def before_export(records: list[dict], read_log=mg.log_copy) -> list[dict]:
+    """The scored runs again, each with its model's score before export (its log's pre_export_exact) as val_bpb;
+    runs whose log copy is missing are left out."""
+    out = []
+    for r in mg.scored(records):
+        text = read_log(r) if r.get("log") else None
+        if text and (m := mg.paired_measures(text)):
+            out.append({**r, "val_bpb": m["pre_export"]})
+    return out
 
 
 def measured(records: list[dict], row: str, base: str) -> tuple[float, float | None, int] | None:
@@ -77,33 +96,47 @@ def agreement(pairs: list[tuple[float, float]]) -> str:
     return f"signs agree {agree}/{len(pairs)}, Spearman rho {rho:+.2f}"
 
 
-def table(entries: list[dict], shapes: dict[str, list[dict]], exports: dict[str, list[dict]]) -> str:
-    head = " | ".join(f"{name} Δ (same seeds, n)" for name in shapes)
+def cell(m: tuple[float, float | None, int] | None, sign: int, how: str = "") -> str:
+    if m is None:
+        return "not run"
+    return f"{sign * m[0]:+.4f}" + (f" ± {m[1]:.4f}" if m[1] is not None else "") + f" ({m[2]}{how})"
+
+
+def table(entries: list[dict], shapes: dict[str, list[dict]], exports: dict[str, list[dict]],
+          pre_export: dict[str, list[dict]]) -> str:
+    """The entries beside each shape's final Δ and, for training changes, its Δ before export; then both readings'
+    agreement per shape (the second takes an export or scoring change's final Δ: it has no other)."""
+    head = " | ".join(f"{name} Δ (same seeds, n) | {name} Δ before export" for name in shapes)
     lines = [f"| change | full-scale Δ val_bpb | source | rows (from → to) | {head} |",
-             "| --- | ---: | --- | --- |" + " ---: |" * len(shapes)]
-    pairs: dict[str, list[tuple[float, float]]] = {name: [] for name in shapes}
+             "| --- | ---: | --- | --- |" + " ---: | ---: |" * len(shapes)]
+    final: dict[str, list[tuple[float, float]]] = {name: [] for name in shapes}
+    training: dict[str, list[tuple[float, float]]] = {name: [] for name in shapes}
     for e in entries:
         cells = []
         base = e.get("base") or mg.ROWS[e["row"]].base
+        sign = -1 if e.get("reverse") else 1  # a row measured the change the other way round
         for name, records in shapes.items():
             m, how = measured(records, e["row"], base), ""
             if m is None:
                 m, how = measured_on_same_weights(exports[name], e["row"], base), ", same weights"
-            if m is None:
-                cells.append("not run")
-                continue
-            sign = -1 if e.get("reverse") else 1  # a row measured the change the other way round
-            cells.append(f"{sign * m[0]:+.4f}" + (f" ± {m[1]:.4f}" if m[1] is not None else "") + f" ({m[2]}{how})")
-            pairs[name].append((e["full_scale"], sign * m[0]))
+            trains = stage(e) == "training"
+            pre = measured(pre_export[name], e["row"], base) if trains else m
+            cells += [cell(m, sign, how), cell(pre, sign) if trains else f"({stage(e)})"]
+            for reading, got in ((final, m), (training, pre)):
+                if got is not None:
+                    reading[name].append((e["full_scale"], sign * got[0]))
         note = f" ({e['note']})" if e.get("note") else ""
         source = e["source"].replace("|", "\\|")  # the quoted table rows would split the cell
         pair = f"`{base}` → `{e['row']}`" if not e.get("reverse") else f"`{e['row']}` → `{base}`"
         lines.append(f"| {e['change']}{note} | {e['full_scale']:+.5f} | {source} | {pair} | {' | '.join(cells)} |")
     lines += ["", "Agreement with full scale, over the changes whose full-scale |Δ| is at least "
-              f"{FULL_SCALE_NOISE} (smaller ones are within the records' seed spread): "
-              + "; ".join(f"**{name}** {agreement(p)}" for name, p in pairs.items())
+              f"{FULL_SCALE_NOISE} (smaller ones are within the records' seed spread), on the final score: "
+              + "; ".join(f"**{name}** {agreement(p)}" for name, p in final.items())
+              + ". With training changes read before export: "
+              + "; ".join(f"**{name}** {agreement(p)}" for name, p in training.items())
               + ". Δ = the change's end minus its start, on the seeds both rows ran (n), ± its standard error; "
-              "\"same weights\": measured by bench/export_pairs.py, the change as a variant of its base's export."]
+              "\"same weights\": measured by bench/export_pairs.py, the change as a variant of its base's export; "
+              "before export: each run's `pre_export_exact` (its own log), for changes of training only."]
     return "\n".join(lines)
 
 
@@ -119,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     except mg.HarnessError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    text = table(entries, shapes, exports)
+    text = table(entries, shapes, exports, {name: before_export(records) for name, records in shapes.items()})
     print(text)
     if args.write:
         mg.TABLE_DOC.write_text(mg.replace_section(mg.TABLE_DOC.read_text(encoding="utf-8"), text, BEGIN, END),

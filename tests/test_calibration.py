@@ -42,3 +42,21 @@ def test_a_scoring_row_without_runs_is_measured_as_a_variant_of_its_base_on_the_
     assert n == 2 and abs(mean + 0.01) < 1e-9 and se < 1e-9
     assert cal.measured_on_same_weights(exports, "no_sliding", "plain")[2] == 1
     assert cal.measured_on_same_weights(exports, "xsa", "plain") is None  # it changes training: no export pair
+
+
+def test_a_training_change_is_also_read_before_export_and_an_export_change_only_on_its_final_score():
+    def run(row, seed, final, pre):
+        return dict(row=row, seed=seed, val_bpb=final, exit_code=0, machine=dict(bf16=False),
+                    log=f"pre_export_exact val_bpb:{pre}\nfinal_roundtrip_exact val_bpb:{final}\n"
+                        f"final_submission val_bpb:{final}\n")
+    # xsa trains better (-0.002 before export) but exports worse (+0.01 after): the two readings disagree in sign.
+    records = [run("plain", 1, 2.10, 2.00), run("xsa", 1, 2.11, 1.998), run("awq", 1, 2.09, 2.00),
+               run("gptq", 1, 2.10, 2.00)]
+    pre = cal.before_export(records, read_log=lambda r: r["log"])
+    assert [r["val_bpb"] for r in pre] == [2.00, 1.998, 2.00, 2.00]
+    entries = [dict(change="XSA", full_scale=-0.002, source="s", row="xsa"),
+               dict(change="AWQ", full_scale=-0.001, source="s", row="awq", base="gptq", stage="export")]
+    text = cal.table(entries, {"regime": records}, {"regime": []}, {"regime": pre})
+    assert "| +0.0100 (1) | -0.0020 (1) |" in text and "| -0.0100 (1) | (export) |" in text
+    assert "on the final score: **regime** signs agree 1/2" in text
+    assert "read before export: **regime** signs agree 2/2" in text
