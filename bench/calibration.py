@@ -92,7 +92,9 @@ def agreement(pairs: list[tuple[float, float]]) -> str:
     if not pairs:
         return "nothing measured"
     agree = sum((a < 0) == (b < 0) for a, b in pairs)
-    rho = spearmanr([a for a, _ in pairs], [b for _, b in pairs]).statistic if len(pairs) > 2 else float("nan")
+    if len(pairs) < 3:
+        return f"signs agree {agree}/{len(pairs)} (too few to rank)"
+    rho = spearmanr([a for a, _ in pairs], [b for _, b in pairs]).statistic
     return f"signs agree {agree}/{len(pairs)}, Spearman rho {rho:+.2f}"
 
 
@@ -109,9 +111,9 @@ def table(entries: list[dict], shapes: dict[str, list[dict]], exports: dict[str,
     head = " | ".join(f"{name} Δ (same seeds, n) | {name} Δ before export" for name in shapes)
     lines = [f"| change | full-scale Δ val_bpb | source | rows (from → to) | {head} |",
              "| --- | ---: | --- | --- |" + " ---: | ---: |" * len(shapes)]
-    final: dict[str, list[tuple[float, float]]] = {name: [] for name in shapes}
-    training: dict[str, list[tuple[float, float]]] = {name: [] for name in shapes}
-    for e in entries:
+    final: dict[str, dict[int, tuple[float, float]]] = {name: {} for name in shapes}
+    training: dict[str, dict[int, tuple[float, float]]] = {name: {} for name in shapes}
+    for i, e in enumerate(entries):
         cells = []
         base = e.get("base") or mg.ROWS[e["row"]].base
         sign = -1 if e.get("reverse") else 1  # a row measured the change the other way round
@@ -124,16 +126,18 @@ def table(entries: list[dict], shapes: dict[str, list[dict]], exports: dict[str,
             cells += [cell(m, sign, how), cell(pre, sign) if trains else f"({stage(e)})"]
             for reading, got in ((final, m), (training, pre)):
                 if got is not None:
-                    reading[name].append((e["full_scale"], sign * got[0]))
+                    reading[name][i] = (e["full_scale"], sign * got[0])
         note = f" ({e['note']})" if e.get("note") else ""
         source = e["source"].replace("|", "\\|")  # the quoted table rows would split the cell
         pair = f"`{base}` → `{e['row']}`" if not e.get("reverse") else f"`{e['row']}` → `{base}`"
         lines.append(f"| {e['change']}{note} | {e['full_scale']:+.5f} | {source} | {pair} | {' | '.join(cells)} |")
+    def agreements(reading: dict[str, dict[int, tuple[float, float]]]) -> str:
+        common = set.intersection(*(set(p) for p in reading.values()))
+        return "; ".join(f"**{name}** {agreement(list(p.values()))} (on the changes every shape measured: "
+                         f"{agreement([p[i] for i in sorted(common)])})" for name, p in reading.items())
     lines += ["", "Agreement with full scale, over the changes whose full-scale |Δ| is at least "
               f"{FULL_SCALE_NOISE} (smaller ones are within the records' seed spread), on the final score: "
-              + "; ".join(f"**{name}** {agreement(p)}" for name, p in final.items())
-              + ". With training changes read before export: "
-              + "; ".join(f"**{name}** {agreement(p)}" for name, p in training.items())
+              + agreements(final) + ". With training changes read before export: " + agreements(training)
               + ". Δ = the change's end minus its start, on the seeds both rows ran (n), ± its standard error; "
               "\"same weights\": measured by bench/export_pairs.py, the change as a variant of its base's export; "
               "before export: each run's `pre_export_exact` (its own log), for changes of training only."]

@@ -56,7 +56,10 @@ def test_a_training_change_is_also_read_before_export_and_an_export_change_only_
     assert [r["val_bpb"] for r in pre] == [2.00, 1.998, 2.00, 2.00]
     entries = [dict(change="XSA", full_scale=-0.002, source="s", row="xsa"),
                dict(change="AWQ", full_scale=-0.001, source="s", row="awq", base="gptq", stage="export")]
-    text = cal.table(entries, {"regime": records}, {"regime": []}, {"regime": pre})
+    text = cal.table(entries, {"regime": records, "mini": records[:2]}, {"regime": [], "mini": []},
+                     {"regime": pre, "mini": pre[:2]})
     assert "| +0.0100 (1) | -0.0020 (1) |" in text and "| -0.0100 (1) | (export) |" in text
     assert "on the final score: **regime** signs agree 1/2" in text
     assert "read before export: **regime** signs agree 2/2" in text
+    # mini measured XSA only, so the changes both shapes measured are XSA alone
+    assert "**regime** signs agree 2/2 (too few to rank) (on the changes every shape measured: signs agree 1/1" in text
