@@ -98,6 +98,13 @@ def agreement(pairs: list[tuple[float, float]]) -> str:
     return f"signs agree {agree}/{len(pairs)}, Spearman rho {rho:+.2f}"
 
 
+def agreements(reading: dict[str, dict[int, tuple[float, float]]]) -> str:
+    """Each shape's agreement over everything it measured, and over the entries every shape measured."""
+    common = set.intersection(*(set(p) for p in reading.values()))
+    return "; ".join(f"**{name}** {agreement(list(p.values()))} (on the changes every shape measured: "
+                     f"{agreement([p[i] for i in sorted(common)])})" for name, p in reading.items())
+
+
 def cell(m: tuple[float, float | None, int] | None, sign: int, how: str = "") -> str:
     if m is None:
         return "not run"
@@ -131,10 +138,6 @@ def table(entries: list[dict], shapes: dict[str, list[dict]], exports: dict[str,
         source = e["source"].replace("|", "\\|")  # the quoted table rows would split the cell
         pair = f"`{base}` → `{e['row']}`" if not e.get("reverse") else f"`{e['row']}` → `{base}`"
         lines.append(f"| {e['change']}{note} | {e['full_scale']:+.5f} | {source} | {pair} | {' | '.join(cells)} |")
-    def agreements(reading: dict[str, dict[int, tuple[float, float]]]) -> str:
-        common = set.intersection(*(set(p) for p in reading.values()))
-        return "; ".join(f"**{name}** {agreement(list(p.values()))} (on the changes every shape measured: "
-                         f"{agreement([p[i] for i in sorted(common)])})" for name, p in reading.items())
     lines += ["", "Agreement with full scale, over the changes whose full-scale |Δ| is at least "
               f"{FULL_SCALE_NOISE} (smaller ones are within the records' seed spread), on the final score: "
               + agreements(final) + ". With training changes read before export: " + agreements(training)
