@@ -124,11 +124,11 @@ def table(entries: list[dict], shapes: dict[str, list[dict]], exports: dict[str,
         cells = []
         base = e.get("base") or mg.ROWS[e["row"]].base
         sign = -1 if e.get("reverse") else 1  # a row measured the change the other way round
+        trains = stage(e) == "training"
         for name, records in shapes.items():
             m, how = measured(records, e["row"], base), ""
             if m is None:
                 m, how = measured_on_same_weights(exports[name], e["row"], base), ", same weights"
-            trains = stage(e) == "training"
             pre = measured(pre_export[name], e["row"], base) if trains else m
             cells += [cell(m, sign, how), cell(pre, sign) if trains else f"({stage(e)})"]
             for reading, got in ((final, m), (training, pre)):
