@@ -348,3 +348,35 @@ def test_a_global_phase_takes_one_sgd_step_per_chunk_of_scored_tokens(monkeypatc
     chunk = rows_per_step * SEQ_LEN
     trained = tg.train_on_scored(model, model, tokens, starts, counts, hp(ttt_global_chunk_tokens=chunk), 0, 1)
     assert rows == 7 and len(taken) == -(-rows // rows_per_step) and trained == len(taken) * chunk
+
+
+@pytest.mark.parametrize("doc_attention", [True, False])
+def test_a_global_phase_with_doc_attention_trains_each_document_on_its_own_context_only(doc_attention):
+    """Its rows cut the scored stream at the row grid, so documents share rows; DOC_ATTENTION keeps them apart (the
+    records' document-isolated global phase): editing one document moves only that document's training losses."""
+    tokens = stream([40, 25, 50, 30])
+    starts, counts = tg.document_spans(tokens.numpy())
+    edited_doc, rows = 0, (tokens.numel() - 1) // SEQ_LEN
+    position = SEQ_LEN + 3  # in the second row, whose rest is the next document
+    def losses(tokens):
+        torch.manual_seed(0)
+        model = tg.GPT(hp(doc_attention=doc_attention))
+        for p in model.parameters():
+            torch.nn.init.normal_(p, std=0.2)
+        seen = []
+
+        def scorer(x, y, per_token):
+            out = model(x, y, per_token=True)
+            seen.append(out.detach().flatten())
+            return out
+
+        tg.train_on_scored(model.train(), scorer, tokens, starts, counts, hp(doc_attention=doc_attention,
+                           ttt_global_chunk_tokens=rows * SEQ_LEN), 0, 1)
+        return seen[0]  # one step over every row, before any weight moved: the stream's losses in order
+
+    moved = torch.nonzero(losses(tokens) != losses(perturbed(tokens, position))).flatten()
+    # Target t of the stream is predicted from position t; the edited document's own targets run from its edited
+    # token's position up to its last token (which predicts the next document's BOS).
+    own = (moved >= position - 1) & (moved < starts[edited_doc] + counts[edited_doc] + 1)
+    assert moved.numel() > 0
+    assert bool(own.all()) == doc_attention
