@@ -59,16 +59,16 @@ def before_export(records: list[dict], read_log=mg.log_copy) -> list[dict]:
     return out
 
 
-def measured(records: list[dict], row: str, base: str) -> tuple[float, float | None, int] | None:
-    """The row's same-seed delta against `base` (mean, standard error, seeds), on the one kind of CPU that ran most
-    of the pair's seeds; None if no seed ran both."""
+def measured(records: list[dict], row: str, base: str) -> tuple[float, float | None, int, str] | None:
+    """The row's same-seed delta against `base` (mean, standard error, seeds, CPU kind), on the one kind of CPU that
+    ran most of the pair's seeds; None if no seed ran both."""
     best = None
-    for runs in mg.by_cpu_kind(records).values():
+    for kind, runs in mg.by_cpu_kind(records).items():
         mine, ref = mg.scored(r for r in runs if r["row"] == row), mg.scored(r for r in runs if r["row"] == base)
         seeds = {r["seed"] for r in mine} & {r["seed"] for r in ref}
         d = mg.paired_delta(mine, ref) if seeds else None
         if d and (best is None or len(seeds) > best[2]):
-            best = (d[0], d[1], len(seeds))
+            best = (d[0], d[1], len(seeds), kind)
     return best
 
 
@@ -114,7 +114,9 @@ def cell(m: tuple[float, float | None, int] | None, sign: int, how: str = "") ->
 def table(entries: list[dict], shapes: dict[str, list[dict]], exports: dict[str, list[dict]],
           pre_export: dict[str, list[dict]]) -> str:
     """The entries beside each shape's final Δ and, for training changes, its Δ before export; then both readings'
-    agreement per shape (the second takes an export or scoring change's final Δ: it has no other)."""
+    agreement per shape (the second takes an export or scoring change's final Δ: it has no other). A shape whose runs
+    span two kinds of CPU names the kind of each pair (their precision differs: bf16 on one, fp32 on the other)."""
+    mixed = {name: len(mg.by_cpu_kind(records)) > 1 for name, records in shapes.items()}
     head = " | ".join(f"{name} Δ (same seeds, n) | {name} Δ before export" for name in shapes)
     lines = [f"| change | full-scale Δ val_bpb | source | rows (from → to) | {head} |",
              "| --- | ---: | --- | --- |" + " ---: | ---: |" * len(shapes)]
@@ -126,11 +128,12 @@ def table(entries: list[dict], shapes: dict[str, list[dict]], exports: dict[str,
         sign = -1 if e.get("reverse") else 1  # a row measured the change the other way round
         trains = stage(e) == "training"
         for name, records in shapes.items():
-            m, how = measured(records, e["row"], base), ""
+            m = measured(records, e["row"], base)
+            how = f", {m[3]}" if m and mixed[name] else ""
             if m is None:
                 m, how = measured_on_same_weights(exports[name], e["row"], base), ", same weights"
             pre = measured(pre_export[name], e["row"], base) if trains else m
-            cells += [cell(m, sign, how), cell(pre, sign) if trains else f"({stage(e)})"]
+            cells += [cell(m, sign, how), cell(pre, sign, how) if trains else f"({stage(e)})"]
             for reading, got in ((final, m), (training, pre)):
                 if got is not None:
                     reading[name][i] = (e["full_scale"], sign * got[0])

@@ -27,9 +27,22 @@ def test_a_row_is_measured_against_its_base_on_the_seeds_both_ran():
     def run(row, seed, bpb):
         return dict(row=row, seed=seed, val_bpb=bpb, exit_code=0, machine=dict(bf16=False))
     records = [run("plain", 1, 2.0), run("plain", 2, 2.1), run("xsa", 1, 1.99), run("xsa", 2, 2.09), run("xsa", 3, 1.0)]
-    mean, se, n = cal.measured(records, "xsa", "plain")
-    assert n == 2 and abs(mean + 0.01) < 1e-9 and se < 1e-9
+    mean, se, n, kind = cal.measured(records, "xsa", "plain")
+    assert n == 2 and abs(mean + 0.01) < 1e-9 and se < 1e-9 and kind == "no native bf16"
     assert cal.measured(records, "smear", "plain") is None
+
+
+def test_a_shape_whose_runs_span_two_kinds_of_cpu_names_the_kind_each_pair_ran_on():
+    def run(row, seed, bpb, bf16):
+        return dict(row=row, seed=seed, val_bpb=bpb, exit_code=0, machine=dict(bf16=bf16))
+    records = [run("plain", 1, 2.0, True), run("xsa", 1, 1.99, True), run("plain", 1, 2.1, False),
+               run("row_norm", 1, 2.08, False)]
+    entries = [dict(change="XSA", full_scale=-0.002, source="s", row="xsa"),
+               dict(change="MuonEq-R", full_scale=-0.001, source="s", row="row_norm")]
+    text = cal.table(entries, {"mini": records, "regime": records[2:]}, {"mini": [], "regime": []},
+                     {"mini": [], "regime": []})
+    assert "| -0.0100 (1, native bf16) |" in text and "| -0.0200 (1, no native bf16) |" in text
+    assert "| -0.0200 (1) |" in text  # regime ran on one kind: nothing to tell apart
 
 
 def test_a_scoring_row_without_runs_is_measured_as_a_variant_of_its_base_on_the_same_weights():
