@@ -105,7 +105,12 @@ def agreements(reading: dict[str, dict[int, tuple[float, float]]]) -> str:
                      f"{agreement([p[i] for i in sorted(common)])})" for name, p in reading.items())
 
 
-def cell(m: tuple[float, float | None, int] | None, sign: int, how: str = "") -> str:
+def kind_label(m: tuple | None, mixed: bool) -> str:
+    """The CPU kind a pair was measured on, where its shape's runs span two kinds."""
+    return f", {m[3]}" if m and mixed else ""
+
+
+def cell(m: tuple | None, sign: int, how: str = "") -> str:
     if m is None:
         return "not run"
     return f"{sign * m[0]:+.4f}" + (f" ± {m[1]:.4f}" if m[1] is not None else "") + f" ({m[2]}{how})"
@@ -129,11 +134,11 @@ def table(entries: list[dict], shapes: dict[str, list[dict]], exports: dict[str,
         trains = stage(e) == "training"
         for name, records in shapes.items():
             m = measured(records, e["row"], base)
-            how = f", {m[3]}" if m and mixed[name] else ""
+            how = kind_label(m, mixed[name])
             if m is None:
                 m, how = measured_on_same_weights(exports[name], e["row"], base), ", same weights"
             pre = measured(pre_export[name], e["row"], base) if trains else m
-            cells += [cell(m, sign, how), cell(pre, sign, how) if trains else f"({stage(e)})"]
+            cells += [cell(m, sign, how), cell(pre, sign, kind_label(pre, mixed[name])) if trains else f"({stage(e)})"]
             for reading, got in ((final, m), (training, pre)):
                 if got is not None:
                     reading[name][i] = (e["full_scale"], sign * got[0])
