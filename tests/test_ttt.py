@@ -24,9 +24,9 @@ def hp(**overrides):
     return plain_hp(**values)
 
 
-def fresh_model(seed=0):
+def fresh_model(seed=0, **overrides):
     torch.manual_seed(seed)
-    model = tg.GPT(hp())
+    model = tg.GPT(hp(**overrides))
     for p in model.parameters():
         torch.nn.init.normal_(p, std=0.2)
     return model.eval().requires_grad_(False)
@@ -359,10 +359,7 @@ def test_a_global_phase_with_doc_attention_trains_each_document_on_its_own_conte
     edited_doc, rows = 0, (tokens.numel() - 1) // SEQ_LEN
     position = SEQ_LEN + 3  # in the second row, whose rest is the next document
     def losses(tokens):
-        torch.manual_seed(0)
-        model = tg.GPT(hp(doc_attention=doc_attention))
-        for p in model.parameters():
-            torch.nn.init.normal_(p, std=0.2)
+        model = fresh_model(doc_attention=doc_attention)
         seen = []
 
         def scorer(x, y, per_token):
